@@ -1,0 +1,60 @@
+# Finding torchlora's dependencies, with messages that say how to get them.
+
+# LibTorch: Debian's libtorch-dev, a pytorch.org archive or a pip wheel
+# (pass its folder in CMAKE_PREFIX_PATH).
+macro(torchlora_find_torch)
+  if(NOT TARGET torch)
+    find_package(Torch QUIET)
+    if(NOT Torch_FOUND)
+      message(FATAL_ERROR
+        "torchlora: LibTorch was not found. On Debian run scripts/install-deps.sh "
+        "(package libtorch-dev); otherwise pass the LibTorch folder, e.g. "
+        "-DCMAKE_PREFIX_PATH=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')")
+    endif()
+    # Under add_subdirectory, targets imported here would be visible in this
+    # folder only; the parent links torch through torchlora::torchlora.
+    if(NOT CMAKE_SOURCE_DIR STREQUAL CMAKE_CURRENT_SOURCE_DIR
+       AND NOT CMAKE_VERSION VERSION_LESS 3.21)
+      get_directory_property(_torchlora_imported IMPORTED_TARGETS)
+      foreach(_target IN LISTS _torchlora_imported)
+        set_target_properties(${_target} PROPERTIES IMPORTED_GLOBAL TRUE)
+      endforeach()
+    endif()
+  endif()
+endmacro()
+
+# GoogleTest: an installed package, else a source folder (Debian's googletest
+# package puts one in /usr/src/googletest). TORCHLORA_GTEST_SOURCE_DIR, when
+# set, wins: machines without an installed GoogleTest build it from there.
+set(TORCHLORA_GTEST_SOURCE_DIR "" CACHE PATH
+    "GoogleTest source folder to build the tests against (empty: find_package)")
+
+function(torchlora_find_gtest)
+  if(TARGET GTest::gtest_main)
+    return()
+  endif()
+  set(source_dir "${TORCHLORA_GTEST_SOURCE_DIR}")
+  if(NOT source_dir)
+    find_package(GTest QUIET)
+    if(TARGET GTest::gtest_main)
+      message(STATUS "torchlora: GoogleTest ${GTest_VERSION} found installed")
+      return()
+    endif()
+    set(source_dir "/usr/src/googletest")
+  endif()
+  if(NOT EXISTS "${source_dir}/CMakeLists.txt")
+    message(FATAL_ERROR
+      "torchlora: GoogleTest was not found, neither installed nor as sources "
+      "in '${source_dir}'. On Debian run scripts/install-deps.sh "
+      "(packages libgtest-dev, googletest), or set TORCHLORA_GTEST_SOURCE_DIR "
+      "to a GoogleTest source folder.")
+  endif()
+  message(STATUS "torchlora: building GoogleTest from ${source_dir}")
+  set(BUILD_GMOCK OFF CACHE BOOL "" FORCE)
+  set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
+  add_subdirectory("${source_dir}" "${PROJECT_BINARY_DIR}/_deps/googletest"
+                   EXCLUDE_FROM_ALL)
+  if(NOT TARGET GTest::gtest_main)
+    add_library(GTest::gtest_main ALIAS gtest_main)
+  endif()
+endfunction()

@@ -1,0 +1,423 @@
+#pragma once
+
+#include <torchlora/layer.h>
+#include <torchlora/options.h>
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/functional/dropout.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/init.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// One adapter of a LoRA layer: its options, its scale and its matrices.
+struct LinearAdapter {
+  std::string name;
+  LoRAOptions options;
+  double scaling;
+  /// Holds A as its `weight`, `[rank, in_features]`, no bias.
+  torch::nn::Linear A{nullptr};
+  /// Holds B as its `weight`, `[out_features, rank]`, no bias.
+  torch::nn::Linear B{nullptr};
+};
+
+/// A bias-free Linear whose weight is a LoRA matrix of `[out, in]`.
+inline torch::nn::Linear make_lora_matrix(
+    int64_t in,
+    int64_t out,
+    torch::Device device,
+    torch::Dtype dtype) {
+  torch::nn::Linear matrix(torch::nn::LinearOptions(in, out).bias(false));
+  matrix->to(device, dtype);
+  return matrix;
+}
+
+/// Fills A and B as `init` asks.
+inline void init_lora_matrices(
+    LoRAInit init,
+    int64_t rank,
+    const torch::Tensor& A,
+    const torch::Tensor& B) {
+  torch::NoGradGuard no_grad;
+  switch (init) {
+    case LoRAInit::kaiming_uniform:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      B.zero_();
+      break;
+    case LoRAInit::gaussian:
+      torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(rank));
+      B.zero_();
+      break;
+    case LoRAInit::random:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+      break;
+  }
+}
+
+} // namespace detail
+
+/// A Linear layer with LoRA adapters: `y = x W^T + b + sum over adapters of
+/// scaling * (dropout(x) A^T) B^T`, where W and b are the frozen base layer's.
+///
+/// The base layer's `weight` and `bias` are registered under those exact
+/// names (they are the same tensors, never copies), so checkpoint keys are a
+/// plain Linear's. Each adapter adds `lora_A.<name>.weight` `[r, in]` and
+/// `lora_B.<name>.weight` `[out, r]`.
+///
+/// Built from `LinearOptions` it is a plain, trainable Linear until
+/// `add_adapter` attaches an adapter: declare typed members of a model this
+/// way to make them adaptable by `inject_lora`.
+///
+/// Example:
+/// ```
+/// torch::nn::Linear base(torch::nn::LinearOptions(64, 32));
+/// torchlora::LoRALinear layer(base, torchlora::LoRAOptions(8).alpha(16));
+/// torch::Tensor y = layer(torch::randn({4, 10, 64}));  // [4, 10, 32]
+/// ```
+template <typename BaseImpl>
+class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
+                        public LoRALayer {
+ public:
+  using BaseHolder = torch::nn::ModuleHolder<BaseImpl>;
+
+  /// A plain, trainable Linear of `in_features -> out_features`.
+  LoRALinearImplT(int64_t in_features, int64_t out_features)
+      : LoRALinearImplT(torch::nn::LinearOptions(in_features, out_features)) {}
+
+  /// A plain, trainable Linear; attach adapters with `add_adapter`.
+  explicit LoRALinearImplT(const torch::nn::LinearOptions& options_)
+      : options(options_) {
+    reset();
+  }
+
+  /// Adopts `base` (sharing its tensors) with no adapter and without changing
+  /// which of its tensors are trainable.
+  explicit LoRALinearImplT(const BaseHolder& base)
+      : options(checked_base(base)->options), base_(base.ptr()) {
+    reset();
+  }
+
+  /// Wraps `base` (sharing its tensors), freezes it and attaches the adapter
+  /// "default". With rank 0 it is the frozen base with no adapter.
+  LoRALinearImplT(const BaseHolder& base, const LoRAOptions& lora)
+      : options(checked_base(base)->options) {
+    detail::check_lora_options(lora);
+    base_ = base.ptr();
+    reset();
+    freeze_base();
+    if (lora.rank() > 0) {
+      add_adapter("default", lora);
+    }
+  }
+
+  /// Registers `weight` and `bias` (the base layer's tensors), creating the
+  /// base layer first if there is none.
+  void reset() override {
+    if (!base_) {
+      base_ = std::make_shared<BaseImpl>(options);
+    }
+    weight = this->register_parameter(
+        "weight", base_->weight, base_->weight.requires_grad());
+    bias = this->register_parameter(
+        "bias",
+        base_->bias,
+        base_->bias.defined() && base_->bias.requires_grad());
+  }
+
+  /// Re-initializes the base layer and every adapter.
+  void reset_parameters() {
+    base_->reset_parameters();
+    for (const auto& adapter : adapters_) {
+      detail::init_lora_matrices(
+          adapter.options.init(),
+          adapter.options.rank(),
+          adapter.A->weight,
+          adapter.B->weight);
+    }
+  }
+
+  /// Attaches a new adapter and freezes the base layer.
+  ///
+  /// The adapter is created on the base weight's device, in `lora.dtype()`
+  /// or else the base weight's dtype.
+  void add_adapter(const std::string& name, const LoRAOptions& lora) {
+    check_new_adapter_name(name);
+    TORCH_CHECK(
+        lora.rank() > 0,
+        "torchlora: add_adapter(\"",
+        name,
+        "\") needs a rank > 0, got ",
+        lora.rank());
+    detail::check_lora_options(lora);
+
+    const auto dtype = lora.dtype().value_or(weight.scalar_type());
+    detail::LinearAdapter adapter{
+        name,
+        lora,
+        lora_scaling(lora),
+        detail::make_lora_matrix(
+            options.in_features(), lora.rank(), weight.device(), dtype),
+        detail::make_lora_matrix(
+            lora.rank(), options.out_features(), weight.device(), dtype)};
+    detail::init_lora_matrices(
+        lora.init(), lora.rank(), adapter.A->weight, adapter.B->weight);
+
+    if (lora_A.is_empty()) {
+      lora_A = this->register_module("lora_A", torch::nn::ModuleDict());
+      lora_B = this->register_module("lora_B", torch::nn::ModuleDict());
+    }
+    lora_A->update({{name, adapter.A.ptr()}});
+    lora_B->update({{name, adapter.B.ptr()}});
+    adapters_.push_back(std::move(adapter));
+    freeze_base();
+  }
+
+  /// The factor adapter `name`'s product is multiplied by.
+  double scaling(const std::string& name) const {
+    return find_adapter(name).scaling;
+  }
+
+  /// The options adapter `name` was created with.
+  const LoRAOptions& adapter_options(const std::string& name) const {
+    return find_adapter(name).options;
+  }
+
+  std::vector<std::string> adapter_names() const override {
+    std::vector<std::string> names;
+    names.reserve(adapters_.size());
+    for (const auto& adapter : adapters_) {
+      names.push_back(adapter.name);
+    }
+    return names;
+  }
+
+  bool has_adapter(const std::string& name) const override {
+    for (const auto& adapter : adapters_) {
+      if (adapter.name == name) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  std::vector<torch::Tensor> adapter_parameters() const override {
+    std::vector<torch::Tensor> tensors;
+    for (const auto& adapter : adapters_) {
+      tensors.push_back(adapter.A->weight);
+      tensors.push_back(adapter.B->weight);
+    }
+    return tensors;
+  }
+
+  torch::Tensor base_bias() const override {
+    return bias;
+  }
+
+  /// The wrapped base layer; its tensors are this layer's `weight`/`bias`.
+  std::shared_ptr<BaseImpl> base_layer() const {
+    return base_;
+  }
+
+  /// `x W^T + b` plus each adapter's scaled low-rank product. `input` has any
+  /// number of leading dimensions; its last one must be `in_features`.
+  torch::Tensor forward(const torch::Tensor& input) {
+    TORCH_CHECK(
+        input.dim() >= 1 && input.size(-1) == options.in_features(),
+        "torchlora: LoRALinear expects the input's last dimension to be "
+        "in_features = ",
+        options.in_features(),
+        ", got an input of shape ",
+        input.sizes());
+    if (adapters_.empty()) {
+      return torch::nn::functional::linear(input, weight, bias);
+    }
+    const auto x = input.reshape({-1, options.in_features()});
+    auto y = torch::nn::functional::linear(x, weight, bias);
+    for (const auto& adapter : adapters_) {
+      add_adapter_output(adapter, x, y);
+    }
+    auto sizes = input.sizes().vec();
+    sizes.back() = options.out_features();
+    return y.view(sizes);
+  }
+
+  /// Deep copy: new base tensors and adapters with equal values, the same
+  /// trainable flags and training mode; nothing is shared with `*this`.
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<torch::Device>& device =
+          c10::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    auto base_copy = std::dynamic_pointer_cast<BaseImpl>(base_->clone(device));
+    TORCH_INTERNAL_ASSERT(base_copy, "torchlora: base layer clone failed");
+    auto copy = std::make_shared<LoRALinearImplT>(BaseHolder(base_copy));
+    for (const auto& adapter : adapters_) {
+      copy->add_adapter(adapter.name, adapter.options);
+      const auto& target = copy->adapters_.back();
+      copy_tensor(adapter.A->weight, target.A->weight, device);
+      copy_tensor(adapter.B->weight, target.B->weight, device);
+    }
+    copy->weight.set_requires_grad(weight.requires_grad());
+    if (bias.defined()) {
+      copy->bias.set_requires_grad(bias.requires_grad());
+    }
+    copy->train(this->is_training());
+    return copy;
+  }
+
+  /// Prints e.g. `torchlora::LoRALinear(in_features=64, out_features=32,
+  /// bias=true, rank=8, alpha=16, dropout=0.1)`.
+  void pretty_print(std::ostream& stream) const override {
+    stream << std::boolalpha
+           << "torchlora::LoRALinear(in_features=" << options.in_features()
+           << ", out_features=" << options.out_features()
+           << ", bias=" << options.bias();
+    const bool single_default =
+        adapters_.size() == 1 && adapters_.front().name == "default";
+    for (const auto& adapter : adapters_) {
+      stream << ", ";
+      if (!single_default) {
+        stream << adapter.name << "=(";
+      }
+      stream << "rank=" << adapter.options.rank()
+             << ", alpha=" << adapter.options.alpha()
+             << ", dropout=" << adapter.options.dropout();
+      if (adapter.options.use_rslora()) {
+        stream << ", use_rslora=true";
+      }
+      if (!single_default) {
+        stream << ")";
+      }
+    }
+    stream << ")";
+  }
+
+  /// The options of the base Linear (features and bias).
+  torch::nn::LinearOptions options;
+
+  /// The base layer's weight `[out_features, in_features]` (shared, frozen
+  /// once an adapter is attached).
+  torch::Tensor weight;
+
+  /// The base layer's bias `[out_features]`; undefined without bias.
+  torch::Tensor bias;
+
+  /// The A matrices by adapter name; empty holder until the first adapter.
+  torch::nn::ModuleDict lora_A{nullptr};
+
+  /// The B matrices by adapter name; empty holder until the first adapter.
+  torch::nn::ModuleDict lora_B{nullptr};
+
+ private:
+  static const BaseHolder& checked_base(const BaseHolder& base) {
+    TORCH_CHECK(
+        !base.is_empty(),
+        "torchlora: cannot wrap an empty (nullptr) Linear; got a holder "
+        "that holds no module");
+    return base;
+  }
+
+  void check_new_adapter_name(const std::string& name) const {
+    TORCH_CHECK(
+        !name.empty(),
+        "torchlora: an adapter name must not be empty, got \"\"");
+    TORCH_CHECK(
+        name.find('.') == std::string::npos,
+        "torchlora: an adapter name must not contain '.', got \"",
+        name,
+        "\"");
+    TORCH_CHECK(
+        !has_adapter(name),
+        "torchlora: this layer already has an adapter named \"",
+        name,
+        "\"");
+  }
+
+  const detail::LinearAdapter& find_adapter(const std::string& name) const {
+    for (const auto& adapter : adapters_) {
+      if (adapter.name == name) {
+        return adapter;
+      }
+    }
+    TORCH_CHECK(
+        false,
+        "torchlora: this layer has no adapter named \"",
+        name,
+        "\" (it has ",
+        adapters_.size(),
+        ")");
+  }
+
+  void freeze_base() {
+    weight.set_requires_grad(false);
+    if (bias.defined()) {
+      bias.set_requires_grad(false);
+    }
+  }
+
+  /// Gives `to` a copy of `from`'s values and its trainable flag.
+  static void copy_tensor(
+      const torch::Tensor& from,
+      const torch::Tensor& to,
+      const c10::optional<torch::Device>& device) {
+    to.set_data(device ? from.to(*device) : from.clone());
+    to.set_requires_grad(from.requires_grad());
+  }
+
+  /// y += scaling * (dropout(x) A^T) B^T, with the scale and the add fused
+  /// into one GEMM when the adapter has y's dtype.
+  void add_adapter_output(
+      const detail::LinearAdapter& adapter,
+      const torch::Tensor& x,
+      torch::Tensor& y) const {
+    auto input = x;
+    const double p = adapter.options.dropout();
+    if (p > 0 && this->is_training()) {
+      input = torch::nn::functional::dropout(
+          input,
+          torch::nn::functional::DropoutFuncOptions().p(p).training(true));
+    }
+    const auto& A = adapter.A->weight;
+    const auto& B = adapter.B->weight;
+    if (A.scalar_type() == y.scalar_type()) {
+      y.addmm_(input.mm(A.t()), B.t(), /*beta=*/1, /*alpha=*/adapter.scaling);
+    } else {
+      auto delta = input.to(A.scalar_type()).mm(A.t()).mm(B.t());
+      y.add_(delta.mul_(adapter.scaling).to(y.scalar_type()));
+    }
+  }
+
+  std::shared_ptr<BaseImpl> base_;
+  std::vector<detail::LinearAdapter> adapters_;
+};
+
+/// LoRA over `torch::nn::Linear`: the layer `inject_lora` creates.
+using LoRALinearImpl = LoRALinearImplT<torch::nn::LinearImpl>;
+
+/// A `ModuleHolder` for `LoRALinearImpl`, used like `torch::nn::Linear`.
+///
+/// Example:
+/// ```
+/// torchlora::LoRALinear q(torch::nn::Linear(512, 512),
+///                         torchlora::LoRAOptions(8).alpha(16));
+/// torchlora::LoRALinear ready(torch::nn::LinearOptions(64, 32));
+/// ready->add_adapter("default", torchlora::LoRAOptions(4));
+/// ```
+TORCH_MODULE(LoRALinear);
+
+} // namespace torchlora

@@ -1,0 +1,102 @@
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace torchlora {
+
+/// How a new adapter's matrices start.
+enum class LoRAInit {
+  /// A Kaiming-uniform (a = sqrt(5)), B zeros: a fresh adapter changes nothing.
+  kaiming_uniform,
+  /// A normal with std 1/r, B zeros: a fresh adapter changes nothing.
+  gaussian,
+  /// A and B both random, so the adapter changes the output from the start.
+  /// Meant for tests (peft's `init_lora_weights=False`).
+  random,
+};
+
+/// The name of an init mode, as used in messages and `pretty_print`.
+inline const char* to_string(LoRAInit init) {
+  switch (init) {
+    case LoRAInit::kaiming_uniform:
+      return "kaiming_uniform";
+    case LoRAInit::gaussian:
+      return "gaussian";
+    case LoRAInit::random:
+      return "random";
+  }
+  return "unknown";
+}
+
+/// Options of one LoRA adapter: rank, scaling, dropout, init and dtype.
+///
+/// The adapter adds `scaling * (dropout(x) A^T) B^T` to the base output, with
+/// `scaling = alpha / rank` (or `alpha / sqrt(rank)` with `use_rslora`).
+///
+/// Example:
+/// ```
+/// torchlora::LoRALinear q(
+///     torch::nn::Linear(512, 512),
+///     torchlora::LoRAOptions(8).alpha(16).dropout(0.05));
+/// ```
+struct LoRAOptions {
+  /* implicit */ LoRAOptions(int64_t rank) : rank_(rank) {}
+
+  /// Rank r of the update: A is `[r, in_features]`, B `[out_features, r]`.
+  TORCH_ARG(int64_t, rank);
+
+  /// Numerator of the scaling. Default: 1.
+  TORCH_ARG(double, alpha) = 1.0;
+
+  /// Dropout probability on the adapter's input only. Default: 0.
+  TORCH_ARG(double, dropout) = 0.0;
+
+  /// Scale by `alpha / sqrt(rank)` (rsLoRA) instead of `alpha / rank`.
+  TORCH_ARG(bool, use_rslora) = false;
+
+  /// How A and B start. Default: Kaiming-uniform A, zero B.
+  TORCH_ARG(LoRAInit, init) = LoRAInit::kaiming_uniform;
+
+  /// Dtype of A and B; unset means the base weight's dtype.
+  TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
+};
+
+/// The factor the adapter's product is multiplied by.
+inline double lora_scaling(const LoRAOptions& options) {
+  const auto rank = static_cast<double>(options.rank());
+  return options.use_rslora() ? options.alpha() / std::sqrt(rank)
+                              : options.alpha() / rank;
+}
+
+namespace detail {
+
+/// Checks rank, alpha, dropout and dtype; throws a `torchlora:` error.
+inline void check_lora_options(const LoRAOptions& options) {
+  TORCH_CHECK(
+      options.rank() >= 0,
+      "torchlora: rank must be >= 0, got ",
+      options.rank());
+  TORCH_CHECK(
+      std::isfinite(options.alpha()) && options.alpha() > 0,
+      "torchlora: alpha must be a finite number > 0, got ",
+      options.alpha());
+  TORCH_CHECK(
+      options.dropout() >= 0 && options.dropout() < 1,
+      "torchlora: dropout must be in [0, 1), got ",
+      options.dropout());
+  TORCH_CHECK(
+      !options.dtype() || c10::isFloatingType(*options.dtype()),
+      "torchlora: adapter dtype must be a floating-point type, got ",
+      options.dtype() ? c10::toString(*options.dtype()) : "none");
+}
+
+} // namespace detail
+} // namespace torchlora

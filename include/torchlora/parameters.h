@@ -1,0 +1,106 @@
+#pragma once
+
+#include <torchlora/layer.h>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <unordered_set>
+
+namespace torchlora {
+
+/// Parameter counts of a module; a tensor registered at several paths counts
+/// once.
+struct ParameterCount {
+  /// Elements of the parameters that require grad.
+  int64_t trainable = 0;
+  /// Elements of all parameters.
+  int64_t total = 0;
+};
+
+/// Counts the trainable and total parameter elements of `module`.
+///
+/// Example:
+/// ```
+/// auto counts = torchlora::count_parameters(*model);
+/// std::cout << counts.trainable << " of " << counts.total << "\n";
+/// ```
+inline ParameterCount count_parameters(const torch::nn::Module& module) {
+  ParameterCount counts;
+  std::unordered_set<const void*> seen;
+  for (const auto& parameter : module.parameters(/*recurse=*/true)) {
+    if (!seen.insert(parameter.unsafeGetTensorImpl()).second) {
+      continue;
+    }
+    counts.total += parameter.numel();
+    if (parameter.requires_grad()) {
+      counts.trainable += parameter.numel();
+    }
+  }
+  return counts;
+}
+
+/// Which biases stay trainable next to the adapters (peft's `bias`).
+enum class LoRABias {
+  /// No bias is trained.
+  none,
+  /// Every bias of the model is trained.
+  all,
+  /// Only the biases of layers that carry an adapter are trained.
+  lora_only,
+};
+
+/// The name of a bias mode as peft writes it: "none", "all", "lora_only".
+inline const char* to_string(LoRABias bias) {
+  switch (bias) {
+    case LoRABias::none:
+      return "none";
+    case LoRABias::all:
+      return "all";
+    case LoRABias::lora_only:
+      return "lora_only";
+  }
+  return "unknown";
+}
+
+/// Freezes every parameter of `module` except the LoRA adapters and the
+/// biases that `bias` names.
+///
+/// Example:
+/// ```
+/// torchlora::mark_only_lora_as_trainable(*model, torchlora::LoRABias::all);
+/// ```
+inline void mark_only_lora_as_trainable(
+    torch::nn::Module& module,
+    LoRABias bias = LoRABias::none) {
+  std::unordered_set<const void*> adapters;
+  std::unordered_set<const void*> adapted_biases;
+  module.apply([&](torch::nn::Module& child) {
+    const auto* layer = dynamic_cast<const LoRALayer*>(&child);
+    if (layer == nullptr || layer->adapter_names().empty()) {
+      return;
+    }
+    for (const auto& tensor : layer->adapter_parameters()) {
+      adapters.insert(tensor.unsafeGetTensorImpl());
+    }
+    const auto base_bias = layer->base_bias();
+    if (base_bias.defined()) {
+      adapted_biases.insert(base_bias.unsafeGetTensorImpl());
+    }
+  });
+  for (auto& item : module.named_parameters(/*recurse=*/true)) {
+    const auto& name = item.key();
+    auto& parameter = item.value();
+    const void* key = parameter.unsafeGetTensorImpl();
+    const bool is_bias = name == "bias" ||
+        (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0);
+    const bool trainable = adapters.count(key) > 0 ||
+        (is_bias && bias == LoRABias::all) ||
+        (bias == LoRABias::lora_only && adapted_biases.count(key) > 0);
+    parameter.set_requires_grad(trainable);
+  }
+}
+
+} // namespace torchlora

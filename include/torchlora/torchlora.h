@@ -1,0 +1,20 @@
+#pragma once
+
+/// torchlora: LoRA (low-rank adaptation) for LibTorch. Include this header
+/// and nothing else: it brings in <torch/torch.h> too.
+///
+/// Example:
+/// ```
+/// #include <torchlora/torchlora.h>
+///
+/// torchlora::LoRALinear layer(torch::nn::Linear(64, 32),
+///                             torchlora::LoRAOptions(8).alpha(16));
+/// ```
+
+#include <torch/torch.h>
+
+#include <torchlora/layer.h>
+#include <torchlora/linear.h>
+#include <torchlora/options.h>
+#include <torchlora/parameters.h>
+#include <torchlora/version.h>
