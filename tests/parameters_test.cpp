@@ -1,0 +1,110 @@
+// Tests of count_parameters and mark_only_lora_as_trainable
+// (include/torchlora/parameters.h).
+#include "test_support.h"
+
+#include <torchlora/linear.h>
+#include <torchlora/parameters.h>
+
+#include <set>
+#include <string>
+
+using torchlora::LoRABias;
+using torchlora::LoRALinear;
+using torchlora::LoRAOptions;
+
+namespace {
+
+class ParametersTest : public torchlora_test::Seeded {};
+
+/// A small model: an adapted layer, a plain Linear and a LayerNorm.
+struct Net : torch::nn::Module {
+  Net() {
+    adapted = register_module(
+        "adapted", LoRALinear(torch::nn::Linear(8, 8), LoRAOptions(2)));
+    plain = register_module("plain", torch::nn::Linear(8, 4));
+    norm = register_module(
+        "norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({4})));
+  }
+  LoRALinear adapted{nullptr};
+  torch::nn::Linear plain{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+};
+
+std::set<std::string> trainable_names(const torch::nn::Module& module) {
+  std::set<std::string> names;
+  for (const auto& item : module.named_parameters()) {
+    if (item.value().requires_grad()) {
+      names.insert(item.key());
+    }
+  }
+  return names;
+}
+
+} // namespace
+
+TEST_F(ParametersTest, CountsTrainableAndTotalElements) {
+  Net net;
+  const auto counts = torchlora::count_parameters(net);
+  // adapted: 64 + 8 frozen, A 16 + B 16; plain: 32 + 4; norm: 4 + 4.
+  EXPECT_EQ(counts.total, 64 + 8 + 16 + 16 + 32 + 4 + 4 + 4);
+  EXPECT_EQ(counts.trainable, 16 + 16 + 32 + 4 + 4 + 4);
+}
+
+TEST_F(ParametersTest, ATensorRegisteredTwiceCountsOnce) {
+  torch::nn::Linear shared(10, 10);
+  torch::nn::Sequential model(shared, torch::nn::ReLU(), shared);
+  EXPECT_EQ(model->named_parameters().size(), 4u);
+  const auto counts = torchlora::count_parameters(*model);
+  EXPECT_EQ(counts.total, 110);
+  EXPECT_EQ(counts.trainable, 110);
+}
+
+TEST_F(ParametersTest, MarkOnlyLoRAAsTrainableWithBiasNone) {
+  Net net;
+  torchlora::mark_only_lora_as_trainable(net);
+  EXPECT_EQ(
+      trainable_names(net),
+      (std::set<std::string>{
+          "adapted.lora_A.default.weight", "adapted.lora_B.default.weight"}));
+}
+
+TEST_F(ParametersTest, MarkOnlyLoRAAsTrainableWithBiasAll) {
+  Net net;
+  torchlora::mark_only_lora_as_trainable(net, LoRABias::all);
+  EXPECT_EQ(
+      trainable_names(net),
+      (std::set<std::string>{
+          "adapted.lora_A.default.weight",
+          "adapted.lora_B.default.weight",
+          "adapted.bias",
+          "plain.bias",
+          "norm.bias"}));
+}
+
+TEST_F(ParametersTest, MarkOnlyLoRAAsTrainableWithBiasLoRAOnly) {
+  Net net;
+  net.register_module("ready", LoRALinear(torch::nn::LinearOptions(4, 4)));
+  torchlora::mark_only_lora_as_trainable(net, LoRABias::lora_only);
+  // "ready" has no adapter, so its bias is not a LoRA layer's bias.
+  EXPECT_EQ(
+      trainable_names(net),
+      (std::set<std::string>{
+          "adapted.lora_A.default.weight",
+          "adapted.lora_B.default.weight",
+          "adapted.bias"}));
+}
+
+TEST_F(ParametersTest, MarkOnlyLoRAAsTrainableCanUnfreezeAgain) {
+  Net net;
+  for (auto& parameter : net.parameters()) {
+    parameter.set_requires_grad(false);
+  }
+  torchlora::mark_only_lora_as_trainable(net);
+  EXPECT_EQ(trainable_names(net).size(), 2u);
+}
+
+TEST_F(ParametersTest, BiasModeNames) {
+  EXPECT_STREQ(torchlora::to_string(LoRABias::none), "none");
+  EXPECT_STREQ(torchlora::to_string(LoRABias::all), "all");
+  EXPECT_STREQ(torchlora::to_string(LoRABias::lora_only), "lora_only");
+}

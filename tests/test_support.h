@@ -1,0 +1,82 @@
+#pragma once
+// Shared helpers for torchlora's tests: a seeded fixture, error-text checks,
+// snapshots of a module's state, and the CUDA skip.
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+
+namespace torchlora_test {
+
+/// Every test starts from the same random state.
+class Seeded : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::manual_seed(0);
+  }
+};
+
+/// The message of a c10::Error without LibTorch's backtrace.
+inline std::string message_of(const c10::Error& error) {
+  return error.what_without_backtrace();
+}
+
+/// A parameter's values and trainable flag, to compare before and after.
+struct TensorState {
+  torch::Tensor values;
+  bool requires_grad;
+};
+
+/// Every parameter and buffer of `module`, by name, copied.
+inline std::map<std::string, TensorState> snapshot(
+    const torch::nn::Module& module) {
+  std::map<std::string, TensorState> state;
+  for (const auto& item : module.named_parameters()) {
+    state[item.key()] = {
+        item.value().detach().clone(), item.value().requires_grad()};
+  }
+  for (const auto& item : module.named_buffers()) {
+    state["buffer:" + item.key()] = {item.value().detach().clone(), false};
+  }
+  return state;
+}
+
+/// Expects `module` to hold exactly the names, values and flags of `before`.
+inline void expect_unchanged(
+    const std::map<std::string, TensorState>& before,
+    const torch::nn::Module& module) {
+  const auto after = snapshot(module);
+  ASSERT_EQ(before.size(), after.size());
+  for (const auto& [name, state] : before) {
+    const auto found = after.find(name);
+    ASSERT_NE(found, after.end()) << name;
+    EXPECT_TRUE(torch::equal(state.values, found->second.values)) << name;
+    EXPECT_EQ(state.requires_grad, found->second.requires_grad) << name;
+  }
+}
+
+} // namespace torchlora_test
+
+/// Expects `statement` to throw a c10::Error whose message starts with
+/// "torchlora:" and contains `text`.
+#define EXPECT_TORCHLORA_ERROR(statement, text)                    \
+  do {                                                             \
+    try {                                                          \
+      statement;                                                   \
+      ADD_FAILURE() << "expected an error containing: " << (text); \
+    } catch (const c10::Error& error) {                            \
+      const auto message = torchlora_test::message_of(error);      \
+      EXPECT_EQ(message.rfind("torchlora:", 0), 0u) << message;    \
+      EXPECT_NE(message.find(text), std::string::npos) << message; \
+    }                                                              \
+  } while (false)
+
+/// Skips a `*_CUDA` test cleanly on a machine without a CUDA device.
+#define SKIP_WITHOUT_CUDA()                                    \
+  do {                                                         \
+    if (!torch::cuda::is_available()) {                        \
+      GTEST_SKIP() << "no CUDA device: skipping " << __func__; \
+    }                                                          \
+  } while (false)
