@@ -1,5 +1,7 @@
 #pragma once
 
+#include <torchlora/options.h>
+
 #include <torch/types.h>
 
 #include <string>
@@ -24,6 +26,11 @@ class LoRALayer {
 
   /// Names of the attached adapters, in the order they were added.
   virtual std::vector<std::string> adapter_names() const = 0;
+
+  /// Attaches a new adapter named `name` and freezes the base layer.
+  virtual void add_adapter(
+      const std::string& name,
+      const LoRAOptions& options) = 0;
 
   /// True if an adapter of this name is attached.
   virtual bool has_adapter(const std::string& name) const = 0;

@@ -156,7 +156,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   ///
   /// The adapter is created on the base weight's device, in `lora.dtype()`
   /// or else the base weight's dtype.
-  void add_adapter(const std::string& name, const LoRAOptions& lora) {
+  void add_adapter(const std::string& name, const LoRAOptions& lora) override {
     check_new_adapter_name(name);
     TORCH_CHECK(
         lora.rank() > 0,

@@ -13,8 +13,11 @@
 
 #include <torch/torch.h>
 
+#include <torchlora/config.h>
+#include <torchlora/inject.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
 #include <torchlora/options.h>
 #include <torchlora/parameters.h>
+#include <torchlora/targeting.h>
 #include <torchlora/version.h>

@@ -1,0 +1,277 @@
+#pragma once
+
+#include <torchlora/config.h>
+#include <torchlora/options.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchlora {
+
+/// Decides, from a `LoRAConfig`, which module paths get an adapter and with
+/// which options. The rules are Python peft's (`check_target_module_exists`,
+/// `get_pattern_key`); the constructor checks the config and compiles its
+/// regexes, so a bad config fails before any model is touched.
+///
+/// Example:
+/// ```
+/// torchlora::TargetMatcher matcher(
+///     torchlora::LoRAConfig(8).target_modules({"q_proj"}));
+/// bool yes = matcher.is_target("blocks.0.attn.q_proj");  // true
+/// ```
+class TargetMatcher {
+ public:
+  explicit TargetMatcher(const LoRAConfig& config) : config_(config) {
+    check_config();
+    if (!config.target_regex().empty()) {
+      target_regex_ = compile(config.target_regex(), "target_regex");
+    }
+    if (!config.exclude_regex().empty()) {
+      exclude_regex_ = compile(config.exclude_regex(), "exclude_regex");
+    }
+    for (const auto& pattern : config.layers_pattern()) {
+      layer_regexes_.push_back(compile(
+          "(?:.*\\.)?(?:" + pattern + ")\\.(\\d+)\\..*", "layers_pattern"));
+    }
+    if (layer_regexes_.empty()) {
+      layer_regexes_.push_back(std::regex("(?:.*\\.)?[^.]*\\.(\\d+)\\..*"));
+    }
+    for (const auto& entry : config.rank_pattern()) {
+      rank_regexes_.push_back(compile_suffix(entry.first, "rank_pattern"));
+    }
+    for (const auto& entry : config.alpha_pattern()) {
+      alpha_regexes_.push_back(compile_suffix(entry.first, "alpha_pattern"));
+    }
+  }
+
+  /// True when `target_modules` is `{"all-linear"}`: every Linear but the
+  /// output head; `inject_lora` resolves it, since it needs the model.
+  bool targets_all_linear() const {
+    return config_.target_modules().size() == 1 &&
+        config_.target_modules().front() == "all-linear";
+  }
+
+  /// True if `path` is excluded by `exclude_modules`/`exclude_regex`, or lies
+  /// in (or is) a module of `modules_to_save`.
+  bool is_excluded(const std::string& path) const {
+    if (matches_name(path, config_.exclude_modules())) {
+      return true;
+    }
+    if (exclude_regex_ && std::regex_match(path, *exclude_regex_)) {
+      return true;
+    }
+    for (const auto& name : config_.modules_to_save()) {
+      if (contains_segments(path, name)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /// True if the module at `path` is one the config names, exclusions and
+  /// layer filter applied. With `all-linear` every path passes the name test:
+  /// the caller keeps Linear layers only and leaves out the output head.
+  bool is_target(const std::string& path) const {
+    if (is_excluded(path)) {
+      return false;
+    }
+    if (target_regex_) {
+      return std::regex_match(path, *target_regex_);
+    }
+    const auto& names = config_.target_modules();
+    if (!targets_all_linear()) {
+      for (const auto& name : names) {
+        if (path == name) {
+          return true; // named exactly: no layer filter, as in peft
+        }
+      }
+      if (!matches_name(path, names)) {
+        return false;
+      }
+    }
+    if (config_.layers_to_transform().empty()) {
+      return true;
+    }
+    const auto index = layer_index(path);
+    if (!index) {
+      return false;
+    }
+    for (const auto wanted : config_.layers_to_transform()) {
+      if (wanted == *index) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /// The layer index of `path`: the number after the last `<name>.<n>.`,
+  /// `<name>` being one of `layers_pattern` or, without them, any segment.
+  std::optional<int64_t> layer_index(const std::string& path) const {
+    std::smatch match;
+    for (const auto& regex : layer_regexes_) {
+      if (std::regex_match(path, match, regex)) {
+        return std::stoll(match[1].str());
+      }
+    }
+    return std::nullopt;
+  }
+
+  /// True if `path` is a module of `modules_to_save` (trained in full).
+  bool is_module_to_save(const std::string& path) const {
+    return matches_name(path, config_.modules_to_save());
+  }
+
+  /// The adapter options for the module at `path`: the config's, with the
+  /// first matching `rank_pattern` and `alpha_pattern` entries applied.
+  LoRAOptions options_for(const std::string& path) const {
+    LoRAOptions options = config_.lora_options();
+    for (size_t i = 0; i < rank_regexes_.size(); ++i) {
+      if (std::regex_match(path, rank_regexes_[i])) {
+        options.rank(config_.rank_pattern()[i].second);
+        break;
+      }
+    }
+    for (size_t i = 0; i < alpha_regexes_.size(); ++i) {
+      if (std::regex_match(path, alpha_regexes_[i])) {
+        options.alpha(config_.alpha_pattern()[i].second);
+        break;
+      }
+    }
+    return options;
+  }
+
+  /// A short description of the targets, for messages.
+  std::string describe_targets() const {
+    if (!config_.target_regex().empty()) {
+      return "target_regex \"" + config_.target_regex() + "\"";
+    }
+    std::string text = "target_modules {";
+    for (size_t i = 0; i < config_.target_modules().size(); ++i) {
+      text += (i ? ", \"" : "\"") + config_.target_modules()[i] + "\"";
+    }
+    return text + "}";
+  }
+
+  const LoRAConfig& config() const {
+    return config_;
+  }
+
+  /// True if `path` equals one of `names` or ends with "." + one of them.
+  static bool matches_name(
+      const std::string& path,
+      const std::vector<std::string>& names) {
+    for (const auto& name : names) {
+      if (path == name ||
+          (path.size() > name.size() &&
+           path.compare(path.size() - name.size(), name.size(), name) == 0 &&
+           path[path.size() - name.size() - 1] == '.')) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  /// True if `name`'s dotted segments appear in `path` on dot boundaries.
+  static bool contains_segments(
+      const std::string& path,
+      const std::string& name) {
+    const auto padded_path = "." + path + ".";
+    return padded_path.find("." + name + ".") != std::string::npos;
+  }
+
+  static std::regex compile(const std::string& pattern, const char* what) {
+    try {
+      return std::regex(pattern, std::regex::ECMAScript);
+    } catch (const std::regex_error& error) {
+      TORCH_CHECK(
+          false,
+          "torchlora: ",
+          what,
+          " is not a valid regex (ECMAScript syntax): \"",
+          pattern,
+          "\" (",
+          error.what(),
+          ")");
+    }
+  }
+
+  /// peft's `(.*\.)?(key)$`: the key matches the path or a dotted suffix.
+  static std::regex compile_suffix(const std::string& key, const char* what) {
+    compile(key, what); // reports a bad key by itself
+    return compile("(?:.*\\.)?(?:" + key + ")", what);
+  }
+
+  void check_config() const {
+    const auto& lora = config_.lora_options();
+    TORCH_CHECK(
+        lora.rank() > 0,
+        "torchlora: LoRAConfig needs a rank > 0, got ",
+        lora.rank());
+    detail::check_lora_options(lora);
+    const auto& name = config_.adapter_name();
+    TORCH_CHECK(
+        !name.empty() && name.find('.') == std::string::npos,
+        "torchlora: adapter_name must be non-empty and contain no '.', got \"",
+        name,
+        "\"");
+    const bool has_list = !config_.target_modules().empty();
+    const bool has_regex = !config_.target_regex().empty();
+    TORCH_CHECK(
+        has_list || has_regex,
+        "torchlora: LoRAConfig names no targets: set target_modules({...}) or "
+        "target_regex(\"...\"), got neither");
+    TORCH_CHECK(
+        !(has_list && has_regex),
+        "torchlora: set target_modules or target_regex, not both; got "
+        "target_regex \"",
+        config_.target_regex(),
+        "\" and ",
+        config_.target_modules().size(),
+        " target_modules");
+    TORCH_CHECK(
+        config_.layers_to_transform().empty() || !has_regex,
+        "torchlora: layers_to_transform works with target_modules only, got "
+        "target_regex \"",
+        config_.target_regex(),
+        "\"");
+    TORCH_CHECK(
+        config_.layers_pattern().empty() ||
+            !config_.layers_to_transform().empty(),
+        "torchlora: layers_pattern needs layers_to_transform, got layers_pattern \"",
+        config_.layers_pattern().front(),
+        "\" without it");
+    for (const auto& [key, rank] : config_.rank_pattern()) {
+      TORCH_CHECK(
+          rank > 0,
+          "torchlora: rank_pattern \"",
+          key,
+          "\" needs a rank > 0, got ",
+          rank);
+    }
+    for (const auto& [key, alpha] : config_.alpha_pattern()) {
+      TORCH_CHECK(
+          std::isfinite(alpha) && alpha > 0,
+          "torchlora: alpha_pattern \"",
+          key,
+          "\" needs a finite alpha > 0, got ",
+          alpha);
+    }
+  }
+
+  LoRAConfig config_;
+  std::optional<std::regex> target_regex_;
+  std::optional<std::regex> exclude_regex_;
+  std::vector<std::regex> layer_regexes_;
+  std::vector<std::regex> rank_regexes_;
+  std::vector<std::regex> alpha_regexes_;
+};
+
+} // namespace torchlora
