@@ -7,6 +7,9 @@
 
 #include <filesystem>
 #include <iostream>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -76,6 +79,14 @@ int main(int argc, char** argv) {
   std::cout << "\ntrainable: " << counts.trainable << " of " << counts.total
             << " parameters\n";
 
+  // Remember the base tensors, to show that training leaves them alone.
+  std::vector<std::pair<std::string, torch::Tensor>> base_before;
+  for (const auto& item : model->named_parameters()) {
+    if (item.key().find("lora_") == std::string::npos) {
+      base_before.emplace_back(item.key(), item.value().detach().clone());
+    }
+  }
+
   // 3. Train only what is trainable (the adapters).
   std::vector<torch::Tensor> trainable;
   for (const auto& parameter : model->parameters()) {
@@ -99,10 +110,12 @@ int main(int argc, char** argv) {
   // 4. Save: the base keys are the checkpoint's, the adapters come next to
   // them.
   torch::save(model, (folder / "adapted.pt").string());
-  std::cout << "base weights unchanged: " << std::boolalpha
-            << torch::equal(
-                   model->named_parameters()["mlp.0.weight"],
-                   pretrained->named_parameters()["mlp.0.weight"])
+  bool unchanged = true;
+  const auto parameters = model->named_parameters();
+  for (const auto& [name, tensor] : base_before) {
+    unchanged = unchanged && torch::equal(parameters[name], tensor);
+  }
+  std::cout << "base weights unchanged: " << std::boolalpha << unchanged
             << "\n";
-  return 0;
+  return unchanged && paths.size() == 3 ? 0 : 1;
 }

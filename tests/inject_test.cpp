@@ -433,7 +433,7 @@ TEST_F(InjectTest, ExcludeModulesWins) {
           "heads.fr"}));
 }
 
-TEST_F(InjectTest, AllLinearLeavesOutTheOutputHead) {
+TEST_F(InjectTest, AllLinearLeavesOutOutputHeadsByName) {
   Net model(1);
   const auto paths =
       inject_lora(model, LoRAConfig(2).target_modules({"all-linear"}));
@@ -448,6 +448,73 @@ TEST_F(InjectTest, AllLinearLeavesOutTheOutputHead) {
           "blocks.0.mlp.2",
           "heads.en",
           "heads.fr"}));
+
+  // The head is found by its name, not by its place in the model.
+  torch::nn::Sequential head_first;
+  head_first->push_back("lm_head", torch::nn::Linear(4, 4));
+  head_first->push_back("body", torch::nn::Linear(4, 4));
+  head_first->push_back("out", torch::nn::Linear(4, 4));
+  EXPECT_EQ(
+      inject_lora(head_first, LoRAConfig(2).target_modules({"all-linear"})),
+      (std::vector<std::string>{"body", "out"}));
+}
+
+TEST_F(InjectTest, ASequentialBuiltWithNamesIsSwappedByName) {
+  torch::nn::Sequential seq;
+  seq->push_back("encode", torch::nn::Linear(kWidth, kWidth));
+  seq->push_back("act", torch::nn::Tanh());
+  seq->push_back("decode", torch::nn::Linear(kWidth, 4));
+  expect_injection_takes_effect(
+      *seq,
+      [&](const torch::Tensor& x) { return seq->forward(x); },
+      LoRAConfig(2).target_modules({"decode"}),
+      {"decode"});
+  EXPECT_NE(
+      seq->named_children()["decode"]->as<torchlora::LoRALinearImpl>(),
+      nullptr);
+  EXPECT_NE(seq->ptr<torchlora::LoRALinearImpl>(2), nullptr);
+}
+
+TEST_F(InjectTest, ALinearTiedIntoTwoContainersIsAdaptedInBoth) {
+  struct TiedImpl : torch::nn::Module {
+    TiedImpl() {
+      torch::nn::Linear tied(kWidth, kWidth);
+      encoder = register_module(
+          "encoder", torch::nn::Sequential(tied, torch::nn::Tanh()));
+      decoder = register_module("decoder", torch::nn::ModuleList(tied));
+    }
+    torch::Tensor forward(const torch::Tensor& x) {
+      return torchlora::linear_forward(*decoder[0], encoder->forward(x));
+    }
+    torch::nn::Sequential encoder{nullptr};
+    torch::nn::ModuleList decoder{nullptr};
+  };
+  auto model = std::make_shared<TiedImpl>();
+  expect_injection_takes_effect(
+      *model,
+      [&](const torch::Tensor& x) { return model->forward(x); },
+      LoRAConfig(2).target_modules({"0"}),
+      {"encoder.0"});
+  EXPECT_EQ(model->encoder->ptr(0), model->decoder[0]);
+  EXPECT_NE(model->decoder[0]->as<torchlora::LoRALinearImpl>(), nullptr);
+}
+
+TEST_F(InjectTest, ASecondInjectionFreezesEverythingButItsOwnTrainables) {
+  // As in peft, each injection leaves trainable only the adapters, its own
+  // modules_to_save and its own bias mode.
+  Net model;
+  inject_lora(
+      model,
+      LoRAConfig(2).target_modules({"q_proj"}).modules_to_save({"heads.en"}));
+  EXPECT_TRUE(model->named_parameters()["heads.en.weight"].requires_grad());
+  inject_lora(
+      model, LoRAConfig(2).target_modules({"v_proj"}).adapter_name("fr"));
+  EXPECT_FALSE(model->named_parameters()["heads.en.weight"].requires_grad());
+  EXPECT_TRUE(
+      model->named_parameters()["blocks.0.attn.q_proj.lora_A.default.weight"]
+          .requires_grad());
+  EXPECT_TRUE(model->named_parameters()["blocks.0.attn.v_proj.lora_A.fr.weight"]
+                  .requires_grad());
 }
 
 TEST_F(InjectTest, ModulesToSaveAreTrainedInFullAndNotAdapted) {
@@ -517,9 +584,67 @@ TEST_F(InjectTest, AnOutsideReferenceToAContainedLinearIsRefused) {
   const auto before = snapshot(*seq);
   EXPECT_TORCHLORA_ERROR(
       inject_lora(seq, LoRAConfig(2).target_modules({"0"})),
-      "cannot adapt '0': this torch::nn::Linear is also held outside");
+      "cannot adapt '0': this torch::nn::Linear sits in a container but is also held outside "
+      "the model (1 more reference(s)");
   expect_unchanged(before, *seq);
   EXPECT_NE(seq->ptr(0)->as<torch::nn::LinearImpl>(), nullptr);
+}
+
+namespace {
+
+/// A LoRA layer whose add_adapter fails, as an out-of-memory error would.
+struct FailingLayerImpl : torch::nn::Module, torchlora::LoRALayer {
+  std::vector<std::string> adapter_names() const override {
+    return {};
+  }
+  void add_adapter(const std::string&, const torchlora::LoRAOptions&) override {
+    TORCH_CHECK(false, "simulated failure while adding an adapter");
+  }
+  void delete_adapter(const std::string&) override {}
+  bool has_adapter(const std::string&) const override {
+    return false;
+  }
+  std::vector<torch::Tensor> adapter_parameters() const override {
+    return {};
+  }
+  torch::Tensor base_bias() const override {
+    return {};
+  }
+};
+
+} // namespace
+
+TEST_F(InjectTest, AFailureWhileChangingTheModelIsRolledBack) {
+  struct NetWithFailingLayerImpl : torch::nn::Module {
+    NetWithFailingLayerImpl() {
+      seq = register_module(
+          "seq",
+          torch::nn::Sequential(
+              torch::nn::Linear(kWidth, kWidth), torch::nn::ReLU()));
+      typed = register_module(
+          "typed", LoRALinear(torch::nn::LinearOptions(kWidth, kWidth)));
+      register_module("failing", std::make_shared<FailingLayerImpl>());
+    }
+    torch::nn::Sequential seq{nullptr};
+    LoRALinear typed{nullptr};
+  };
+  auto model = std::make_shared<NetWithFailingLayerImpl>();
+  const auto* original = model->seq->ptr(0).get();
+  const auto before = snapshot(*model);
+  const auto tree_before = module_tree(*model);
+  try {
+    inject_lora(model, LoRAConfig(2).target_modules({"0", "typed", "failing"}));
+    ADD_FAILURE() << "expected the simulated failure";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(
+        torchlora_test::message_of(error).find("simulated failure"),
+        std::string::npos);
+  }
+  expect_unchanged(before, *model);
+  EXPECT_EQ(module_tree(*model), tree_before);
+  EXPECT_EQ(model->seq->ptr(0).get(), original);
+  EXPECT_EQ((*model->seq->begin()).ptr().get(), original);
+  EXPECT_TRUE(model->typed->adapter_names().empty());
 }
 
 TEST_F(InjectTest, NothingMatchedNamesTheTargetsAndTheLinearLayers) {
@@ -547,19 +672,19 @@ TEST_F(InjectTest, MatchingAModuleThatIsNotALinearIsAnError) {
 }
 
 TEST_F(InjectTest, AnAdapterNameThatExistsIsAnErrorAndNothingChanges) {
-  Net model(1);
-  inject_lora(model, LoRAConfig(2).target_modules({"q_proj"}));
+  Net model(2);
+  inject_lora(model, LoRAConfig(2).target_modules({"blocks.1.attn.q_proj"}));
   const auto before = snapshot(*model);
+  const auto tree_before = module_tree(*model);
+  // blocks.0.* come first in model order; blocks.1.attn.q_proj fails.
   EXPECT_TORCHLORA_ERROR(
       inject_lora(model, LoRAConfig(2).target_modules({"mlp.0", "q_proj"})),
-      "'blocks.0.attn.q_proj' already has an adapter named \"default\"");
+      "'blocks.1.attn.q_proj' already has an adapter named \"default\"");
   expect_unchanged(before, *model);
-  EXPECT_NE(
-      model->blocks[0]
-          ->as<BlockImpl>()
-          ->mlp->ptr(0)
-          ->as<torch::nn::LinearImpl>(),
-      nullptr);
+  EXPECT_EQ(module_tree(*model), tree_before);
+  auto block0 = model->blocks[0]->as<BlockImpl>();
+  EXPECT_NE(block0->mlp->ptr(0)->as<torch::nn::LinearImpl>(), nullptr);
+  EXPECT_TRUE(block0->attn->q_proj->adapter_names().empty());
 }
 
 TEST_F(InjectTest, ModulesToSaveThatMatchNothingIsAnError) {

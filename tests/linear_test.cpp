@@ -397,6 +397,53 @@ TEST_F(LoRALinearTest, CloneIsIndependentStillFrozenAndEqual) {
   EXPECT_FALSE(torch::equal(copy->weight, base->weight));
 }
 
+TEST_F(LoRALinearTest, CloneToTheSameDeviceSharesNothing) {
+  LoRALinear layer(
+      torch::nn::Linear(6, 4), LoRAOptions(2).init(LoRAInit::random));
+  auto copy = std::dynamic_pointer_cast<torchlora::LoRALinearImpl>(
+      layer->clone(torch::Device(torch::kCPU)));
+  ASSERT_NE(copy, nullptr);
+  const auto originals = layer->named_parameters();
+  for (const auto& item : copy->named_parameters()) {
+    EXPECT_NE(item.value().data_ptr(), originals[item.key()].data_ptr())
+        << item.key();
+    EXPECT_TRUE(torch::equal(item.value(), originals[item.key()]))
+        << item.key();
+  }
+}
+
+TEST_F(LoRALinearTest, AnEmptyBatchGivesAnEmptyOutput) {
+  LoRALinear layer(
+      torch::nn::Linear(6, 4), LoRAOptions(2).init(LoRAInit::random));
+  EXPECT_EQ(layer(torch::randn({0, 6})).sizes(), (c10::IntArrayRef{0, 4}));
+  EXPECT_EQ(
+      layer(torch::randn({2, 0, 6})).sizes(), (c10::IntArrayRef{2, 0, 4}));
+}
+
+TEST_F(LoRALinearTest, DeletingTheLastAdapterLeavesAPlainLinearsParameters) {
+  torch::nn::Linear base(6, 4);
+  LoRALinear layer(base, LoRAOptions(2).init(LoRAInit::random));
+  layer->add_adapter("fr", LoRAOptions(1));
+  layer->delete_adapter("default");
+  EXPECT_EQ(
+      layer->named_parameters().keys(),
+      (std::vector<std::string>{
+          "weight", "bias", "lora_A.fr.weight", "lora_B.fr.weight"}));
+  EXPECT_EQ(layer->lora_A->named_children().size(), 1u);
+  layer->delete_adapter("fr");
+  EXPECT_EQ(
+      layer->named_parameters().keys(),
+      (std::vector<std::string>{"weight", "bias"}));
+  EXPECT_EQ(layer->named_children().size(), 0u);
+  const auto x = torch::randn({3, 6});
+  EXPECT_TRUE(torch::equal(layer(x), base(x)));
+  EXPECT_TORCHLORA_ERROR(
+      layer->delete_adapter("fr"),
+      "has no adapter named \"fr\" (it has: none)");
+  layer->add_adapter("again", LoRAOptions(2));
+  EXPECT_EQ(layer->adapter_names(), (std::vector<std::string>{"again"}));
+}
+
 TEST_F(LoRALinearTest, CloneInsideAContainerGivesALoRALayer) {
   torch::nn::Sequential model(
       LoRALinear(
@@ -584,7 +631,9 @@ TEST_F(LoRALinearTest, BadAdapterNamesAreErrors) {
 
 TEST_F(LoRALinearTest, AskingForAMissingAdapterIsAnError) {
   LoRALinear layer(torch::nn::Linear(8, 4), LoRAOptions(2));
-  EXPECT_TORCHLORA_ERROR(layer->scaling("fr"), "has no adapter named \"fr\"");
+  EXPECT_TORCHLORA_ERROR(
+      layer->scaling("fr"),
+      "has no adapter named \"fr\" (it has: \"default\")");
 }
 
 // ---------------------------------------------------------------- CUDA

@@ -108,3 +108,15 @@ TEST_F(ParametersTest, BiasModeNames) {
   EXPECT_STREQ(torchlora::to_string(LoRABias::all), "all");
   EXPECT_STREQ(torchlora::to_string(LoRABias::lora_only), "lora_only");
 }
+
+TEST_F(ParametersTest, HoldersAndSharedPointersWorkToo) {
+  torch::nn::Sequential seq(
+      LoRALinear(torch::nn::Linear(4, 4), LoRAOptions(1)),
+      torch::nn::Linear(4, 2));
+  EXPECT_EQ(torchlora::count_parameters(seq).total, 16 + 4 + 4 + 4 + 8 + 2);
+  torchlora::mark_only_lora_as_trainable(seq);
+  EXPECT_EQ(torchlora::count_parameters(seq).trainable, 8);
+  auto net = std::make_shared<Net>();
+  torchlora::mark_only_lora_as_trainable(net, LoRABias::all);
+  EXPECT_EQ(torchlora::count_parameters(net).trainable, 16 + 16 + 8 + 4 + 4);
+}

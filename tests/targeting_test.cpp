@@ -59,17 +59,25 @@ TEST_F(TargetingTest, ExclusionsWinOverTargets) {
   EXPECT_FALSE(exact.is_target("head"));
 }
 
-TEST_F(TargetingTest, LayerIndexIsTheNumberAfterTheLastNameDotNumber) {
-  const TargetMatcher matcher(
-      LoRAConfig(4).target_modules({"q_proj"}).layers_to_transform({1, 3}));
-  // peft: re.match(r".*\.[^.]*\.(\d+)\.", key), greedy: the last one.
+TEST_F(TargetingTest, LayerIndexIsTheNumberOfTheFirstNameDotNumber) {
+  const TargetMatcher matcher(LoRAConfig(4)
+                                  .target_modules({"q_proj", "up_proj"})
+                                  .layers_to_transform({1, 3}));
+  // peft (>= 0.20): re.match(r".*?\.[^.]*\.(\d+)\.", key), the first one.
   EXPECT_EQ(matcher.layer_index("model.layers.1.attn.q_proj"), 1);
-  EXPECT_EQ(matcher.layer_index("model.layers.1.experts.3.q_proj"), 3);
-  // A layer list at the top of the model counts too (peft needs a prefix).
+  EXPECT_EQ(matcher.layer_index("model.layers.1.mlp.experts.0.up_proj"), 1);
+  EXPECT_EQ(matcher.layer_index("model.layers.2.mlp.experts.3.up_proj"), 2);
+  // A layer list at the top of the model counts too (peft's #2158).
   EXPECT_EQ(matcher.layer_index("blocks.3.attn.q_proj"), 3);
+  EXPECT_EQ(matcher.layer_index("a.0.b.1.c"), 0);
+  // A number needs a name before it, and a segment after it.
+  EXPECT_FALSE(matcher.layer_index("0.attn.q_proj").has_value());
   EXPECT_FALSE(matcher.layer_index("attn.q_proj").has_value());
+  EXPECT_FALSE(matcher.layer_index("blocks.3").has_value());
 
   EXPECT_TRUE(matcher.is_target("model.layers.1.attn.q_proj"));
+  EXPECT_TRUE(matcher.is_target("model.layers.1.mlp.experts.0.up_proj"));
+  EXPECT_FALSE(matcher.is_target("model.layers.2.mlp.experts.3.up_proj"));
   EXPECT_TRUE(matcher.is_target("blocks.3.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("model.layers.2.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("attn.q_proj")); // no index: not a target
@@ -81,6 +89,9 @@ TEST_F(TargetingTest, LayersPatternNamesTheLayerList) {
                                   .layers_to_transform({2})
                                   .layers_pattern({"h", "blocks"}));
   EXPECT_EQ(matcher.layer_index("transformer.h.2.attn.q_proj"), 2);
+  EXPECT_EQ(matcher.layer_index("model.h.2.experts.5.q_proj"), 2);
+  // Patterns are tried in order; the first that matches wins, as in peft.
+  EXPECT_EQ(matcher.layer_index("encoder.blocks.2.sub.h.4.q_proj"), 4);
   EXPECT_EQ(matcher.layer_index("blocks.2.attn.q_proj"), 2);
   EXPECT_FALSE(matcher.layer_index("layers.2.attn.q_proj").has_value());
   EXPECT_TRUE(matcher.is_target("transformer.h.2.attn.q_proj"));
@@ -132,8 +143,16 @@ TEST_F(TargetingTest, ModulesToSaveAreNeverAdapted) {
 
 TEST_F(TargetingTest, AllLinearPassesEveryNameAndKeepsExclusions) {
   const TargetMatcher matcher(
-      LoRAConfig(4).target_modules({"all-linear"}).exclude_modules({"gate"}));
+      LoRAConfig(4).target_modules({"ALL-Linear"}).exclude_modules({"gate"}));
   EXPECT_TRUE(matcher.targets_all_linear());
+  EXPECT_FALSE(TargetMatcher(LoRAConfig(4).target_modules({"all-linear", "q"}))
+                   .targets_all_linear());
+  EXPECT_TRUE(TargetMatcher::is_output_head("lm_head"));
+  EXPECT_TRUE(TargetMatcher::is_output_head("model.classifier"));
+  EXPECT_TRUE(TargetMatcher::is_output_head("score"));
+  EXPECT_TRUE(TargetMatcher::is_output_head("net.head"));
+  EXPECT_FALSE(TargetMatcher::is_output_head("heads.en"));
+  EXPECT_FALSE(TargetMatcher::is_output_head("lm_head.inner"));
   EXPECT_TRUE(matcher.is_target("anything.at.all"));
   EXPECT_FALSE(matcher.is_target("mlp.gate"));
 }

@@ -57,7 +57,8 @@ struct LoRAConfig {
 
   /// Module names to adapt: a module matches when its dotted path equals an
   /// entry or ends with "." + entry. `{"all-linear"}` means every Linear but
-  /// the last one in model order (the output head, as peft leaves it out).
+  /// output heads (last path segment "lm_head", "head", "classifier" or
+  /// "score"; peft leaves out the model's output layer).
   TORCH_ARG(std::vector<std::string>, target_modules) = {};
 
   /// A regex that must match a module's whole dotted path (ECMAScript syntax;
@@ -71,7 +72,7 @@ struct LoRAConfig {
   TORCH_ARG(std::string, exclude_regex) = "";
 
   /// Layer indices to adapt (with `target_modules` only): a module's layer
-  /// index is the number after the last `<name>.<n>.` in its path, `<name>`
+  /// index is the number of the first `<name>.<n>.` in its path, `<name>`
   /// being any segment or one of `layers_pattern`.
   TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
 

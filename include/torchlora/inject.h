@@ -1,16 +1,13 @@
 #pragma once
 
 #include <torchlora/config.h>
+#include <torchlora/detail/model_walk.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
 #include <torchlora/parameters.h>
 #include <torchlora/targeting.h>
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/container/any.h>
-#include <torch/nn/modules/container/moduledict.h>
-#include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
@@ -18,133 +15,12 @@
 
 #include <algorithm>
 #include <memory>
-#include <sstream>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace torchlora {
 namespace detail {
-
-/// One registration of a module: `parent` registered it under `name`.
-struct Registration {
-  torch::nn::Module* parent;
-  std::string name;
-
-  bool operator==(const Registration& other) const {
-    return parent == other.parent && name == other.name;
-  }
-};
-
-/// A module of the model, reached at one or more paths.
-struct ModelEntry {
-  torch::nn::Module* module;
-  /// Paths in model order; the first decides targeting, as in peft.
-  std::vector<std::string> paths;
-  std::vector<Registration> registrations;
-};
-
-/// Every module below `root`, each once, in model order (pre-order, the
-/// order of `named_modules`). LoRA layers are leaves: their adapters are
-/// never walked into, so an adapter is never wrapped.
-class ModelIndex {
- public:
-  explicit ModelIndex(torch::nn::Module& root) {
-    walk(root, "");
-  }
-
-  const std::vector<ModelEntry>& entries() const {
-    return entries_;
-  }
-
- private:
-  void walk(torch::nn::Module& module, const std::string& prefix) {
-    for (const auto& child : module.named_children()) {
-      auto* pointer = child.value().get();
-      const auto path =
-          prefix.empty() ? child.key() : prefix + "." + child.key();
-      auto found = index_.find(pointer);
-      if (found == index_.end()) {
-        found = index_.emplace(pointer, entries_.size()).first;
-        entries_.push_back(ModelEntry{pointer, {}, {}});
-      }
-      auto& entry = entries_[found->second];
-      entry.paths.push_back(path);
-      const Registration registration{&module, child.key()};
-      if (std::find(
-              entry.registrations.begin(),
-              entry.registrations.end(),
-              registration) == entry.registrations.end()) {
-        entry.registrations.push_back(registration);
-      }
-      if (dynamic_cast<LoRALayer*>(pointer) == nullptr) {
-        walk(*pointer, path);
-      }
-    }
-  }
-
-  std::vector<ModelEntry> entries_;
-  std::unordered_map<const torch::nn::Module*, size_t> index_;
-};
-
-inline bool is_plain_linear(const torch::nn::Module& module) {
-  return dynamic_cast<const torch::nn::LinearImpl*>(&module) != nullptr;
-}
-
-inline bool is_linear_like(const torch::nn::Module& module) {
-  return is_plain_linear(module) ||
-      dynamic_cast<const LoRALayer*>(&module) != nullptr;
-}
-
-/// How many places inside `parent`'s container storage (Sequential,
-/// ModuleList, ModuleDict) hold `module`; 0 for other modules.
-inline size_t container_slots(
-    torch::nn::Module& parent,
-    const torch::nn::Module* module) {
-  size_t slots = 0;
-  if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
-    for (const auto& any : *sequential) {
-      slots += any.ptr().get() == module ? 1 : 0;
-    }
-  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
-    for (const auto& item : *list) {
-      slots += item.get() == module ? 1 : 0;
-    }
-  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
-    for (const auto& item : dict->items()) {
-      slots += item.second.get() == module ? 1 : 0;
-    }
-  }
-  return slots;
-}
-
-/// Puts `replacement` wherever `parent` holds `module`: its registry and, for
-/// the LibTorch containers, the storage their forward and iteration use.
-inline void replace_child(
-    torch::nn::Module& parent,
-    const std::string& name,
-    const torch::nn::Module* module,
-    const std::shared_ptr<LoRALinearImpl>& replacement) {
-  if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
-    for (auto& any : *sequential) {
-      if (any.ptr().get() == module) {
-        any = torch::nn::AnyModule(replacement);
-      }
-    }
-  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
-    for (auto& item : *list) {
-      if (item.get() == module) {
-        item = replacement;
-      }
-    }
-  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
-    if (dict->contains(name) && (*dict)[name].get() == module) {
-      dict->update({{name, replacement}});
-    }
-  }
-  parent.replace_module(name, replacement);
-}
 
 /// One layer `inject_lora` will adapt.
 struct PlannedLayer {
@@ -175,34 +51,44 @@ inline std::string list_linear_paths(const ModelIndex& index, size_t limit) {
   return text;
 }
 
-/// Checks that nothing but `entry`'s registrations and container slots holds
-/// the plain Linear `module` (which the caller holds once more).
+/// Refuses to adapt the plain Linear of `entry` (held once more by `module`)
+/// when something outside the model's registries and containers holds it:
+/// that holder would keep calling the old layer.
 inline void check_only_held_by_model(
     const ModelEntry& entry,
     const std::shared_ptr<torch::nn::Module>& module) {
-  size_t expected = 1 + entry.registrations.size();
-  std::vector<torch::nn::Module*> parents;
-  for (const auto& registration : entry.registrations) {
-    if (std::find(parents.begin(), parents.end(), registration.parent) ==
-        parents.end()) {
-      parents.push_back(registration.parent);
-      expected += container_slots(*registration.parent, module.get());
-    }
+  const auto outside = outside_references(entry, module);
+  if (outside == 0) {
+    return;
   }
-  const auto holders = static_cast<size_t>(module.use_count());
+  const auto& registration = entry.registrations.front();
+  const auto& path = entry.paths.front();
+  if (is_container(*registration.parent)) {
+    TORCH_CHECK(
+        false,
+        "torchlora: cannot adapt '",
+        path,
+        "': this torch::nn::Linear sits in a container but is also held "
+        "outside the model (",
+        outside,
+        " more reference(s), e.g. a variable or member that still holds the "
+        "layer put in the container), which would keep calling the old "
+        "layer. Drop that reference, or declare the member as "
+        "torchlora::LoRALinear. Nothing was changed.");
+  }
   TORCH_CHECK(
-      holders <= expected,
+      false,
       "torchlora: cannot adapt '",
-      entry.paths.front(),
+      path,
       "': this torch::nn::Linear is also held outside the model's registry "
       "and containers (",
-      holders - expected,
+      outside,
       " more reference(s): a typed member such as `torch::nn::Linear ",
-      entry.registrations.front().name,
+      registration.name,
       "{nullptr};`, or a variable), which would keep calling the old layer, "
       "so the adapter would never be used. Declare the member as "
       "`torchlora::LoRALinear ",
-      entry.registrations.front().name,
+      registration.name,
       "{nullptr};` (same constructor arguments, same checkpoint keys), or "
       "hold the layer only in a Sequential, ModuleList or ModuleDict. "
       "Nothing was changed.");
@@ -214,14 +100,6 @@ inline std::vector<PlannedLayer> plan_injection(
     const ModelIndex& index,
     const TargetMatcher& matcher) {
   const auto& config = matcher.config();
-  const ModelEntry* output_head = nullptr;
-  if (matcher.targets_all_linear()) {
-    for (const auto& entry : index.entries()) {
-      if (is_linear_like(*entry.module)) {
-        output_head = &entry;
-      }
-    }
-  }
 
   for (const auto& name : config.modules_to_save()) {
     const bool found = std::any_of(
@@ -242,7 +120,8 @@ inline std::vector<PlannedLayer> plan_injection(
       continue;
     }
     if (matcher.targets_all_linear() &&
-        (!is_linear_like(*entry.module) || &entry == output_head)) {
+        (!is_linear_like(*entry.module) ||
+         TargetMatcher::is_output_head(path))) {
       continue;
     }
     TORCH_CHECK(
@@ -296,8 +175,13 @@ inline std::vector<PlannedLayer> plan_injection(
 /// - Afterwards only the adapters, `modules_to_save` and the biases of
 ///   `config.bias()` are trainable.
 ///
-/// Every check runs before the model is changed: when `inject_lora` throws,
-/// the model is exactly as it was.
+/// Every check runs before the model is changed, and a failure while
+/// changing it (out of memory) undoes what was done: when `inject_lora`
+/// throws, the model is exactly as it was.
+///
+/// Limits: references that own nothing (a raw `LinearImpl*`, a `weak_ptr`)
+/// cannot be seen; `clone()` of a whole model whose own `reset()` creates
+/// plain Linear children fails after injection (the child types differ).
 ///
 /// Example:
 /// ```
@@ -316,38 +200,55 @@ inline std::vector<std::string> inject_lora(
   for (size_t i = 0; i < planned.size(); ++i) {
     const auto& entry = *planned[i].entry;
     if (detail::is_plain_linear(*entry.module)) {
-      const auto& registration = entry.registrations.front();
-      held[i] = registration.parent->named_children()[registration.name];
+      held[i] = detail::share(entry);
       detail::check_only_held_by_model(entry, held[i]);
     }
   }
 
-  std::vector<std::string> paths;
-  for (size_t i = 0; i < planned.size(); ++i) {
-    const auto& entry = *planned[i].entry;
-    const auto& name = config.adapter_name();
-    if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
-      layer->add_adapter(name, planned[i].options);
-    } else {
-      auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(held[i]);
-      auto wrapped =
-          std::make_shared<LoRALinearImpl>(torch::nn::Linear(linear));
-      wrapped->add_adapter(name, planned[i].options);
-      for (const auto& registration : entry.registrations) {
-        detail::replace_child(
-            *registration.parent, registration.name, entry.module, wrapped);
+  // Every check passed; what can still fail is memory. On any failure the
+  // steps taken are undone, so the model is as it was.
+  const auto& name = config.adapter_name();
+  const detail::TrainableFlags flags(model);
+  std::vector<LoRALayer*> extended;
+  std::vector<std::pair<size_t, std::shared_ptr<LoRALinearImpl>>> swapped;
+  try {
+    for (size_t i = 0; i < planned.size(); ++i) {
+      const auto& entry = *planned[i].entry;
+      if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
+        layer->add_adapter(name, planned[i].options);
+        extended.push_back(layer);
+      } else {
+        auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(held[i]);
+        auto wrapped =
+            std::make_shared<LoRALinearImpl>(torch::nn::Linear(linear));
+        wrapped->add_adapter(name, planned[i].options);
+        swapped.emplace_back(i, wrapped);
+        detail::replace_everywhere(entry, entry.module, wrapped);
       }
     }
-    paths.push_back(entry.paths.front());
+    mark_only_lora_as_trainable(model, config.bias());
+    for (const auto& entry : index.entries()) {
+      if (matcher.is_module_to_save(entry.paths.front())) {
+        for (auto& parameter : entry.module->parameters()) {
+          parameter.set_requires_grad(true);
+        }
+      }
+    }
+  } catch (...) {
+    for (auto* layer : extended) {
+      layer->delete_adapter(name);
+    }
+    for (const auto& [i, wrapped] : swapped) {
+      auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(held[i]);
+      detail::replace_everywhere(*planned[i].entry, wrapped.get(), linear);
+    }
+    flags.restore();
+    throw;
   }
 
-  mark_only_lora_as_trainable(model, config.bias());
-  for (const auto& entry : index.entries()) {
-    if (matcher.is_module_to_save(entry.paths.front())) {
-      for (auto& parameter : entry.module->parameters()) {
-        parameter.set_requires_grad(true);
-      }
-    }
+  std::vector<std::string> paths;
+  for (const auto& layer : planned) {
+    paths.push_back(layer.entry->paths.front());
   }
   return paths;
 }
@@ -385,14 +286,13 @@ inline torch::Tensor linear_forward(
   if (auto* lora = layer.as<LoRALinearImpl>()) {
     return lora->forward(input);
   }
-  if (auto* linear = layer.as<torch::nn::LinearImpl>()) {
-    return linear->forward(input);
-  }
+  auto* linear = layer.as<torch::nn::LinearImpl>();
   TORCH_CHECK(
-      false,
+      linear != nullptr,
       "torchlora: linear_forward needs a torch::nn::Linear or a "
       "torchlora::LoRALinear, got a ",
       layer.name());
+  return linear->forward(input);
 }
 
 } // namespace torchlora

@@ -32,6 +32,9 @@ class LoRALayer {
       const std::string& name,
       const LoRAOptions& options) = 0;
 
+  /// Removes adapter `name`: its tensors leave `named_parameters()`.
+  virtual void delete_adapter(const std::string& name) = 0;
+
   /// True if an adapter of this name is attached.
   virtual bool has_adapter(const std::string& name) const = 0;
 

@@ -15,11 +15,16 @@
 #include <torch/utils.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <memory>
 #include <ostream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace torchlora {
@@ -90,19 +95,25 @@ inline void init_lora_matrices(
 /// torchlora::LoRALinear layer(base, torchlora::LoRAOptions(8).alpha(16));
 /// torch::Tensor y = layer(torch::randn({4, 10, 64}));  // [4, 10, 32]
 /// ```
+///
+/// `BaseImpl` is the base layer's module type, `torch::nn::LinearImpl` for
+/// `LoRALinear`. Any type with LinearImpl's shape works: a constructor from
+/// its `options` (which have `in_features()`, `out_features()`, `bias()`),
+/// `weight` and `bias` tensors, `reset_parameters()`, and a forward equal to
+/// `torch::nn::functional::linear(x, weight, bias)`.
 template <typename BaseImpl>
 class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
                         public LoRALayer {
  public:
   using BaseHolder = torch::nn::ModuleHolder<BaseImpl>;
+  using BaseOptions = std::decay_t<decltype(std::declval<BaseImpl&>().options)>;
 
   /// A plain, trainable Linear of `in_features -> out_features`.
   LoRALinearImplT(int64_t in_features, int64_t out_features)
-      : LoRALinearImplT(torch::nn::LinearOptions(in_features, out_features)) {}
+      : LoRALinearImplT(BaseOptions(in_features, out_features)) {}
 
   /// A plain, trainable Linear; attach adapters with `add_adapter`.
-  explicit LoRALinearImplT(const torch::nn::LinearOptions& options_)
-      : options(options_) {
+  explicit LoRALinearImplT(const BaseOptions& options_) : options(options_) {
     reset();
   }
 
@@ -127,7 +138,8 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   }
 
   /// Registers `weight` and `bias` (the base layer's tensors), creating the
-  /// base layer first if there is none.
+  /// base layer first if there is none. Adapters are not created here:
+  /// `add_adapter` attaches them and `clone()`, overridden, copies them.
   void reset() override {
     if (!base_) {
       base_ = std::make_shared<BaseImpl>(options);
@@ -186,6 +198,25 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     lora_B->update({{name, adapter.B.ptr()}});
     adapters_.push_back(std::move(adapter));
     freeze_base();
+  }
+
+  /// Removes adapter `name`; its tensors leave `named_parameters()`. Without
+  /// adapters the layer has exactly a plain Linear's parameters again.
+  void delete_adapter(const std::string& name) override {
+    const auto& adapter = find_adapter(name);
+    const auto index = static_cast<size_t>(&adapter - adapters_.data());
+    // ModuleDict::pop leaves the module registered: unregister it as well.
+    for (auto* dict : {&lora_A, &lora_B}) {
+      (*dict)->pop(name);
+      (*dict)->unregister_module(name);
+    }
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(index));
+    if (adapters_.empty()) {
+      this->unregister_module("lora_A");
+      this->unregister_module("lora_B");
+      lora_A = nullptr;
+      lora_B = nullptr;
+    }
   }
 
   /// The factor adapter `name`'s product is multiplied by.
@@ -307,8 +338,8 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     stream << ")";
   }
 
-  /// The options of the base Linear (features and bias).
-  torch::nn::LinearOptions options;
+  /// The options of the base layer (features and bias).
+  BaseOptions options;
 
   /// The base layer's weight `[out_features, in_features]` (shared, frozen
   /// once an adapter is attached).
@@ -349,18 +380,29 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   }
 
   const detail::LinearAdapter& find_adapter(const std::string& name) const {
-    for (const auto& adapter : adapters_) {
-      if (adapter.name == name) {
-        return adapter;
-      }
-    }
+    const auto found = std::find_if(
+        adapters_.begin(), adapters_.end(), [&](const auto& adapter) {
+          return adapter.name == name;
+        });
     TORCH_CHECK(
-        false,
+        found != adapters_.end(),
         "torchlora: this layer has no adapter named \"",
         name,
-        "\" (it has ",
-        adapters_.size(),
+        "\" (it has: ",
+        describe_names(adapter_names()),
         ")");
+    return *found;
+  }
+
+  static std::string describe_names(const std::vector<std::string>& names) {
+    if (names.empty()) {
+      return "none";
+    }
+    std::string text;
+    for (const auto& name : names) {
+      text += (text.empty() ? "\"" : ", \"") + name + "\"";
+    }
+    return text;
   }
 
   void freeze_base() {
@@ -375,7 +417,8 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       const torch::Tensor& from,
       const torch::Tensor& to,
       const c10::optional<torch::Device>& device) {
-    to.set_data(device ? from.to(*device) : from.clone());
+    to.set_data(
+        device && from.device() != *device ? from.to(*device) : from.clone());
     to.set_requires_grad(from.requires_grad());
   }
 

@@ -3,9 +3,11 @@
 #include <torchlora/layer.h>
 
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_set>
 
@@ -40,6 +42,19 @@ inline ParameterCount count_parameters(const torch::nn::Module& module) {
     }
   }
   return counts;
+}
+
+/// `count_parameters` of a module holder (`torch::nn::Sequential`, ...).
+template <typename ModuleType>
+ParameterCount count_parameters(
+    const torch::nn::ModuleHolder<ModuleType>& module) {
+  return count_parameters(*module.ptr());
+}
+
+/// `count_parameters` of a module held by a `std::shared_ptr`.
+template <typename ModuleType>
+ParameterCount count_parameters(const std::shared_ptr<ModuleType>& module) {
+  return count_parameters(static_cast<const torch::nn::Module&>(*module));
 }
 
 /// Which biases stay trainable next to the adapters (peft's `bias`).
@@ -101,6 +116,22 @@ inline void mark_only_lora_as_trainable(
         (bias == LoRABias::lora_only && adapted_biases.count(key) > 0);
     parameter.set_requires_grad(trainable);
   }
+}
+
+/// `mark_only_lora_as_trainable` of a module holder.
+template <typename ModuleType>
+void mark_only_lora_as_trainable(
+    const torch::nn::ModuleHolder<ModuleType>& module,
+    LoRABias bias = LoRABias::none) {
+  mark_only_lora_as_trainable(*module.ptr(), bias);
+}
+
+/// `mark_only_lora_as_trainable` of a module held by a `std::shared_ptr`.
+template <typename ModuleType>
+void mark_only_lora_as_trainable(
+    const std::shared_ptr<ModuleType>& module,
+    LoRABias bias = LoRABias::none) {
+  mark_only_lora_as_trainable(static_cast<torch::nn::Module&>(*module), bias);
 }
 
 } // namespace torchlora

@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -36,12 +38,19 @@ class TargetMatcher {
     if (!config.exclude_regex().empty()) {
       exclude_regex_ = compile(config.exclude_regex(), "exclude_regex");
     }
+    // The first `<name>.<n>.` of the path: a lazy, optional prefix. (The
+    // literals are split so that "??(" is not read as a trigraph.)
     for (const auto& pattern : config.layers_pattern()) {
       layer_regexes_.push_back(compile(
-          "(?:.*\\.)?(?:" + pattern + ")\\.(\\d+)\\..*", "layers_pattern"));
+          "(?:.*?\\.)?"
+          "?(?:" +
+              pattern + ")\\.(\\d+)\\..*",
+          "layers_pattern"));
     }
     if (layer_regexes_.empty()) {
-      layer_regexes_.push_back(std::regex("(?:.*\\.)?[^.]*\\.(\\d+)\\..*"));
+      layer_regexes_.push_back(
+          std::regex("(?:.*?\\.)?"
+                     "?[^.]*\\.(\\d+)\\..*"));
     }
     for (const auto& entry : config.rank_pattern()) {
       rank_regexes_.push_back(compile_suffix(entry.first, "rank_pattern"));
@@ -51,11 +60,27 @@ class TargetMatcher {
     }
   }
 
-  /// True when `target_modules` is `{"all-linear"}`: every Linear but the
-  /// output head; `inject_lora` resolves it, since it needs the model.
+  /// True when `target_modules` is `{"all-linear"}` (any case): every
+  /// Linear but output heads; `inject_lora` resolves it with the model.
   bool targets_all_linear() const {
-    return config_.target_modules().size() == 1 &&
-        config_.target_modules().front() == "all-linear";
+    if (config_.target_modules().size() != 1) {
+      return false;
+    }
+    auto name = config_.target_modules().front();
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) {
+      return static_cast<char>(std::tolower(c));
+    });
+    return name == "all-linear";
+  }
+
+  /// True if the last segment of `path` is a usual output-head name
+  /// ("lm_head", "head", "classifier", "score"), which `all-linear` leaves
+  /// out as peft leaves out a model's output layer.
+  static bool is_output_head(const std::string& path) {
+    const auto dot = path.rfind('.');
+    const auto last = dot == std::string::npos ? path : path.substr(dot + 1);
+    return last == "lm_head" || last == "head" || last == "classifier" ||
+        last == "score";
   }
 
   /// True if `path` is excluded by `exclude_modules`/`exclude_regex`, or lies
@@ -111,7 +136,7 @@ class TargetMatcher {
     return false;
   }
 
-  /// The layer index of `path`: the number after the last `<name>.<n>.`,
+  /// The layer index of `path`: the number of the first `<name>.<n>.` in it,
   /// `<name>` being one of `layers_pattern` or, without them, any segment.
   std::optional<int64_t> layer_index(const std::string& path) const {
     std::smatch match;
@@ -188,19 +213,22 @@ class TargetMatcher {
   }
 
   static std::regex compile(const std::string& pattern, const char* what) {
+    std::string problem;
     try {
       return std::regex(pattern, std::regex::ECMAScript);
     } catch (const std::regex_error& error) {
-      TORCH_CHECK(
-          false,
-          "torchlora: ",
-          what,
-          " is not a valid regex (ECMAScript syntax): \"",
-          pattern,
-          "\" (",
-          error.what(),
-          ")");
+      problem = error.what();
     }
+    TORCH_CHECK(
+        false,
+        "torchlora: ",
+        what,
+        " is not a valid regex (ECMAScript syntax): \"",
+        pattern,
+        "\" (",
+        problem,
+        ")");
+    return std::regex();
   }
 
   /// peft's `(.*\.)?(key)$`: the key matches the path or a dotted suffix.

@@ -1,0 +1,218 @@
+#pragma once
+
+// Walking a model and swapping its layers: shared by inject_lora and the
+// lifecycle functions. Not part of the API.
+
+#include <torchlora/layer.h>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/linear.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// One registration of a module: `parent` registered it under `name`.
+struct Registration {
+  torch::nn::Module* parent;
+  std::string name;
+
+  bool operator==(const Registration& other) const {
+    return parent == other.parent && name == other.name;
+  }
+};
+
+/// A module of the model, reached at one or more paths.
+struct ModelEntry {
+  torch::nn::Module* module;
+  /// Paths in model order; the first one names the module, as in peft.
+  std::vector<std::string> paths;
+  std::vector<Registration> registrations;
+};
+
+/// Every module below `root`, each once, in model order (pre-order, the
+/// order of `named_modules`). LoRA layers are leaves: their adapters are
+/// never walked into. The index holds no reference to any module.
+class ModelIndex {
+ public:
+  explicit ModelIndex(torch::nn::Module& root) {
+    walk(root, "");
+  }
+
+  const std::vector<ModelEntry>& entries() const {
+    return entries_;
+  }
+
+  /// The entries that are LoRA layers, with their interface.
+  std::vector<std::pair<const ModelEntry*, LoRALayer*>> lora_layers() const {
+    std::vector<std::pair<const ModelEntry*, LoRALayer*>> layers;
+    for (const auto& entry : entries_) {
+      if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
+        layers.emplace_back(&entry, layer);
+      }
+    }
+    return layers;
+  }
+
+ private:
+  void walk(torch::nn::Module& module, const std::string& prefix) {
+    for (const auto& child : module.named_children()) {
+      auto* pointer = child.value().get();
+      const auto path =
+          prefix.empty() ? child.key() : prefix + "." + child.key();
+      auto found = index_.find(pointer);
+      if (found == index_.end()) {
+        found = index_.emplace(pointer, entries_.size()).first;
+        entries_.push_back(ModelEntry{pointer, {}, {}});
+      }
+      auto& entry = entries_[found->second];
+      entry.paths.push_back(path);
+      const Registration registration{&module, child.key()};
+      if (std::find(
+              entry.registrations.begin(),
+              entry.registrations.end(),
+              registration) == entry.registrations.end()) {
+        entry.registrations.push_back(registration);
+      }
+      if (dynamic_cast<LoRALayer*>(pointer) == nullptr) {
+        walk(*pointer, path);
+      }
+    }
+  }
+
+  std::vector<ModelEntry> entries_;
+  std::unordered_map<const torch::nn::Module*, size_t> index_;
+};
+
+inline bool is_plain_linear(const torch::nn::Module& module) {
+  return dynamic_cast<const torch::nn::LinearImpl*>(&module) != nullptr;
+}
+
+inline bool is_linear_like(const torch::nn::Module& module) {
+  return is_plain_linear(module) ||
+      dynamic_cast<const LoRALayer*>(&module) != nullptr;
+}
+
+inline bool is_container(const torch::nn::Module& module) {
+  return dynamic_cast<const torch::nn::SequentialImpl*>(&module) != nullptr ||
+      dynamic_cast<const torch::nn::ModuleListImpl*>(&module) != nullptr ||
+      dynamic_cast<const torch::nn::ModuleDictImpl*>(&module) != nullptr;
+}
+
+/// How many places inside `parent`'s container storage (Sequential,
+/// ModuleList, ModuleDict) hold `module`; 0 for other modules.
+inline size_t container_slots(
+    torch::nn::Module& parent,
+    const torch::nn::Module* module) {
+  size_t slots = 0;
+  if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
+    for (const auto& any : *sequential) {
+      slots += any.ptr().get() == module ? 1 : 0;
+    }
+  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
+    for (const auto& item : *list) {
+      slots += item.get() == module ? 1 : 0;
+    }
+  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
+    for (const auto& item : dict->items()) {
+      slots += item.second.get() == module ? 1 : 0;
+    }
+  }
+  return slots;
+}
+
+/// The module of `entry`, held once more by the returned pointer.
+inline std::shared_ptr<torch::nn::Module> share(const ModelEntry& entry) {
+  const auto& registration = entry.registrations.front();
+  return registration.parent->named_children()[registration.name];
+}
+
+/// How many references to `module` exist beyond the model's registries and
+/// container slots and the caller's own `module` pointer: a typed member, a
+/// variable. (Raw pointers and weak_ptrs cannot be seen.)
+inline size_t outside_references(
+    const ModelEntry& entry,
+    const std::shared_ptr<torch::nn::Module>& module) {
+  size_t inside = 1 + entry.registrations.size();
+  std::vector<torch::nn::Module*> parents;
+  for (const auto& registration : entry.registrations) {
+    if (std::find(parents.begin(), parents.end(), registration.parent) ==
+        parents.end()) {
+      parents.push_back(registration.parent);
+      inside += container_slots(*registration.parent, module.get());
+    }
+  }
+  const auto holders = static_cast<size_t>(module.use_count());
+  return holders > inside ? holders - inside : 0;
+}
+
+/// Puts `replacement` wherever `parent` holds `module` under `name`: its
+/// registry and, for the LibTorch containers, the storage their forward and
+/// iteration use.
+template <typename ModuleType>
+void replace_child(
+    torch::nn::Module& parent,
+    const std::string& name,
+    const torch::nn::Module* module,
+    const std::shared_ptr<ModuleType>& replacement) {
+  if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
+    for (auto& any : *sequential) {
+      if (any.ptr().get() == module) {
+        any = torch::nn::AnyModule(replacement);
+      }
+    }
+  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
+    for (auto& item : *list) {
+      if (item.get() == module) {
+        item = replacement;
+      }
+    }
+  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
+    if (dict->contains(name) && (*dict)[name].get() == module) {
+      dict->update({{name, replacement}});
+    }
+  }
+  parent.replace_module(name, replacement);
+}
+
+/// Replaces `module` by `replacement` in every registration of `entry`.
+template <typename ModuleType>
+void replace_everywhere(
+    const ModelEntry& entry,
+    const torch::nn::Module* module,
+    const std::shared_ptr<ModuleType>& replacement) {
+  for (const auto& registration : entry.registrations) {
+    replace_child(*registration.parent, registration.name, module, replacement);
+  }
+}
+
+/// The trainable flag of every parameter of `model`, to put back later.
+class TrainableFlags {
+ public:
+  explicit TrainableFlags(const torch::nn::Module& model) {
+    for (const auto& parameter : model.parameters()) {
+      flags_.emplace_back(parameter, parameter.requires_grad());
+    }
+  }
+
+  void restore() const {
+    for (const auto& [parameter, flag] : flags_) {
+      parameter.set_requires_grad(flag);
+    }
+  }
+
+ private:
+  std::vector<std::pair<torch::Tensor, bool>> flags_;
+};
+
+} // namespace detail
+} // namespace torchlora
