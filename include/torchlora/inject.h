@@ -4,6 +4,7 @@
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
+#include <torchlora/module_ref.h>
 #include <torchlora/parameters.h>
 #include <torchlora/targeting.h>
 
@@ -160,7 +161,8 @@ inline std::vector<PlannedLayer> plan_injection(
 } // namespace detail
 
 /// Adds a LoRA adapter to every layer of `model` that `config` targets and
-/// returns their paths, in model order. `model` is an existing, loaded model.
+/// returns their paths, in model order. `model` is an existing, loaded model
+/// (a reference, a `std::shared_ptr` or a holder).
 ///
 /// - A targeted `torch::nn::Linear` registered in any module, including
 ///   inside `Sequential`, `ModuleList` and `ModuleDict` (whose storage is
@@ -189,8 +191,9 @@ inline std::vector<PlannedLayer> plan_injection(
 ///     *model, torchlora::LoRAConfig(8).alpha(16).target_modules({"q_proj"}));
 /// ```
 inline std::vector<std::string> inject_lora(
-    torch::nn::Module& model,
+    ModuleRef model_ref,
     const LoRAConfig& config) {
+  auto& model = model_ref.get();
   const TargetMatcher matcher(config);
   const detail::ModelIndex index(model);
   const auto planned = detail::plan_injection(index, matcher);
@@ -251,24 +254,6 @@ inline std::vector<std::string> inject_lora(
     paths.push_back(layer.entry->paths.front());
   }
   return paths;
-}
-
-/// `inject_lora` on a module held by a `std::shared_ptr`.
-template <typename ModuleType>
-std::vector<std::string> inject_lora(
-    const std::shared_ptr<ModuleType>& model,
-    const LoRAConfig& config) {
-  TORCH_CHECK(model != nullptr, "torchlora: inject_lora got a null model");
-  return inject_lora(static_cast<torch::nn::Module&>(*model), config);
-}
-
-/// `inject_lora` on a module holder (`torch::nn::Sequential`, ...).
-template <typename ModuleType>
-std::vector<std::string> inject_lora(
-    const torch::nn::ModuleHolder<ModuleType>& model,
-    const LoRAConfig& config) {
-  TORCH_CHECK(!model.is_empty(), "torchlora: inject_lora got an empty holder");
-  return inject_lora(static_cast<torch::nn::Module&>(*model.ptr()), config);
 }
 
 /// Runs a layer that is a `torch::nn::Linear` or a `torchlora::LoRALinear`,

@@ -2,8 +2,11 @@
 
 #include <torchlora/options.h>
 
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
 #include <torch/types.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -11,8 +14,8 @@ namespace torchlora {
 
 /// What every LoRA layer of torchlora offers, whatever its base layer type.
 ///
-/// Model-wide functions (`count_parameters`, `mark_only_lora_as_trainable`,
-/// `inject_lora`, ...) find LoRA layers through this interface:
+/// Model-wide functions (`inject_lora`, `merge`, `set_adapter`, ...) find LoRA
+/// layers through this interface:
 /// ```
 /// model->apply([](torch::nn::Module& m) {
 ///   if (auto* lora = dynamic_cast<torchlora::LoRALayer*>(&m)) {
@@ -24,10 +27,15 @@ class LoRALayer {
  public:
   virtual ~LoRALayer() = default;
 
+  // ------------------------------------------------------------ adapters
+
   /// Names of the attached adapters, in the order they were added.
   virtual std::vector<std::string> adapter_names() const = 0;
 
-  /// Attaches a new adapter named `name` and freezes the base layer.
+  /// True if an adapter of this name is attached.
+  virtual bool has_adapter(const std::string& name) const = 0;
+
+  /// Attaches a new, active adapter named `name` and freezes the base layer.
   virtual void add_adapter(
       const std::string& name,
       const LoRAOptions& options) = 0;
@@ -35,14 +43,63 @@ class LoRALayer {
   /// Removes adapter `name`: its tensors leave `named_parameters()`.
   virtual void delete_adapter(const std::string& name) = 0;
 
-  /// True if an adapter of this name is attached.
-  virtual bool has_adapter(const std::string& name) const = 0;
+  /// Makes exactly the adapters in `names` active (names this layer lacks are
+  /// skipped): their outputs are summed and they are trainable; the others
+  /// are frozen and unused.
+  virtual void set_active_adapters(const std::vector<std::string>& names) = 0;
 
-  /// The trainable tensors of every adapter (A and B of each).
+  /// Names of the active adapters, in the order they were added.
+  virtual std::vector<std::string> active_adapters() const = 0;
+
+  /// Multiplies adapter `name`'s contribution by `scale` (default 1).
+  virtual void set_scale(const std::string& name, double scale) = 0;
+
+  /// The run-time multiplier of adapter `name`.
+  virtual double scale(const std::string& name) const = 0;
+
+  /// Switches all adapters off (the base output, bit for bit) or back on.
+  virtual void set_adapters_enabled(bool enabled) = 0;
+
+  /// False while `set_adapters_enabled(false)` holds.
+  virtual bool adapters_enabled() const = 0;
+
+  // ------------------------------------------------------------ tensors
+
+  /// The tensors of every adapter (A and B of each).
   virtual std::vector<torch::Tensor> adapter_parameters() const = 0;
+
+  /// The tensors of the active adapters.
+  virtual std::vector<torch::Tensor> active_adapter_parameters() const = 0;
 
   /// The frozen base layer's bias; undefined when the base has none.
   virtual torch::Tensor base_bias() const = 0;
+
+  // ------------------------------------------------------------ merging
+
+  /// Adds the active adapters' products to the base weight, so the forward
+  /// is the base layer's alone; `safe` refuses (changing nothing) when the
+  /// result holds NaN or Inf. A merged layer stays as it is.
+  virtual void merge(bool safe) = 0;
+
+  /// Restores the base weight exactly as it was before `merge`; no-op when
+  /// the layer is not merged.
+  virtual void unmerge() = 0;
+
+  /// True between `merge` and `unmerge`.
+  virtual bool merged() const = 0;
+
+  /// True if merging now would give only finite weights.
+  virtual bool merge_is_finite() const = 0;
+
+  /// Removes every adapter: after merging them into the base weight for good
+  /// (`merge_first`), or after restoring the base weight if merged.
+  virtual void unload(bool merge_first) = 0;
+
+  /// The base layer that holds this layer's `weight` and `bias`.
+  virtual std::shared_ptr<torch::nn::Module> base_module() const = 0;
+
+  /// The base layer as an `AnyModule`, to put back into a `Sequential`.
+  virtual torch::nn::AnyModule base_any_module() const = 0;
 };
 
 } // namespace torchlora

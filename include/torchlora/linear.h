@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
 #include <torchlora/options.h>
 
@@ -8,6 +9,7 @@
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
@@ -39,6 +41,15 @@ struct LinearAdapter {
   torch::nn::Linear A{nullptr};
   /// Holds B as its `weight`, `[out_features, rank]`, no bias.
   torch::nn::Linear B{nullptr};
+  /// Run-time multiplier of the contribution (`set_scale`).
+  double scale = 1.0;
+  /// Whether the forward uses this adapter (`set_active_adapters`).
+  bool active = true;
+
+  /// The factor the product is multiplied by in the forward and in a merge.
+  double effective_scaling() const {
+    return scaling * scale;
+  }
 };
 
 /// A bias-free Linear whose weight is a LoRA matrix of `[out, in]`.
@@ -169,6 +180,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   /// The adapter is created on the base weight's device, in `lora.dtype()`
   /// or else the base weight's dtype.
   void add_adapter(const std::string& name, const LoRAOptions& lora) override {
+    check_not_merged("add_adapter");
     check_new_adapter_name(name);
     TORCH_CHECK(
         lora.rank() > 0,
@@ -203,6 +215,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   /// Removes adapter `name`; its tensors leave `named_parameters()`. Without
   /// adapters the layer has exactly a plain Linear's parameters again.
   void delete_adapter(const std::string& name) override {
+    check_not_merged("delete_adapter");
     const auto& adapter = find_adapter(name);
     const auto index = static_cast<size_t>(&adapter - adapters_.data());
     // ModuleDict::pop leaves the module registered: unregister it as well.
@@ -217,6 +230,53 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       lora_A = nullptr;
       lora_B = nullptr;
     }
+  }
+
+  void set_active_adapters(const std::vector<std::string>& names) override {
+    check_not_merged("set_active_adapters");
+    for (auto& adapter : adapters_) {
+      adapter.active =
+          std::find(names.begin(), names.end(), adapter.name) != names.end();
+      adapter.A->weight.set_requires_grad(adapter.active);
+      adapter.B->weight.set_requires_grad(adapter.active);
+    }
+  }
+
+  std::vector<std::string> active_adapters() const override {
+    std::vector<std::string> names;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        names.push_back(adapter.name);
+      }
+    }
+    return names;
+  }
+
+  void set_scale(const std::string& name, double scale) override {
+    check_not_merged("set_scale");
+    TORCH_CHECK(
+        std::isfinite(scale),
+        "torchlora: set_scale(\"",
+        name,
+        "\") needs a finite scale, got ",
+        scale);
+    find_adapter(name).scale = scale;
+  }
+
+  double scale(const std::string& name) const override {
+    return find_adapter(name).scale;
+  }
+
+  void set_adapters_enabled(bool enabled) override {
+    TORCH_CHECK(
+        enabled || !merged_,
+        "torchlora: cannot disable the adapters of a merged layer; unmerge() "
+        "it first (torchlora::DisableAdapters does both)");
+    enabled_ = enabled;
+  }
+
+  bool adapters_enabled() const override {
+    return enabled_;
   }
 
   /// The factor adapter `name`'s product is multiplied by.
@@ -256,8 +316,85 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     return tensors;
   }
 
+  std::vector<torch::Tensor> active_adapter_parameters() const override {
+    std::vector<torch::Tensor> tensors;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        tensors.push_back(adapter.A->weight);
+        tensors.push_back(adapter.B->weight);
+      }
+    }
+    return tensors;
+  }
+
   torch::Tensor base_bias() const override {
     return bias;
+  }
+
+  /// Merges the active adapters into `weight`: the forward becomes a plain
+  /// Linear's. The weight before merging is kept (one more copy of it, same
+  /// device and dtype) so that `unmerge` restores it bit for bit. The delta
+  /// is computed in fp32 for fp16/bf16 weights. Merging a merged layer, or
+  /// one without active adapters, changes nothing.
+  void merge(bool safe = false) override {
+    if (merged_ || active_adapters().empty()) {
+      return;
+    }
+    TORCH_CHECK(
+        enabled_,
+        "torchlora: cannot merge a layer whose adapters are disabled "
+        "(DisableAdapters); merge after the guard's scope");
+    auto merged_weight = weight_with_adapters();
+    TORCH_CHECK(
+        !safe || torch::isfinite(merged_weight).all().item().toBool(),
+        "torchlora: safe merge refused: merging the active adapters (",
+        detail::quoted_list(active_adapters()),
+        ") gives NaN or Inf weights; nothing was changed");
+    torch::NoGradGuard no_grad;
+    original_weight_ = weight.detach();
+    weight.set_data(merged_weight);
+    merged_ = true;
+  }
+
+  void unmerge() override {
+    if (!merged_) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    weight.set_data(original_weight_);
+    original_weight_ = torch::Tensor();
+    merged_ = false;
+  }
+
+  bool merged() const override {
+    return merged_;
+  }
+
+  bool merge_is_finite() const override {
+    return torch::isfinite(weight_with_adapters()).all().item().toBool();
+  }
+
+  void unload(bool merge_first) override {
+    torch::NoGradGuard no_grad;
+    if (merge_first && !merged_) {
+      weight.set_data(weight_with_adapters());
+    } else if (!merge_first && merged_) {
+      weight.set_data(original_weight_);
+    }
+    original_weight_ = torch::Tensor();
+    merged_ = false;
+    enabled_ = true;
+    while (!adapters_.empty()) {
+      delete_adapter(adapters_.back().name);
+    }
+  }
+
+  std::shared_ptr<torch::nn::Module> base_module() const override {
+    return base_;
+  }
+
+  torch::nn::AnyModule base_any_module() const override {
+    return torch::nn::AnyModule(base_);
   }
 
   /// The wrapped base layer; its tensors are this layer's `weight`/`bias`.
@@ -265,8 +402,9 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     return base_;
   }
 
-  /// `x W^T + b` plus each adapter's scaled low-rank product. `input` has any
-  /// number of leading dimensions; its last one must be `in_features`.
+  /// `x W^T + b` plus each active adapter's scaled low-rank product; just
+  /// `x W^T + b` when merged or disabled. `input` has any number of leading
+  /// dimensions; its last one must be `in_features`.
   torch::Tensor forward(const torch::Tensor& input) {
     TORCH_CHECK(
         input.dim() >= 1 && input.size(-1) == options.in_features(),
@@ -275,13 +413,15 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
         options.in_features(),
         ", got an input of shape ",
         input.sizes());
-    if (adapters_.empty()) {
+    if (merged_ || !enabled_ || !has_active_adapter()) {
       return torch::nn::functional::linear(input, weight, bias);
     }
     const auto x = input.reshape({-1, options.in_features()});
     auto y = torch::nn::functional::linear(x, weight, bias);
     for (const auto& adapter : adapters_) {
-      add_adapter_output(adapter, x, y);
+      if (adapter.active) {
+        add_adapter_output(adapter, x, y);
+      }
     }
     auto sizes = input.sizes().vec();
     sizes.back() = options.out_features();
@@ -300,8 +440,18 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     for (const auto& adapter : adapters_) {
       copy->add_adapter(adapter.name, adapter.options);
       const auto& target = copy->adapters_.back();
+      auto& target_state = copy->adapters_.back();
+      target_state.scale = adapter.scale;
+      target_state.active = adapter.active;
       copy_tensor(adapter.A->weight, target.A->weight, device);
       copy_tensor(adapter.B->weight, target.B->weight, device);
+    }
+    copy->enabled_ = enabled_;
+    copy->merged_ = merged_;
+    if (merged_) {
+      copy->original_weight_ = device && original_weight_.device() != *device
+          ? original_weight_.to(*device)
+          : original_weight_.clone();
     }
     copy->weight.set_requires_grad(weight.requires_grad());
     if (bias.defined()) {
@@ -389,20 +539,51 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
         "torchlora: this layer has no adapter named \"",
         name,
         "\" (it has: ",
-        describe_names(adapter_names()),
+        detail::quoted_list(adapter_names()),
         ")");
     return *found;
   }
 
-  static std::string describe_names(const std::vector<std::string>& names) {
-    if (names.empty()) {
-      return "none";
+  detail::LinearAdapter& find_adapter(const std::string& name) {
+    const auto& found =
+        static_cast<const LoRALinearImplT&>(*this).find_adapter(name);
+    return const_cast<detail::LinearAdapter&>(found);
+  }
+
+  void check_not_merged(const char* operation) const {
+    TORCH_CHECK(
+        !merged_,
+        "torchlora: ",
+        operation,
+        " on a merged layer; unmerge() it first");
+  }
+
+  bool has_active_adapter() const {
+    return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
+      return a.active;
+    });
+  }
+
+  /// `weight` plus every active adapter's scaled `B A`, computed in fp32 for
+  /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
+  /// weight's dtype. `weight` itself is not changed.
+  torch::Tensor weight_with_adapters() const {
+    torch::NoGradGuard no_grad;
+    const auto dtype = weight.scalar_type();
+    const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
+    const auto compute = half ? torch::kFloat : dtype;
+    auto result =
+        weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        result.addmm_(
+            adapter.B->weight.detach().to(compute),
+            adapter.A->weight.detach().to(compute),
+            /*beta=*/1,
+            /*alpha=*/adapter.effective_scaling());
+      }
     }
-    std::string text;
-    for (const auto& name : names) {
-      text += (text.empty() ? "\"" : ", \"") + name + "\"";
-    }
-    return text;
+    return result.to(dtype);
   }
 
   void freeze_base() {
@@ -438,15 +619,23 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     const auto& A = adapter.A->weight;
     const auto& B = adapter.B->weight;
     if (A.scalar_type() == y.scalar_type()) {
-      y.addmm_(input.mm(A.t()), B.t(), /*beta=*/1, /*alpha=*/adapter.scaling);
+      y.addmm_(
+          input.mm(A.t()),
+          B.t(),
+          /*beta=*/1,
+          /*alpha=*/adapter.effective_scaling());
     } else {
       auto delta = input.to(A.scalar_type()).mm(A.t()).mm(B.t());
-      y.add_(delta.mul_(adapter.scaling).to(y.scalar_type()));
+      y.add_(delta.mul_(adapter.effective_scaling()).to(y.scalar_type()));
     }
   }
 
   std::shared_ptr<BaseImpl> base_;
   std::vector<detail::LinearAdapter> adapters_;
+  bool enabled_ = true;
+  bool merged_ = false;
+  /// The weight before `merge`, kept for an exact `unmerge`.
+  torch::Tensor original_weight_;
 };
 
 /// LoRA over `torch::nn::Linear`: the layer `inject_lora` creates.

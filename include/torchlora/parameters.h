@@ -80,8 +80,8 @@ inline const char* to_string(LoRABias bias) {
   return "unknown";
 }
 
-/// Freezes every parameter of `module` except the LoRA adapters and the
-/// biases that `bias` names.
+/// Freezes every parameter of `module` except the active LoRA adapters and
+/// the biases that `bias` names.
 ///
 /// Example:
 /// ```
@@ -97,7 +97,7 @@ inline void mark_only_lora_as_trainable(
     if (layer == nullptr || layer->adapter_names().empty()) {
       return;
     }
-    for (const auto& tensor : layer->adapter_parameters()) {
+    for (const auto& tensor : layer->active_adapter_parameters()) {
       adapters.insert(tensor.unsafeGetTensorImpl());
     }
     const auto base_bias = layer->base_bias();

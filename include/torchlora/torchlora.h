@@ -13,10 +13,13 @@
 
 #include <torch/torch.h>
 
+#include <torchlora/adapters.h>
 #include <torchlora/config.h>
 #include <torchlora/inject.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
+#include <torchlora/merge.h>
+#include <torchlora/module_ref.h>
 #include <torchlora/options.h>
 #include <torchlora/parameters.h>
 #include <torchlora/targeting.h>

@@ -155,19 +155,19 @@ inline size_t outside_references(
   return holders > inside ? holders - inside : 0;
 }
 
-/// Puts `replacement` wherever `parent` holds `module` under `name`: its
-/// registry and, for the LibTorch containers, the storage their forward and
-/// iteration use.
-template <typename ModuleType>
-void replace_child(
+/// Puts `replacement` (also given as an `AnyModule`) wherever `parent` holds
+/// `module` under `name`: its registry and, for the LibTorch containers, the
+/// storage their forward and iteration use.
+inline void replace_child(
     torch::nn::Module& parent,
     const std::string& name,
     const torch::nn::Module* module,
-    const std::shared_ptr<ModuleType>& replacement) {
+    const std::shared_ptr<torch::nn::Module>& replacement,
+    const torch::nn::AnyModule& replacement_as_any) {
   if (auto* sequential = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
     for (auto& any : *sequential) {
       if (any.ptr().get() == module) {
-        any = torch::nn::AnyModule(replacement);
+        any = replacement_as_any;
       }
     }
   } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
@@ -185,14 +185,29 @@ void replace_child(
 }
 
 /// Replaces `module` by `replacement` in every registration of `entry`.
+inline void replace_everywhere(
+    const ModelEntry& entry,
+    const torch::nn::Module* module,
+    const std::shared_ptr<torch::nn::Module>& replacement,
+    const torch::nn::AnyModule& replacement_as_any) {
+  for (const auto& registration : entry.registrations) {
+    replace_child(
+        *registration.parent,
+        registration.name,
+        module,
+        replacement,
+        replacement_as_any);
+  }
+}
+
+/// `replace_everywhere` for a replacement of a known module type.
 template <typename ModuleType>
 void replace_everywhere(
     const ModelEntry& entry,
     const torch::nn::Module* module,
     const std::shared_ptr<ModuleType>& replacement) {
-  for (const auto& registration : entry.registrations) {
-    replace_child(*registration.parent, registration.name, module, replacement);
-  }
+  replace_everywhere(
+      entry, module, replacement, torch::nn::AnyModule(replacement));
 }
 
 /// The trainable flag of every parameter of `model`, to put back later.

@@ -1,0 +1,24 @@
+#pragma once
+
+// Small text helpers for torchlora's messages. Not part of the API.
+
+#include <string>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// `"a", "b"` for {a, b}; `none` for an empty list.
+inline std::string quoted_list(const std::vector<std::string>& names) {
+  if (names.empty()) {
+    return "none";
+  }
+  std::string text;
+  for (const auto& name : names) {
+    text += (text.empty() ? "\"" : ", \"") + name + "\"";
+  }
+  return text;
+}
+
+} // namespace detail
+} // namespace torchlora
