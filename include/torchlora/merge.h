@@ -1,0 +1,116 @@
+#pragma once
+
+#include <torchlora/detail/model_walk.h>
+#include <torchlora/layer.h>
+#include <torchlora/module_ref.h>
+
+#include <torch/arg.h>
+
+#include <c10/util/Exception.h>
+
+namespace torchlora {
+
+/// Options of `merge` and `merge_and_unload`.
+///
+/// Example:
+/// ```
+/// torchlora::merge(model, torchlora::MergeOptions().safe(true));
+/// ```
+struct MergeOptions {
+  /// Compute every merged weight first and refuse, changing nothing, if one
+  /// holds NaN or Inf. Costs one more pass over the weights. Default: false.
+  TORCH_ARG(bool, safe) = false;
+};
+
+namespace detail {
+
+/// Throws, naming the layer, if merging any unmerged layer of `index` would
+/// give NaN or Inf weights.
+inline void check_merges_are_finite(const ModelIndex& index) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (layer->merged() || layer->active_adapters().empty()) {
+      continue;
+    }
+    TORCH_CHECK(
+        layer->merge_is_finite(),
+        "torchlora: safe merge refused: merging the active adapters of '",
+        entry->paths.front(),
+        "' gives NaN or Inf weights; no weight was changed");
+  }
+}
+
+/// Removes every adapter of the LoRA layers of `model` (merging them into
+/// the base weights for good when `merge_first`). Where nothing outside the
+/// model holds a LoRA layer, its base layer takes its place again.
+inline void unload_layers(const ModelIndex& index, bool merge_first) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    const auto held = share(*entry);
+    const bool held_outside = outside_references(*entry, held) > 0;
+    layer->unload(merge_first);
+    if (!held_outside) {
+      replace_everywhere(
+          *entry,
+          entry->module,
+          layer->base_module(),
+          layer->base_any_module());
+    }
+  }
+}
+
+} // namespace detail
+
+/// Merges the active adapters of every LoRA layer of `model` into its base
+/// weights: the forward is then the plain model's, at its speed. Each merged
+/// layer keeps a copy of its weight from before (memory: one more copy of
+/// every merged weight) so that `unmerge` restores it bit for bit, in every
+/// dtype; the delta is computed in fp32 for fp16/bf16 weights. Layers already
+/// merged are left as they are, so merging twice never adds twice.
+///
+/// Example:
+/// ```
+/// torchlora::merge(model);    // serve
+/// torchlora::unmerge(model);  // back to training or switching adapters
+/// ```
+inline void merge(ModuleRef model, const MergeOptions& options = {}) {
+  const detail::ModelIndex index(model.get());
+  if (options.safe()) {
+    detail::check_merges_are_finite(index);
+  }
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    layer->merge(/*safe=*/false);
+  }
+}
+
+/// Restores the exact base weights of every merged LoRA layer of `model`;
+/// unmerged layers are left as they are.
+inline void unmerge(ModuleRef model) {
+  const detail::ModelIndex index(model.get());
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    layer->unmerge();
+  }
+}
+
+/// Merges the active adapters for good and removes every adapter: the model
+/// is the plain model again, with merged weights. Containers hold their
+/// `torch::nn::Linear` layers again (the very objects that were wrapped);
+/// `LoRALinear` members stay, without adapters. The state dict has exactly
+/// the plain model's keys. Base tensors stay frozen.
+inline void merge_and_unload(
+    ModuleRef model,
+    const MergeOptions& options = {}) {
+  const detail::ModelIndex index(model.get());
+  if (options.safe()) {
+    detail::check_merges_are_finite(index);
+  }
+  detail::unload_layers(index, /*merge_first=*/true);
+}
+
+/// Removes every adapter without merging: the model computes the base
+/// output again, bit for bit (merged layers are restored first). Layers are
+/// put back as `merge_and_unload` does.
+inline void unload(ModuleRef model) {
+  const detail::ModelIndex index(model.get());
+  detail::unload_layers(index, /*merge_first=*/false);
+}
+
+} // namespace torchlora
