@@ -597,17 +597,47 @@ struct FailingLayerImpl : torch::nn::Module, torchlora::LoRALayer {
   std::vector<std::string> adapter_names() const override {
     return {};
   }
+  bool has_adapter(const std::string&) const override {
+    return false;
+  }
   void add_adapter(const std::string&, const torchlora::LoRAOptions&) override {
     TORCH_CHECK(false, "simulated failure while adding an adapter");
   }
   void delete_adapter(const std::string&) override {}
-  bool has_adapter(const std::string&) const override {
-    return false;
+  void set_active_adapters(const std::vector<std::string>&) override {}
+  std::vector<std::string> active_adapters() const override {
+    return {};
+  }
+  void set_scale(const std::string&, double) override {}
+  double scale(const std::string&) const override {
+    return 1.0;
+  }
+  void set_adapters_enabled(bool) override {}
+  bool adapters_enabled() const override {
+    return true;
   }
   std::vector<torch::Tensor> adapter_parameters() const override {
     return {};
   }
+  std::vector<torch::Tensor> active_adapter_parameters() const override {
+    return {};
+  }
   torch::Tensor base_bias() const override {
+    return {};
+  }
+  void merge(bool) override {}
+  void unmerge() override {}
+  bool merged() const override {
+    return false;
+  }
+  bool merge_is_finite() const override {
+    return true;
+  }
+  void unload(bool) override {}
+  std::shared_ptr<torch::nn::Module> base_module() const override {
+    return nullptr;
+  }
+  torch::nn::AnyModule base_any_module() const override {
     return {};
   }
 };
@@ -715,10 +745,12 @@ TEST_F(InjectTest, ABadConfigIsRefusedBeforeTheModelIsTouched) {
 TEST_F(InjectTest, EmptyModelsAreErrors) {
   std::shared_ptr<NetImpl> none;
   EXPECT_TORCHLORA_ERROR(
-      inject_lora(none, LoRAConfig(2).target_modules({"x"})), "null model");
+      inject_lora(none, LoRAConfig(2).target_modules({"x"})),
+      "got a null std::shared_ptr where a model was expected");
   Net empty{nullptr};
   EXPECT_TORCHLORA_ERROR(
-      inject_lora(empty, LoRAConfig(2).target_modules({"x"})), "empty holder");
+      inject_lora(empty, LoRAConfig(2).target_modules({"x"})),
+      "got an empty module holder (nullptr) where a model was expected");
 }
 
 TEST_F(InjectTest, LinearForwardRefusesOtherModules) {

@@ -43,6 +43,15 @@ inline std::map<std::string, TensorState> snapshot(
   return state;
 }
 
+/// True if `a` and `b` have the same shape, dtype and values (NaN equal to
+/// NaN, so that a tensor holding NaN equals itself).
+inline bool same_values(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
+    return false;
+  }
+  return ((a == b) | (torch::isnan(a) & torch::isnan(b))).all().item<bool>();
+}
+
 /// Expects `module` to hold exactly the names, values and flags of `before`.
 inline void expect_unchanged(
     const std::map<std::string, TensorState>& before,
@@ -52,7 +61,7 @@ inline void expect_unchanged(
   for (const auto& [name, state] : before) {
     const auto found = after.find(name);
     ASSERT_NE(found, after.end()) << name;
-    EXPECT_TRUE(torch::equal(state.values, found->second.values)) << name;
+    EXPECT_TRUE(same_values(state.values, found->second.values)) << name;
     EXPECT_EQ(state.requires_grad, found->second.requires_grad) << name;
   }
 }
