@@ -1,0 +1,291 @@
+#pragma once
+
+#include <torchlora/detail/safetensors_format.h>
+
+#include <torch/ordered_dict.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <c10/util/Exception.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace torchlora {
+
+/// Reading and writing safetensors files (the format of Python's
+/// `safetensors` and of peft's adapters).
+namespace safetensors {
+
+/// The string pairs of a file's `__metadata__`.
+using Metadata = std::map<std::string, std::string>;
+
+/// Named tensors, in file order.
+using Tensors = torch::OrderedDict<std::string, torch::Tensor>;
+
+namespace detail {
+
+inline torch::Dtype to_torch(DType dtype) {
+  switch (dtype) {
+    case DType::F64:
+      return torch::kFloat64;
+    case DType::F32:
+      return torch::kFloat32;
+    case DType::F16:
+      return torch::kFloat16;
+    case DType::BF16:
+      return torch::kBFloat16;
+    case DType::I64:
+      return torch::kInt64;
+    case DType::I32:
+      return torch::kInt32;
+    case DType::I16:
+      return torch::kInt16;
+    case DType::I8:
+      return torch::kInt8;
+    case DType::U8:
+      return torch::kUInt8;
+    case DType::BOOL:
+      return torch::kBool;
+  }
+  return torch::kFloat32;
+}
+
+inline DType from_torch(torch::Dtype dtype, const std::string& name) {
+  for (const auto& info : dtype_table()) {
+    if (to_torch(info.dtype) == dtype) {
+      return info.dtype;
+    }
+  }
+  TORCH_CHECK(
+      false,
+      "torchlora: safetensors cannot store tensor \"",
+      name,
+      "\" of dtype ",
+      dtype,
+      " (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)");
+  return DType::F32;
+}
+
+inline void check_little_endian() {
+  const uint16_t probe = 1;
+  uint8_t first = 0;
+  std::memcpy(&first, &probe, 1);
+  TORCH_CHECK(
+      first == 1,
+      "torchlora: safetensors files are little-endian; this machine is not");
+}
+
+/// Writes `tensors` and `metadata` as a safetensors file to `out`.
+inline void write(
+    std::ostream& out,
+    const Tensors& tensors,
+    const Metadata& metadata) {
+  check_little_endian();
+  std::vector<TensorInfo> infos;
+  std::vector<torch::Tensor> contiguous;
+  for (const auto& item : tensors) {
+    const auto& tensor = item.value();
+    TORCH_CHECK(
+        tensor.defined(),
+        "torchlora: safetensors cannot store tensor \"",
+        item.key(),
+        "\": it is undefined");
+    TensorInfo info;
+    info.name = item.key();
+    info.dtype = from_torch(tensor.scalar_type(), item.key());
+    for (const auto dim : tensor.sizes()) {
+      info.shape.push_back(static_cast<uint64_t>(dim));
+    }
+    infos.push_back(info);
+    contiguous.push_back(tensor.detach().to(torch::kCPU).contiguous());
+  }
+  std::string header;
+  try {
+    header = format_header(
+        infos,
+        std::vector<std::pair<std::string, std::string>>(
+            metadata.begin(), metadata.end()));
+  } catch (const FormatError& error) {
+    TORCH_CHECK(false, "torchlora: safetensors: ", error.what());
+  }
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  for (size_t i = 0; i < infos.size(); ++i) {
+    out.write(
+        static_cast<const char*>(contiguous[i].data_ptr()),
+        static_cast<std::streamsize>(infos[i].end - infos[i].begin));
+  }
+}
+
+} // namespace detail
+
+namespace detail {
+
+/// The tensors of the file bytes `[data, data + size)`; `origin` names them
+/// in messages ("the given bytes" or the file's path).
+inline Tensors read_tensors(
+    const uint8_t* bytes,
+    size_t size,
+    const std::string& origin,
+    Metadata* metadata) {
+  check_little_endian();
+  Header header;
+  std::string problem;
+  try {
+    header = parse(bytes, size);
+  } catch (const FormatError& error) {
+    problem = error.what();
+  }
+  TORCH_CHECK(
+      problem.empty(),
+      "torchlora: ",
+      origin,
+      " is not a valid safetensors file: ",
+      problem);
+  Tensors tensors;
+  for (const auto& info : header.tensors) {
+    const std::vector<int64_t> shape(info.shape.begin(), info.shape.end());
+    auto tensor =
+        torch::empty(shape, torch::TensorOptions().dtype(to_torch(info.dtype)));
+    if (info.end > info.begin) {
+      std::memcpy(
+          tensor.data_ptr(),
+          bytes + header.data_start + info.begin,
+          info.end - info.begin);
+    }
+    tensors.insert(info.name, std::move(tensor));
+  }
+  if (metadata != nullptr) {
+    metadata->clear();
+    metadata->insert(header.metadata.begin(), header.metadata.end());
+  }
+  return tensors;
+}
+
+} // namespace detail
+
+/// Reads the tensors of a safetensors file held in memory; each returned
+/// tensor owns a copy of its bytes. Every violation of the format is a
+/// `torchlora:` error, and no byte outside `[data, data + size)` is read.
+inline Tensors load_bytes(
+    const void* data,
+    size_t size,
+    Metadata* metadata = nullptr) {
+  return detail::read_tensors(
+      static_cast<const uint8_t*>(data), size, "the given bytes", metadata);
+}
+
+/// Reads a safetensors file: its tensors in file order (each owning its
+/// memory, on the CPU) and, if asked, its `__metadata__`.
+///
+/// Example:
+/// ```
+/// auto tensors = torchlora::safetensors::load("adapter_model.safetensors");
+/// torch::Tensor A = tensors["base_model.model.fc.lora_A.weight"];
+/// ```
+inline Tensors load(const std::string& path, Metadata* metadata = nullptr) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(
+      in.good(),
+      "torchlora: cannot read safetensors file '",
+      path,
+      "': ",
+      std::strerror(errno));
+  const std::vector<char> bytes(
+      (std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  TORCH_CHECK(
+      !in.bad(), "torchlora: reading safetensors file '", path, "' failed");
+  return detail::read_tensors(
+      reinterpret_cast<const uint8_t*>(bytes.data()),
+      bytes.size(),
+      "'" + path + "'",
+      metadata);
+}
+
+/// The bytes of a safetensors file holding `tensors` and `metadata`.
+inline std::string save_bytes(
+    const Tensors& tensors,
+    const Metadata& metadata = {}) {
+  std::ostringstream out(std::ios::binary);
+  detail::write(out, tensors, metadata);
+  return std::move(out).str();
+}
+
+/// Writes `tensors` (any device, dtype F64/F32/F16/BF16/I64/I32/I16/I8/U8/
+/// BOOL) and `metadata` to a safetensors file at `path`, creating its folder.
+/// The file is written next to `path` and renamed over it at the end, so a
+/// failed save never leaves a half-written file where a good one was.
+///
+/// Example:
+/// ```
+/// torchlora::safetensors::save("copy.safetensors", tensors, {{"format",
+/// "pt"}});
+/// ```
+inline void save(
+    const std::string& path,
+    const Tensors& tensors,
+    const Metadata& metadata = {}) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  std::error_code error;
+  if (target.has_parent_path()) {
+    fs::create_directories(target.parent_path(), error);
+    TORCH_CHECK(
+        !error,
+        "torchlora: cannot create folder '",
+        target.parent_path().string(),
+        "' for '",
+        path,
+        "': ",
+        error.message());
+  }
+  std::random_device random;
+  const auto temporary = target.string() + ".tmp-" + std::to_string(random());
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    TORCH_CHECK(
+        out.good(),
+        "torchlora: cannot write '",
+        temporary,
+        "': ",
+        std::strerror(errno));
+    try {
+      detail::write(out, tensors, metadata);
+    } catch (...) {
+      out.close();
+      fs::remove(temporary, error);
+      throw;
+    }
+    out.close();
+    if (!out.good()) {
+      fs::remove(temporary, error);
+      TORCH_CHECK(
+          false,
+          "torchlora: writing '",
+          path,
+          "' failed (a short write: is the disk full?)");
+    }
+  }
+  fs::rename(temporary, target, error);
+  if (error) {
+    const auto message = error.message();
+    fs::remove(temporary, error);
+    TORCH_CHECK(
+        false,
+        "torchlora: cannot move the new file to '",
+        path,
+        "': ",
+        message);
+  }
+}
+
+} // namespace safetensors
+} // namespace torchlora
