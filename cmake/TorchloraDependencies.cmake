@@ -11,15 +11,36 @@ macro(torchlora_find_torch)
         "(package libtorch-dev); otherwise pass the LibTorch folder, e.g. "
         "-DCMAKE_PREFIX_PATH=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')")
     endif()
-    # Under add_subdirectory, targets imported here would be visible in this
-    # folder only; the parent links torch through torchlora::torchlora.
-    if(NOT CMAKE_SOURCE_DIR STREQUAL CMAKE_CURRENT_SOURCE_DIR
-       AND NOT CMAKE_VERSION VERSION_LESS 3.21)
-      get_directory_property(_torchlora_imported IMPORTED_TARGETS)
-      foreach(_target IN LISTS _torchlora_imported)
-        set_target_properties(${_target} PROPERTIES IMPORTED_GLOBAL TRUE)
-      endforeach()
+  endif()
+endmacro()
+
+# nlohmann-json, for safetensors headers and adapter configs: Debian's
+# nlohmann-json3-dev, or any install found through CMAKE_PREFIX_PATH.
+macro(torchlora_find_json)
+  if(NOT TARGET nlohmann_json::nlohmann_json)
+    find_package(nlohmann_json 3.9 QUIET)
+    if(NOT nlohmann_json_FOUND)
+      message(FATAL_ERROR
+        "torchlora: nlohmann-json was not found. On Debian run "
+        "scripts/install-deps.sh (package nlohmann-json3-dev); otherwise add "
+        "its install prefix to CMAKE_PREFIX_PATH.")
     endif()
+  endif()
+endmacro()
+
+# Under add_subdirectory, targets imported in this folder (torch, nlohmann)
+# would be visible here only; the parent links them through
+# torchlora::torchlora, so make them global.
+macro(torchlora_share_imported_targets)
+  if(NOT CMAKE_SOURCE_DIR STREQUAL CMAKE_CURRENT_SOURCE_DIR
+     AND NOT CMAKE_VERSION VERSION_LESS 3.21)
+    get_directory_property(_torchlora_imported IMPORTED_TARGETS)
+    foreach(_target IN LISTS _torchlora_imported)
+      get_target_property(_global ${_target} IMPORTED_GLOBAL)
+      if(NOT _global)
+        set_target_properties(${_target} PROPERTIES IMPORTED_GLOBAL TRUE)
+      endif()
+    endforeach()
   endif()
 endmacro()
 

@@ -9,8 +9,10 @@ packages=(
   g++ cmake make              # the compiler and the build
   libtorch-dev                # LibTorch (CPU), C++ headers and CMake config
   libopenblas0-pthread        # a fast BLAS: without it LibTorch is ~12x slower
+  nlohmann-json3-dev          # JSON for safetensors headers and adapter configs
   libgtest-dev googletest     # GoogleTest, installed and as sources
   libbenchmark-dev            # Google Benchmark
+  clang libclang-rt-dev       # libFuzzer with ASan/UBSan, for the fuzz test
 )
 
 missing=()

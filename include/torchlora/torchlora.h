@@ -13,6 +13,7 @@
 
 #include <torch/torch.h>
 
+#include <torchlora/adapter_io.h>
 #include <torchlora/adapters.h>
 #include <torchlora/config.h>
 #include <torchlora/inject.h>
@@ -22,5 +23,6 @@
 #include <torchlora/module_ref.h>
 #include <torchlora/options.h>
 #include <torchlora/parameters.h>
+#include <torchlora/safetensors.h>
 #include <torchlora/targeting.h>
 #include <torchlora/version.h>

@@ -1,0 +1,26 @@
+# Run with cmake -P: builds the fuzz project with clang and runs the
+# safetensors fuzz target for SECONDS seconds on a copy of the seed corpus.
+# Variables: SOURCE_DIR (torchlora), WORK_DIR, CLANGXX, SECONDS, PREFIX_PATH.
+function(run_step what)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "fuzz test: ${what} failed (${rc}):\n${out}")
+  endif()
+  set(step_output "${out}" PARENT_SCOPE)
+endfunction()
+
+run_step("configure" "${CMAKE_COMMAND}" -S "${SOURCE_DIR}/fuzz" -B "${WORK_DIR}/build"
+         -DCMAKE_CXX_COMPILER=${CLANGXX} -DCMAKE_BUILD_TYPE=RelWithDebInfo
+         "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}")
+run_step("build" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
+file(REMOVE_RECURSE "${WORK_DIR}/corpus")
+file(COPY "${SOURCE_DIR}/fuzz/corpus/" DESTINATION "${WORK_DIR}/corpus")
+run_step("run" "${WORK_DIR}/build/safetensors_fuzz"
+         -max_total_time=${SECONDS} -print_final_stats=1
+         "-dict=${SOURCE_DIR}/fuzz/safetensors.dict"
+         "-artifact_prefix=${WORK_DIR}/"
+         "${WORK_DIR}/corpus")
+string(REGEX MATCH "Done [0-9]+ runs in [0-9]+ second\\(s\\)" done "${step_output}")
+string(REGEX MATCH "stat::number_of_executed_units: *[0-9]+" units "${step_output}")
+string(REGEX MATCH "cov: [0-9]+" coverage "${step_output}")
+message(STATUS "fuzz test: no finding. ${done}; ${units}; ${coverage}")

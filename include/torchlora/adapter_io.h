@@ -1,0 +1,739 @@
+#pragma once
+
+#include <torchlora/config.h>
+#include <torchlora/detail/model_walk.h>
+#include <torchlora/detail/text.h>
+#include <torchlora/inject.h>
+#include <torchlora/layer.h>
+#include <torchlora/module_ref.h>
+#include <torchlora/parameters.h>
+#include <torchlora/safetensors.h>
+#include <torchlora/targeting.h>
+
+#include <nlohmann/json.hpp>
+
+#include <torch/arg.h>
+#include <torch/nn/module.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace torchlora {
+
+/// Options of `save_adapter`.
+///
+/// Example:
+/// ```
+/// torchlora::save_adapter(*model, "out/adapter",
+///     torchlora::SaveAdapterOptions().adapter_name("fr").modules_to_save({"head"}));
+/// ```
+struct SaveAdapterOptions {
+  /// The adapter to save. A name other than "default" is saved in a
+  /// sub-folder of that name, as peft's `save_pretrained` does.
+  TORCH_ARG(std::string, adapter_name) = "default";
+
+  /// Modules trained in full to save with it, matched like `target_modules`.
+  TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
+
+  /// Which biases to save with it (the bias mode it was trained with).
+  TORCH_ARG(LoRABias, bias) = LoRABias::none;
+
+  /// Written to `adapter_config.json` for peft; empty writes null.
+  TORCH_ARG(std::string, base_model_name_or_path) = "";
+
+  /// peft's `task_type` (e.g. "CAUSAL_LM"); empty writes null.
+  TORCH_ARG(std::string, task_type) = "";
+};
+
+namespace detail {
+
+/// The peft key prefix of every tensor in an adapter file.
+constexpr const char* kPeftPrefix = "base_model.model.";
+
+/// `text` with every regex special character escaped.
+inline std::string regex_escape(const std::string& text) {
+  std::string escaped;
+  for (const char c : text) {
+    if (std::strchr(".^$|()[]{}*+?\\", c) != nullptr) {
+      escaped += '\\';
+    }
+    escaped += c;
+  }
+  return escaped;
+}
+
+/// Writes `text` to `path` through a file next to it and a rename.
+inline void write_text_file(const std::string& path, const std::string& text) {
+  namespace fs = std::filesystem;
+  std::random_device random;
+  const auto temporary = path + ".tmp-" + std::to_string(random());
+  std::error_code error;
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    TORCH_CHECK(
+        out.good(),
+        "torchlora: cannot write '",
+        temporary,
+        "': ",
+        std::strerror(errno));
+    out << text;
+    out.close();
+    if (!out.good()) {
+      fs::remove(temporary, error);
+      TORCH_CHECK(
+          false, "torchlora: writing '", path, "' failed (a short write)");
+    }
+  }
+  fs::rename(temporary, path, error);
+  if (error) {
+    const auto message = error.message();
+    fs::remove(temporary, error);
+    TORCH_CHECK(
+        false,
+        "torchlora: cannot move the new file to '",
+        path,
+        "': ",
+        message);
+  }
+}
+
+/// The most frequent value of `values` (the first one on a tie).
+template <typename T>
+T most_common(const std::vector<T>& values) {
+  T best = values.front();
+  size_t best_count = 0;
+  for (const auto& value : values) {
+    const auto count =
+        static_cast<size_t>(std::count(values.begin(), values.end(), value));
+    if (count > best_count) {
+      best = value;
+      best_count = count;
+    }
+  }
+  return best;
+}
+
+/// The parameters of the modules `names` selects (matched like
+/// target_modules), by their paths in the model.
+inline std::vector<std::pair<std::string, torch::Tensor>> parameters_of_modules(
+    const ModelIndex& index,
+    const std::vector<std::string>& names,
+    const char* operation) {
+  std::vector<std::pair<std::string, torch::Tensor>> parameters;
+  for (const auto& name : names) {
+    bool found = false;
+    for (const auto& entry : index.entries()) {
+      const auto& path = entry.paths.front();
+      if (!TargetMatcher::matches_name(path, {name})) {
+        continue;
+      }
+      found = true;
+      for (const auto& item : entry.module->named_parameters()) {
+        parameters.emplace_back(path + "." + item.key(), item.value());
+      }
+    }
+    TORCH_CHECK(
+        found,
+        "torchlora: ",
+        operation,
+        ": modules_to_save entry \"",
+        name,
+        "\" matches no module of the model");
+  }
+  return parameters;
+}
+
+/// The biases that `bias` names, by their paths: every bias of the model, or
+/// those of the LoRA layers that have `adapter`.
+inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
+    torch::nn::Module& model,
+    const ModelIndex& index,
+    LoRABias bias,
+    const std::string& adapter) {
+  std::vector<std::pair<std::string, torch::Tensor>> biases;
+  if (bias == LoRABias::all) {
+    for (const auto& item : model.named_parameters()) {
+      const auto& key = item.key();
+      if (key == "bias" ||
+          (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0)) {
+        biases.emplace_back(key, item.value());
+      }
+    }
+  } else if (bias == LoRABias::lora_only) {
+    for (const auto& [entry, layer] : index.lora_layers()) {
+      if (layer->has_adapter(adapter) && layer->base_bias().defined()) {
+        biases.emplace_back(entry->paths.front() + ".bias", layer->base_bias());
+      }
+    }
+  }
+  return biases;
+}
+
+inline std::string adapter_folder(
+    const std::string& dir,
+    const std::string& name) {
+  return name == "default" ? dir : (std::filesystem::path(dir) / name).string();
+}
+
+// ---------------------------------------------------------------- reading
+
+/// A list of strings from a JSON string or list; empty for null.
+inline std::vector<std::string> string_list(
+    const nlohmann::ordered_json& value,
+    const std::string& key) {
+  std::vector<std::string> list;
+  if (value.is_null()) {
+    return list;
+  }
+  if (value.is_string()) {
+    list.push_back(value.get<std::string>());
+    return list;
+  }
+  TORCH_CHECK(
+      value.is_array(),
+      "torchlora: adapter_config.json: \"",
+      key,
+      "\" must be a string or a list of strings, got ",
+      value.dump());
+  for (const auto& item : value) {
+    TORCH_CHECK(
+        item.is_string(),
+        "torchlora: adapter_config.json: \"",
+        key,
+        "\" must list strings, got ",
+        item.dump());
+    list.push_back(item.get<std::string>());
+  }
+  return list;
+}
+
+template <typename T>
+T number_of(const nlohmann::ordered_json& config, const char* key, T fallback) {
+  if (!config.contains(key) || config[key].is_null()) {
+    return fallback;
+  }
+  TORCH_CHECK(
+      config[key].is_number(),
+      "torchlora: adapter_config.json: \"",
+      key,
+      "\" must be a number, got ",
+      config[key].dump());
+  return config[key].get<T>();
+}
+
+/// True when `config[key]` asks for something (not absent, null, false, 0,
+/// an empty string, list or object).
+inline bool asks_for(const nlohmann::ordered_json& config, const char* key) {
+  if (!config.contains(key)) {
+    return false;
+  }
+  const auto& value = config[key];
+  if (value.is_null()) {
+    return false;
+  }
+  if (value.is_boolean()) {
+    return value.get<bool>();
+  }
+  if (value.is_number()) {
+    return value.get<double>() != 0;
+  }
+  if (value.is_string() || value.is_array() || value.is_object()) {
+    return !value.empty();
+  }
+  return true;
+}
+
+/// The `LoRAConfig` an `adapter_config.json` describes, refusing by name
+/// the peft features torchlora does not implement.
+inline LoRAConfig config_from_json(
+    const nlohmann::ordered_json& json,
+    const std::string& adapter_name) {
+  TORCH_CHECK(
+      json.is_object(),
+      "torchlora: adapter_config.json must hold a JSON object");
+  const auto peft_type =
+      json.contains("peft_type") && json["peft_type"].is_string()
+      ? json["peft_type"].get<std::string>()
+      : json.value("peft_type", nlohmann::ordered_json()).dump();
+  TORCH_CHECK(
+      peft_type == "LORA",
+      "torchlora: adapter_config.json has peft_type ",
+      peft_type,
+      "; torchlora loads LORA adapters only");
+  for (const char* feature :
+       {"use_dora",
+        "fan_in_fan_out",
+        "lora_bias",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
+        "use_qalora",
+        "megatron_config",
+        "arrow_config"}) {
+    TORCH_CHECK(
+        !asks_for(json, feature),
+        "torchlora: the adapter uses peft's \"",
+        feature,
+        "\" (",
+        json[feature].dump(),
+        "), which torchlora does not support");
+  }
+
+  const auto rank = number_of<int64_t>(json, "r", 8);
+  LoRAConfig config(rank);
+  config.alpha(number_of<double>(json, "lora_alpha", 8.0))
+      .dropout(number_of<double>(json, "lora_dropout", 0.0))
+      .adapter_name(adapter_name);
+  if (json.contains("use_rslora") && json["use_rslora"].is_boolean()) {
+    config.use_rslora(json["use_rslora"].get<bool>());
+  }
+  const auto targets = json.value("target_modules", nlohmann::ordered_json());
+  TORCH_CHECK(
+      !targets.is_null(),
+      "torchlora: adapter_config.json has no target_modules (peft would pick "
+      "them by model type; torchlora needs them written)");
+  if (targets.is_string() && targets.get<std::string>() != "all-linear") {
+    config.target_regex(targets.get<std::string>());
+  } else {
+    config.target_modules(string_list(targets, "target_modules"));
+  }
+  const auto excludes = json.value("exclude_modules", nlohmann::ordered_json());
+  if (excludes.is_string()) {
+    config.exclude_regex(excludes.get<std::string>());
+  } else {
+    config.exclude_modules(string_list(excludes, "exclude_modules"));
+  }
+  const auto layers =
+      json.value("layers_to_transform", nlohmann::ordered_json());
+  if (layers.is_number_integer()) {
+    config.layers_to_transform({layers.get<int64_t>()});
+  } else if (layers.is_array()) {
+    std::vector<int64_t> indices;
+    for (const auto& index : layers) {
+      TORCH_CHECK(
+          index.is_number_integer(),
+          "torchlora: adapter_config.json: layers_to_transform must hold integers, got ",
+          index.dump());
+      indices.push_back(index.get<int64_t>());
+    }
+    config.layers_to_transform(indices);
+  }
+  config.layers_pattern(string_list(
+      json.value("layers_pattern", nlohmann::ordered_json()),
+      "layers_pattern"));
+  // value() returns a copy: keep it alive while iterating.
+  const auto rank_json =
+      json.value("rank_pattern", nlohmann::ordered_json::object());
+  const auto alpha_json =
+      json.value("alpha_pattern", nlohmann::ordered_json::object());
+  TORCH_CHECK(
+      rank_json.is_object() && alpha_json.is_object(),
+      "torchlora: adapter_config.json: rank_pattern and alpha_pattern must be "
+      "objects, got ",
+      rank_json.dump(),
+      " and ",
+      alpha_json.dump());
+  LoRAConfig::RankPattern ranks;
+  for (const auto& [key, value] : rank_json.items()) {
+    TORCH_CHECK(
+        value.is_number_integer(),
+        "torchlora: adapter_config.json: rank_pattern \"",
+        key,
+        "\" must be an integer, got ",
+        value.dump());
+    ranks.emplace_back(key, value.get<int64_t>());
+  }
+  config.rank_pattern(ranks);
+  LoRAConfig::AlphaPattern alphas;
+  for (const auto& [key, value] : alpha_json.items()) {
+    TORCH_CHECK(
+        value.is_number(),
+        "torchlora: adapter_config.json: alpha_pattern \"",
+        key,
+        "\" must be a number, got ",
+        value.dump());
+    alphas.emplace_back(key, value.get<double>());
+  }
+  config.alpha_pattern(alphas);
+  config.modules_to_save(string_list(
+      json.value("modules_to_save", nlohmann::ordered_json()),
+      "modules_to_save"));
+  const auto bias = json.value("bias", std::string("none"));
+  if (bias == "all") {
+    config.bias(LoRABias::all);
+  } else if (bias == "lora_only") {
+    config.bias(LoRABias::lora_only);
+  } else {
+    TORCH_CHECK(
+        bias == "none",
+        "torchlora: adapter_config.json: bias must be \"none\", \"all\" or "
+        "\"lora_only\", got \"",
+        bias,
+        "\"");
+  }
+  return config;
+}
+
+inline nlohmann::ordered_json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  TORCH_CHECK(
+      in.good(), "torchlora: cannot read '", path, "': ", std::strerror(errno));
+  try {
+    return nlohmann::ordered_json::parse(in);
+  } catch (const nlohmann::json::exception& error) {
+    TORCH_CHECK(
+        false, "torchlora: '", path, "' is not valid JSON: ", error.what());
+  }
+  return {};
+}
+
+/// A tensor the adapter file must hold: where it goes and its shape.
+struct ExpectedTensor {
+  torch::Tensor target; // undefined until the adapter exists
+  std::vector<int64_t> shape;
+  std::string module_path; // for adapter matrices: the layer to copy into
+  bool is_A = false;
+  bool is_B = false;
+};
+
+inline std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  return text + "]";
+}
+
+} // namespace detail
+
+/// Saves adapter `options.adapter_name()` of `model` in peft's format:
+/// `adapter_model.safetensors` (keys `base_model.model.<path>.lora_A.weight`
+/// and `...lora_B.weight`, tensors in their dtype, metadata
+/// `{"format": "pt"}`) and `adapter_config.json`, in `dir` (in `dir/<name>`
+/// for a name other than "default"). `target_modules` is written as the list
+/// of adapted paths, so peft adapts exactly the same layers; ranks and alphas
+/// that differ from the most common ones go into `rank_pattern` and
+/// `alpha_pattern`. Run-time scales (`set_scale`) are not saved.
+///
+/// Example:
+/// ```
+/// torchlora::save_adapter(*model, "out/adapter");
+/// ```
+inline void save_adapter(
+    ModuleRef model_ref,
+    const std::string& dir,
+    const SaveAdapterOptions& options = {}) {
+  auto& model = model_ref.get();
+  const auto& name = options.adapter_name();
+  const detail::ModelIndex index(model);
+  std::vector<std::pair<std::string, LoRALayer*>> layers;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (layer->has_adapter(name)) {
+      layers.emplace_back(entry->paths.front(), layer);
+    }
+  }
+  TORCH_CHECK(
+      !layers.empty(),
+      "torchlora: save_adapter: the model has no adapter named \"",
+      name,
+      "\"");
+
+  safetensors::Tensors tensors;
+  std::vector<int64_t> ranks;
+  std::vector<double> alphas;
+  std::vector<double> dropouts;
+  std::vector<bool> rslora;
+  for (const auto& [path, layer] : layers) {
+    auto* module = dynamic_cast<torch::nn::Module*>(layer);
+    const auto params = module->named_parameters();
+    const auto A = params["lora_A." + name + ".weight"];
+    const auto B = params["lora_B." + name + ".weight"];
+    tensors.insert(detail::kPeftPrefix + path + ".lora_A.weight", A.detach());
+    tensors.insert(detail::kPeftPrefix + path + ".lora_B.weight", B.detach());
+    const auto* lora_linear = dynamic_cast<LoRALinearImpl*>(layer);
+    TORCH_CHECK(
+        lora_linear != nullptr,
+        "torchlora: save_adapter: '",
+        path,
+        "' is a LoRA layer type without peft options");
+    const auto& lora = lora_linear->adapter_options(name);
+    ranks.push_back(lora.rank());
+    alphas.push_back(lora.alpha());
+    dropouts.push_back(lora.dropout());
+    rslora.push_back(lora.use_rslora());
+    if (lora_linear->scale(name) != 1.0) {
+      TORCH_WARN(
+          "torchlora: save_adapter: the run-time scale ",
+          lora_linear->scale(name),
+          " of '",
+          path,
+          "' is not saved (peft has no such setting)");
+    }
+  }
+  TORCH_CHECK(
+      std::all_of(
+          rslora.begin(),
+          rslora.end(),
+          [&](bool b) { return b == rslora.front(); }),
+      "torchlora: save_adapter: some layers of adapter \"",
+      name,
+      "\" use rsLoRA and some do not; peft's config holds one use_rslora");
+  if (!std::all_of(dropouts.begin(), dropouts.end(), [&](double d) {
+        return d == dropouts.front();
+      })) {
+    TORCH_WARN(
+        "torchlora: save_adapter: the layers' dropouts differ; peft's config "
+        "holds one lora_dropout, written as ",
+        dropouts.front());
+  }
+  for (const auto& [path, tensor] : detail::parameters_of_modules(
+           index, options.modules_to_save(), "save_adapter")) {
+    tensors.insert(detail::kPeftPrefix + path, tensor.detach());
+  }
+  for (const auto& [path, tensor] :
+       detail::biases_of(model, index, options.bias(), name)) {
+    if (!tensors.contains(detail::kPeftPrefix + path)) {
+      tensors.insert(detail::kPeftPrefix + path, tensor.detach());
+    }
+  }
+
+  const auto rank = detail::most_common(ranks);
+  const auto alpha = detail::most_common(alphas);
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
+  nlohmann::ordered_json alpha_pattern = nlohmann::ordered_json::object();
+  std::vector<std::string> targets;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& path = layers[i].first;
+    targets.push_back(path);
+    if (ranks[i] != rank) {
+      rank_pattern[detail::regex_escape(path)] = ranks[i];
+    }
+    if (alphas[i] != alpha) {
+      alpha_pattern[detail::regex_escape(path)] = alphas[i];
+    }
+  }
+  auto null_if_empty = [](const std::string& text) {
+    return text.empty() ? nlohmann::ordered_json()
+                        : nlohmann::ordered_json(text);
+  };
+  nlohmann::ordered_json config = {
+      {"peft_type", "LORA"},
+      {"task_type", null_if_empty(options.task_type())},
+      {"base_model_name_or_path",
+       null_if_empty(options.base_model_name_or_path())},
+      {"revision", nullptr},
+      {"inference_mode", true},
+      {"r", rank},
+      {"lora_alpha", alpha},
+      {"lora_dropout", dropouts.front()},
+      {"target_modules", targets},
+      {"exclude_modules", nullptr},
+      {"bias", to_string(options.bias())},
+      {"use_rslora", static_cast<bool>(rslora.front())},
+      {"init_lora_weights", true},
+      {"modules_to_save",
+       options.modules_to_save().empty()
+           ? nlohmann::ordered_json()
+           : nlohmann::ordered_json(options.modules_to_save())},
+      {"rank_pattern", rank_pattern},
+      {"alpha_pattern", alpha_pattern},
+      {"layers_to_transform", nullptr},
+      {"layers_pattern", nullptr},
+      {"fan_in_fan_out", false},
+      {"use_dora", false}};
+
+  const auto folder = detail::adapter_folder(dir, name);
+  std::error_code error;
+  std::filesystem::create_directories(folder, error);
+  TORCH_CHECK(
+      !error,
+      "torchlora: cannot create folder '",
+      folder,
+      "': ",
+      error.message());
+  safetensors::save(
+      (std::filesystem::path(folder) / "adapter_model.safetensors").string(),
+      tensors,
+      {{"format", "pt"}});
+  detail::write_text_file(
+      (std::filesystem::path(folder) / "adapter_config.json").string(),
+      config.dump(2) + "\n");
+}
+
+/// `save_adapter` with the adapter name, `modules_to_save` and bias mode of
+/// the config the adapter was injected with.
+inline void save_adapter(
+    ModuleRef model,
+    const std::string& dir,
+    const LoRAConfig& config) {
+  save_adapter(
+      model,
+      dir,
+      SaveAdapterOptions()
+          .adapter_name(config.adapter_name())
+          .modules_to_save(config.modules_to_save())
+          .bias(config.bias()));
+}
+
+/// Loads a peft LoRA adapter (`adapter_config.json` and
+/// `adapter_model.safetensors` in `dir`, or in `dir/<adapter_name>`) into
+/// `model` as adapter `adapter_name`. Where the model has no such adapter
+/// yet, it is injected first as the config says; then every tensor is
+/// copied in, converted to the layer's adapter dtype. Every key of the file
+/// must land on a module of the right shape and every expected key must be
+/// in the file: otherwise an error names the key and both shapes, and the
+/// model is unchanged. Configs of another `peft_type`, or that use a peft
+/// feature torchlora does not implement (DoRA, fan_in_fan_out, ...), are
+/// refused by name.
+///
+/// Example:
+/// ```
+/// torchlora::load_adapter(*model, "out/adapter");
+/// ```
+inline void load_adapter(
+    ModuleRef model_ref,
+    const std::string& dir,
+    const std::string& adapter_name = "default") {
+  namespace fs = std::filesystem;
+  auto& model = model_ref.get();
+  auto folder = dir;
+  if (!fs::exists(fs::path(folder) / "adapter_config.json") &&
+      adapter_name != "default" &&
+      fs::exists(fs::path(dir) / adapter_name / "adapter_config.json")) {
+    folder = (fs::path(dir) / adapter_name).string();
+  }
+  const auto config_path = (fs::path(folder) / "adapter_config.json").string();
+  TORCH_CHECK(
+      fs::exists(config_path),
+      "torchlora: load_adapter: no adapter_config.json in '",
+      dir,
+      "'");
+  const auto config = detail::config_from_json(
+      detail::read_json_file(config_path), adapter_name);
+  const auto tensors = safetensors::load(
+      (fs::path(folder) / "adapter_model.safetensors").string());
+
+  // What the file must hold, by key, before anything changes.
+  const detail::ModelIndex index(model);
+  std::map<std::string, detail::ExpectedTensor> expected;
+  bool inject = true;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (!layer->has_adapter(adapter_name)) {
+      continue;
+    }
+    inject = false;
+    const auto params = entry->module->named_parameters();
+    for (const char* matrix : {"A", "B"}) {
+      const auto tensor = params
+          [std::string("lora_") + matrix + "." + adapter_name + ".weight"];
+      expected
+          [detail::kPeftPrefix + entry->paths.front() + ".lora_" + matrix +
+           ".weight"] = detail::ExpectedTensor{
+              tensor, tensor.sizes().vec(), entry->paths.front()};
+    }
+  }
+  if (inject) {
+    const TargetMatcher matcher(config);
+    for (const auto& planned : detail::plan_injection(index, matcher)) {
+      const auto& path = planned.entry->paths.front();
+      const auto own =
+          planned.entry->module->named_parameters(/*recurse=*/false);
+      const auto weight = own["weight"];
+      const int64_t rank = planned.options.rank();
+      expected[detail::kPeftPrefix + path + ".lora_A.weight"] =
+          detail::ExpectedTensor{
+              torch::Tensor(), {rank, weight.size(1)}, path, true, false};
+      expected[detail::kPeftPrefix + path + ".lora_B.weight"] =
+          detail::ExpectedTensor{
+              torch::Tensor(), {weight.size(0), rank}, path, false, true};
+      const auto* bias = own.find("bias");
+      if (config.bias() == LoRABias::lora_only && bias != nullptr &&
+          bias->defined()) {
+        expected[detail::kPeftPrefix + path + ".bias"] =
+            detail::ExpectedTensor{*bias, bias->sizes().vec(), ""};
+      }
+    }
+  }
+  for (const auto& [path, tensor] : detail::parameters_of_modules(
+           index, config.modules_to_save(), "load_adapter")) {
+    expected[detail::kPeftPrefix + path] =
+        detail::ExpectedTensor{tensor, tensor.sizes().vec(), ""};
+  }
+  for (const auto& [path, tensor] :
+       detail::biases_of(model, index, config.bias(), adapter_name)) {
+    expected[detail::kPeftPrefix + path] =
+        detail::ExpectedTensor{tensor, tensor.sizes().vec(), ""};
+  }
+  for (const auto& [key, want] : expected) {
+    const auto* found = tensors.find(key);
+    TORCH_CHECK(
+        found != nullptr,
+        "torchlora: load_adapter: the file has no tensor \"",
+        key,
+        "\" (the model needs one of shape ",
+        detail::shape_text(want.shape),
+        ")");
+    TORCH_CHECK(
+        found->sizes().vec() == want.shape,
+        "torchlora: load_adapter: tensor \"",
+        key,
+        "\" has shape ",
+        detail::shape_text(found->sizes().vec()),
+        " in the file, but the model needs ",
+        detail::shape_text(want.shape));
+    TORCH_CHECK(
+        found->is_floating_point(),
+        "torchlora: load_adapter: tensor \"",
+        key,
+        "\" has dtype ",
+        found->scalar_type(),
+        "; a floating-point tensor is needed");
+  }
+  for (const auto& item : tensors) {
+    TORCH_CHECK(
+        expected.count(item.key()) > 0,
+        "torchlora: load_adapter: the file's tensor \"",
+        item.key(),
+        "\" (shape ",
+        detail::shape_text(item.value().sizes().vec()),
+        ") matches nothing in the model: no adapted module, module to save "
+        "or bias has that key");
+  }
+
+  if (inject) {
+    inject_lora(model, config);
+    const detail::ModelIndex adapted(model);
+    for (const auto& [entry, layer] : adapted.lora_layers()) {
+      if (!layer->has_adapter(adapter_name)) {
+        continue;
+      }
+      const auto params = entry->module->named_parameters();
+      for (const char* matrix : {"A", "B"}) {
+        auto& want = expected
+            [detail::kPeftPrefix + entry->paths.front() + ".lora_" + matrix +
+             ".weight"];
+        want.target = params
+            [std::string("lora_") + matrix + "." + adapter_name + ".weight"];
+      }
+    }
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [key, want] : expected) {
+    want.target.copy_(tensors[key]);
+  }
+}
+
+} // namespace torchlora
