@@ -1,0 +1,423 @@
+// Tests of save_adapter and load_adapter (include/torchlora/adapter_io.h).
+#include "test_support.h"
+
+#include <torchlora/adapter_io.h>
+#include <torchlora/adapters.h>
+#include <torchlora/inject.h>
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <string>
+#include <vector>
+
+using torchlora::LoRAConfig;
+using torchlora::LoRAInit;
+using torchlora::LoRALinear;
+using torchlora_test::expect_unchanged;
+using torchlora_test::snapshot;
+namespace fs = std::filesystem;
+
+namespace {
+
+class AdapterIoTest : public torchlora_test::Seeded {
+ protected:
+  void SetUp() override {
+    Seeded::SetUp();
+    dir = ::testing::TempDir() + "/adapter_io_" +
+        ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::remove_all(dir);
+  }
+  std::string dir;
+};
+
+/// A typed member, a Sequential and a ModuleDict head.
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    q_proj =
+        register_module("q_proj", LoRALinear(torch::nn::LinearOptions(8, 8)));
+    v_proj =
+        register_module("v_proj", LoRALinear(torch::nn::LinearOptions(8, 8)));
+    mlp = register_module(
+        "mlp",
+        torch::nn::Sequential(
+            torch::nn::Linear(8, 16),
+            torch::nn::ReLU(),
+            torch::nn::Linear(16, 8)));
+    heads = register_module("heads", torch::nn::ModuleDict());
+    heads->update({{"cls", torch::nn::Linear(8, 3).ptr()}});
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto h = mlp->forward(q_proj(x) + v_proj(x));
+    return torchlora::linear_forward(*heads["cls"], h);
+  }
+  LoRALinear q_proj{nullptr}, v_proj{nullptr};
+  torch::nn::Sequential mlp{nullptr};
+  torch::nn::ModuleDict heads{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// Two models with equal base weights: `trained` gets a random adapter.
+struct Pair {
+  Net trained;
+  Net fresh;
+};
+
+Pair make_pair(const std::string& checkpoint) {
+  Pair pair;
+  torch::save(pair.trained, checkpoint);
+  torch::load(pair.fresh, checkpoint);
+  return pair;
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+void write_json(const std::string& path, const nlohmann::json& json) {
+  std::ofstream(path) << json.dump(2);
+}
+
+std::vector<std::string> module_tree(const torch::nn::Module& model) {
+  std::vector<std::string> tree;
+  model.apply([&](const std::string& name, const torch::nn::Module& module) {
+    tree.push_back(name + ":" + module.name());
+  });
+  return tree;
+}
+
+} // namespace
+
+TEST_F(AdapterIoTest, SaveThenLoadIntoAFreshModelGivesIdenticalOutputs) {
+  auto pair = make_pair(dir + ".base.pt");
+  const auto config = LoRAConfig(4)
+                          .alpha(8)
+                          .init(LoRAInit::random)
+                          .target_modules({"q_proj", "v_proj", "mlp.0", "cls"})
+                          .rank_pattern({{"cls", 2}})
+                          .alpha_pattern({{"v_proj", 3.0}});
+  torchlora::inject_lora(pair.trained, config);
+  torchlora::save_adapter(*pair.trained, dir);
+  torchlora::load_adapter(*pair.fresh, dir);
+  const auto x = torch::randn({5, 8});
+  EXPECT_TRUE(torch::equal(pair.fresh(x), pair.trained(x)));
+  EXPECT_EQ(
+      pair.fresh->heads["cls"]
+          ->as<torchlora::LoRALinearImpl>()
+          ->adapter_options("default")
+          .rank(),
+      2);
+  EXPECT_DOUBLE_EQ(pair.fresh->v_proj->scaling("default"), 3.0 / 4.0);
+  // The loaded adapter trains, the base stays frozen.
+  EXPECT_TRUE(pair.fresh->named_parameters()["q_proj.lora_A.default.weight"]
+                  .requires_grad());
+  EXPECT_FALSE(pair.fresh->named_parameters()["q_proj.weight"].requires_grad());
+}
+
+TEST_F(AdapterIoTest, TheFilesUsePeftsKeysAndFields) {
+  Net model;
+  torchlora::inject_lora(
+      model,
+      LoRAConfig(4)
+          .alpha(16)
+          .dropout(0.05)
+          .target_modules({"q_proj", "mlp.2"})
+          .rank_pattern({{"mlp.2", 2}}));
+  torchlora::save_adapter(
+      *model,
+      dir,
+      torchlora::SaveAdapterOptions().base_model_name_or_path("tiny").task_type(
+          "CAUSAL_LM"));
+
+  torchlora::safetensors::Metadata metadata;
+  const auto tensors = torchlora::safetensors::load(
+      dir + "/adapter_model.safetensors", &metadata);
+  EXPECT_EQ(metadata, (torchlora::safetensors::Metadata{{"format", "pt"}}));
+  const auto keys = tensors.keys();
+  EXPECT_EQ(
+      std::set<std::string>(keys.begin(), keys.end()),
+      (std::set<std::string>{
+          "base_model.model.q_proj.lora_A.weight",
+          "base_model.model.q_proj.lora_B.weight",
+          "base_model.model.mlp.2.lora_A.weight",
+          "base_model.model.mlp.2.lora_B.weight"}));
+  EXPECT_EQ(
+      tensors["base_model.model.q_proj.lora_A.weight"].sizes(),
+      (c10::IntArrayRef{4, 8}));
+  EXPECT_EQ(
+      tensors["base_model.model.mlp.2.lora_B.weight"].sizes(),
+      (c10::IntArrayRef{8, 2}));
+
+  const auto config = read_json(dir + "/adapter_config.json");
+  EXPECT_EQ(config["peft_type"], "LORA");
+  EXPECT_EQ(config["r"], 4);
+  EXPECT_EQ(config["lora_alpha"], 16.0);
+  EXPECT_EQ(config["lora_dropout"], 0.05);
+  EXPECT_EQ(config["target_modules"], nlohmann::json({"q_proj", "mlp.2"}));
+  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"mlp\\.2", 2}}));
+  EXPECT_EQ(config["alpha_pattern"], nlohmann::json::object());
+  EXPECT_EQ(config["bias"], "none");
+  EXPECT_EQ(config["use_rslora"], false);
+  EXPECT_EQ(config["init_lora_weights"], true);
+  EXPECT_EQ(config["fan_in_fan_out"], false);
+  EXPECT_EQ(config["use_dora"], false);
+  EXPECT_EQ(config["inference_mode"], true);
+  EXPECT_TRUE(config["modules_to_save"].is_null());
+  EXPECT_TRUE(config["exclude_modules"].is_null());
+  EXPECT_TRUE(config["layers_to_transform"].is_null());
+  EXPECT_TRUE(config["layers_pattern"].is_null());
+  EXPECT_EQ(config["task_type"], "CAUSAL_LM");
+  EXPECT_EQ(config["base_model_name_or_path"], "tiny");
+}
+
+TEST_F(AdapterIoTest, ANamedAdapterGoesIntoItsSubFolderAndLoadsUnderItsName) {
+  auto pair = make_pair(dir + ".base.pt");
+  torchlora::inject_lora(
+      pair.trained,
+      LoRAConfig(2).init(LoRAInit::random).target_modules({"mlp.0"}));
+  torchlora::inject_lora(
+      pair.trained,
+      LoRAConfig(3)
+          .init(LoRAInit::random)
+          .target_modules({"v_proj"})
+          .adapter_name("fr"));
+  torchlora::save_adapter(
+      *pair.trained, dir, torchlora::SaveAdapterOptions().adapter_name("fr"));
+  EXPECT_TRUE(fs::exists(dir + "/fr/adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(dir + "/fr/adapter_config.json"));
+  EXPECT_FALSE(fs::exists(dir + "/adapter_config.json"));
+
+  torchlora::load_adapter(*pair.fresh, dir, "fr");
+  EXPECT_EQ(
+      pair.fresh->v_proj->adapter_names(), (std::vector<std::string>{"fr"}));
+  torchlora::set_adapter(pair.trained, "fr");
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(pair.fresh(x), pair.trained(x)));
+  // Also straight from the sub-folder.
+  Net other;
+  torch::load(other, dir + ".base.pt");
+  torchlora::load_adapter(*other, dir + "/fr", "fr");
+  EXPECT_TRUE(torch::equal(other(x), pair.trained(x)));
+}
+
+TEST_F(AdapterIoTest, ModulesToSaveAndBiasesTravelWithTheAdapter) {
+  auto pair = make_pair(dir + ".base.pt");
+  const auto config = LoRAConfig(2)
+                          .init(LoRAInit::random)
+                          .target_modules({"q_proj"})
+                          .modules_to_save({"cls"})
+                          .bias(torchlora::LoRABias::lora_only);
+  torchlora::inject_lora(pair.trained, config);
+  {
+    torch::NoGradGuard no_grad;
+    pair.trained->named_parameters()["heads.cls.weight"].add_(1);
+    pair.trained->named_parameters()["q_proj.bias"].add_(1);
+  }
+  torchlora::save_adapter(*pair.trained, dir, config);
+  const auto keys =
+      torchlora::safetensors::load(dir + "/adapter_model.safetensors").keys();
+  EXPECT_EQ(
+      std::set<std::string>(keys.begin(), keys.end()),
+      (std::set<std::string>{
+          "base_model.model.q_proj.lora_A.weight",
+          "base_model.model.q_proj.lora_B.weight",
+          "base_model.model.q_proj.bias",
+          "base_model.model.heads.cls.weight",
+          "base_model.model.heads.cls.bias"}));
+  const auto json = read_json(dir + "/adapter_config.json");
+  EXPECT_EQ(json["modules_to_save"], nlohmann::json({"cls"}));
+  EXPECT_EQ(json["bias"], "lora_only");
+
+  torchlora::load_adapter(*pair.fresh, dir);
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(pair.fresh(x), pair.trained(x)));
+  EXPECT_TRUE(
+      pair.fresh->named_parameters()["heads.cls.weight"].requires_grad());
+  EXPECT_TRUE(pair.fresh->named_parameters()["q_proj.bias"].requires_grad());
+}
+
+TEST_F(AdapterIoTest, APeftStyleConfigWithShortNamesLoads) {
+  // As Python peft writes it: short target names, patterns, extra fields.
+  Net source;
+  torchlora::inject_lora(
+      source,
+      LoRAConfig(4)
+          .init(LoRAInit::random)
+          .target_modules({"q_proj", "v_proj"})
+          .rank_pattern({{"v_proj", 2}}));
+  torchlora::save_adapter(*source, dir);
+  write_json(
+      dir + "/adapter_config.json",
+      {{"peft_type", "LORA"},
+       {"auto_mapping", nullptr},
+       {"r", 4},
+       {"lora_alpha", 8},
+       {"lora_dropout", 0.1},
+       {"target_modules", {"v_proj", "q_proj"}},
+       {"rank_pattern", {{"v_proj", 2}}},
+       {"alpha_pattern", nlohmann::json::object()},
+       {"bias", "none"},
+       {"use_dora", false},
+       {"fan_in_fan_out", false},
+       {"init_lora_weights", true},
+       {"layers_to_transform", nullptr},
+       {"modules_to_save", nullptr},
+       {"task_type", "CAUSAL_LM"},
+       {"peft_version", "0.21.0"}});
+  Net target;
+  torchlora::load_adapter(*target, dir);
+  EXPECT_EQ(target->v_proj->adapter_options("default").rank(), 2);
+  EXPECT_DOUBLE_EQ(target->q_proj->scaling("default"), 2.0);
+  EXPECT_EQ(target->q_proj->adapter_options("default").dropout(), 0.1);
+  EXPECT_TRUE(torch::equal(
+      target->named_parameters()["v_proj.lora_B.default.weight"],
+      source->named_parameters()["v_proj.lora_B.default.weight"]));
+}
+
+TEST_F(AdapterIoTest, LoadingIntoAnAdaptedModelConvertsToItsAdapterDtype) {
+  Net source;
+  torchlora::inject_lora(
+      source, LoRAConfig(2).init(LoRAInit::random).target_modules({"mlp.0"}));
+  torchlora::save_adapter(*source, dir);
+  Net target;
+  torchlora::inject_lora(
+      target, LoRAConfig(2).target_modules({"mlp.0"}).dtype(torch::kFloat64));
+  torchlora::load_adapter(*target, dir);
+  const auto loaded = target->named_parameters()["mlp.0.lora_A.default.weight"];
+  EXPECT_EQ(loaded.scalar_type(), torch::kFloat64);
+  EXPECT_TRUE(torch::equal(
+      loaded,
+      source->named_parameters()["mlp.0.lora_A.default.weight"].to(
+          torch::kFloat64)));
+}
+
+// ---------------------------------------------------------------- errors
+
+TEST_F(
+    AdapterIoTest,
+    AMissingExtraOrMisShapedTensorIsAnErrorAndNothingChanges) {
+  Net source;
+  torchlora::inject_lora(
+      source,
+      LoRAConfig(2).init(LoRAInit::random).target_modules({"q_proj", "mlp.0"}));
+  torchlora::save_adapter(*source, dir);
+  const auto file = dir + "/adapter_model.safetensors";
+  const auto good = torchlora::safetensors::load(file);
+
+  auto expect_refused = [&](const torchlora::safetensors::Tensors& tensors,
+                            const std::string& text) {
+    torchlora::safetensors::save(file, tensors, {{"format", "pt"}});
+    Net target;
+    const auto before = snapshot(*target);
+    const auto tree = module_tree(*target);
+    EXPECT_TORCHLORA_ERROR(torchlora::load_adapter(*target, dir), text);
+    expect_unchanged(before, *target);
+    EXPECT_EQ(module_tree(*target), tree);
+    EXPECT_TRUE(target->q_proj->adapter_names().empty());
+  };
+
+  torchlora::safetensors::Tensors missing;
+  for (const auto& item : good) {
+    if (item.key() != "base_model.model.mlp.0.lora_B.weight") {
+      missing.insert(item.key(), item.value());
+    }
+  }
+  expect_refused(
+      missing,
+      "load_adapter: the file has no tensor \"base_model.model.mlp.0.lora_B.weight\" (the model "
+      "needs one of shape [16, 2])");
+
+  auto extra = good;
+  extra.insert("base_model.model.v_proj.lora_A.weight", torch::zeros({2, 8}));
+  expect_refused(
+      extra,
+      "the file's tensor \"base_model.model.v_proj.lora_A.weight\" (shape [2, 8]) matches "
+      "nothing in the model");
+
+  torchlora::safetensors::Tensors wrong;
+  for (const auto& item : good) {
+    wrong.insert(
+        item.key(),
+        item.key() == "base_model.model.q_proj.lora_A.weight"
+            ? torch::zeros({2, 7})
+            : item.value());
+  }
+  expect_refused(
+      wrong,
+      "tensor \"base_model.model.q_proj.lora_A.weight\" has shape [2, 7] in the file, but the "
+      "model needs [2, 8]");
+}
+
+TEST_F(
+    AdapterIoTest,
+    ConfigsWithOtherTypesOrUnsupportedFeaturesAreRefusedByName) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto path = dir + "/adapter_config.json";
+  const auto good = read_json(path);
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"peft_type", "IA3"}},
+       "adapter_config.json has peft_type IA3; torchlora loads LORA adapters only"},
+      {{{"use_dora", true}},
+       "the adapter uses peft's \"use_dora\" (true), which torchlora does not support"},
+      {{{"fan_in_fan_out", true}}, "\"fan_in_fan_out\" (true)"},
+      {{{"lora_bias", true}}, "\"lora_bias\""},
+      {{{"layer_replication", {{0, 2}}}}, "\"layer_replication\""},
+      {{{"target_parameters", {"experts.w1"}}}, "\"target_parameters\""},
+      {{{"target_modules", nullptr}},
+       "adapter_config.json has no target_modules"},
+      {{{"bias", "some"}},
+       "bias must be \"none\", \"all\" or \"lora_only\", got \"some\""},
+      {{{"r", 0}}, "LoRAConfig needs a rank > 0, got 0"},
+  };
+  for (const auto& [change, text] : cases) {
+    auto config = good;
+    config.update(change);
+    write_json(path, config);
+    Net target;
+    const auto before = snapshot(*target);
+    EXPECT_TORCHLORA_ERROR(torchlora::load_adapter(*target, dir), text);
+    expect_unchanged(before, *target);
+  }
+  fs::remove(path);
+  Net target;
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*target, dir),
+      "load_adapter: no adapter_config.json in '");
+}
+
+TEST_F(AdapterIoTest, SavingAnAdapterThatDoesNotExistIsAnError) {
+  Net model;
+  torchlora::inject_lora(model, LoRAConfig(2).target_modules({"q_proj"}));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *model, dir, torchlora::SaveAdapterOptions().adapter_name("fr")),
+      "save_adapter: the model has no adapter named \"fr\"");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *model,
+          dir,
+          torchlora::SaveAdapterOptions().modules_to_save({"nope"})),
+      "save_adapter: modules_to_save entry \"nope\" matches no module of the model");
+  EXPECT_FALSE(fs::exists(dir + "/adapter_config.json"));
+}
+
+TEST_F(AdapterIoTest, TheDocumentedCallsCompileAndHold) {
+  auto model = std::make_shared<NetImpl>();
+  auto other = std::make_shared<NetImpl>();
+  torchlora::inject_lora(*model, LoRAConfig(2).target_modules({"q_proj"}));
+  const auto out = dir + "/out/adapter";
+  torchlora::save_adapter(
+      *model, out); // adapter_model.safetensors + adapter_config.json
+  torchlora::load_adapter(*other, out); // injects per the config and loads
+  auto tensors =
+      torchlora::safetensors::load(out + "/adapter_model.safetensors");
+  torchlora::safetensors::save(dir + "/copy.safetensors", tensors);
+  EXPECT_EQ(torchlora::safetensors::load(dir + "/copy.safetensors").size(), 2u);
+  EXPECT_EQ(
+      other->q_proj->adapter_names(), (std::vector<std::string>{"default"}));
+}
