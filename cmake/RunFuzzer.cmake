@@ -1,6 +1,7 @@
 # Run with cmake -P: builds the fuzz project with clang and runs the
 # safetensors fuzz target for SECONDS seconds on a copy of the seed corpus.
 # Variables: SOURCE_DIR (torchlora), WORK_DIR, CLANGXX, SECONDS, PREFIX_PATH.
+cmake_minimum_required(VERSION 3.18)
 function(run_step what)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
   if(NOT rc EQUAL 0)

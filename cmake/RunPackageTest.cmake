@@ -4,6 +4,7 @@
 # Other variables: TORCHLORA_SOURCE_DIR, TORCHLORA_BINARY_DIR,
 # CONSUMER_SOURCE_DIR, WORK_DIR, Torch_DIR, CXX_COMPILER, GENERATOR.
 
+cmake_minimum_required(VERSION 3.18)
 function(run_step what)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc
                   OUTPUT_VARIABLE out ERROR_VARIABLE out)

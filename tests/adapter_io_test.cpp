@@ -157,7 +157,8 @@ TEST_F(AdapterIoTest, TheFilesUsePeftsKeysAndFields) {
   EXPECT_EQ(config["lora_alpha"], 16.0);
   EXPECT_EQ(config["lora_dropout"], 0.05);
   EXPECT_EQ(config["target_modules"], nlohmann::json({"q_proj", "mlp.2"}));
-  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"mlp\\.2", 2}}));
+  // Anchored: peft matches pattern keys on the path or a dotted suffix.
+  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"^mlp\\.2", 2}}));
   EXPECT_EQ(config["alpha_pattern"], nlohmann::json::object());
   EXPECT_EQ(config["bias"], "none");
   EXPECT_EQ(config["use_rslora"], false);
@@ -224,11 +225,13 @@ TEST_F(AdapterIoTest, ModulesToSaveAndBiasesTravelWithTheAdapter) {
       (std::set<std::string>{
           "base_model.model.q_proj.lora_A.weight",
           "base_model.model.q_proj.lora_B.weight",
-          "base_model.model.q_proj.bias",
+          // peft keys an adapted layer's bias through its base_layer.
+          "base_model.model.q_proj.base_layer.bias",
           "base_model.model.heads.cls.weight",
           "base_model.model.heads.cls.bias"}));
   const auto json = read_json(dir + "/adapter_config.json");
-  EXPECT_EQ(json["modules_to_save"], nlohmann::json({"cls"}));
+  // Written as full paths: peft matches modules_to_save by a bare suffix.
+  EXPECT_EQ(json["modules_to_save"], nlohmann::json({"heads.cls"}));
   EXPECT_EQ(json["bias"], "lora_only");
 
   torchlora::load_adapter(*pair.fresh, dir);
@@ -420,4 +423,156 @@ TEST_F(AdapterIoTest, TheDocumentedCallsCompileAndHold) {
   EXPECT_EQ(torchlora::safetensors::load(dir + "/copy.safetensors").size(), 2u);
   EXPECT_EQ(
       other->q_proj->adapter_names(), (std::vector<std::string>{"default"}));
+}
+
+namespace {
+
+/// "fc" (adaptable), "blk.fc" and "blk2.q_proj" / "blk2.fc": paths that end
+/// with another layer's path.
+std::shared_ptr<torch::nn::Module> nested_model() {
+  auto model = std::make_shared<torch::nn::Module>();
+  model->register_module("fc", LoRALinear(torch::nn::LinearOptions(4, 4)));
+  model->register_module("q_proj", LoRALinear(torch::nn::LinearOptions(4, 4)));
+  for (const char* name : {"blk", "blk2"}) {
+    torch::nn::ModuleDict dict;
+    dict->update(
+        {{"fc", torch::nn::Linear(4, 4).ptr()},
+         {"q_proj", torch::nn::Linear(4, 4).ptr()}});
+    model->register_module(name, dict);
+  }
+  return model;
+}
+
+} // namespace
+
+TEST_F(AdapterIoTest, PathsThatEndWithAnAdaptedPathGetAFullMatchRegex) {
+  auto source = nested_model();
+  torchlora::inject_lora(
+      source,
+      LoRAConfig(4)
+          .init(LoRAInit::random)
+          .target_modules({"fc"})
+          .exclude_modules({"blk.fc", "blk2.fc"}));
+  torchlora::save_adapter(source, dir);
+  EXPECT_EQ(read_json(dir + "/adapter_config.json")["target_modules"], "fc");
+
+  auto target = nested_model();
+  torchlora::load_adapter(target, dir);
+  const auto params = target->named_parameters();
+  EXPECT_TRUE(torch::equal(
+      params["fc.lora_B.default.weight"],
+      source->named_parameters()["fc.lora_B.default.weight"]));
+  EXPECT_EQ(params.find("blk.fc.lora_A.default.weight"), nullptr);
+  EXPECT_EQ(params.find("blk2.fc.lora_A.default.weight"), nullptr);
+}
+
+TEST_F(AdapterIoTest, DifferingRanksAreAnchoredToTheirPaths) {
+  // q_proj gets rank 2; blk.q_proj and blk2.q_proj, whose paths end with
+  // it, keep rank 4.
+  auto source = nested_model();
+  torchlora::inject_lora(
+      source,
+      LoRAConfig(4)
+          .init(LoRAInit::random)
+          .target_modules({"q_proj"})
+          .rank_pattern({{"^q_proj", 2}}));
+  torchlora::save_adapter(source, dir);
+  const auto config = read_json(dir + "/adapter_config.json");
+  EXPECT_EQ(config["r"], 4);
+  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"^q_proj", 2}}));
+  EXPECT_EQ(
+      config["target_modules"],
+      nlohmann::json({"q_proj", "blk.q_proj", "blk2.q_proj"}));
+  auto target = nested_model();
+  torchlora::load_adapter(target, dir);
+  const auto params = target->named_parameters();
+  EXPECT_EQ(
+      params["q_proj.lora_A.default.weight"].sizes(), (c10::IntArrayRef{2, 4}));
+  EXPECT_EQ(
+      params["blk.q_proj.lora_A.default.weight"].sizes(),
+      (c10::IntArrayRef{4, 4}));
+  EXPECT_EQ(
+      params["blk2.q_proj.lora_A.default.weight"].sizes(),
+      (c10::IntArrayRef{4, 4}));
+}
+
+TEST_F(AdapterIoTest, ModulesToSaveIncludeBuffersAndBiasesOfAllLoad) {
+  struct NormedImpl : torch::nn::Module {
+    NormedImpl() {
+      fc = register_module("fc", LoRALinear(torch::nn::LinearOptions(6, 6)));
+      norm = register_module("norm", torch::nn::BatchNorm1d(6));
+      out = register_module("out", torch::nn::Linear(6, 2));
+    }
+    torch::Tensor forward(const torch::Tensor& x) {
+      return out(norm(fc(x)));
+    }
+    LoRALinear fc{nullptr};
+    torch::nn::BatchNorm1d norm{nullptr};
+    torch::nn::Linear out{nullptr};
+  };
+  auto source = std::make_shared<NormedImpl>();
+  const auto path = dir + ".base.pt";
+  fs::create_directories(dir);
+  torch::save(source, path);
+  const auto config = LoRAConfig(2)
+                          .init(LoRAInit::random)
+                          .target_modules({"fc"})
+                          .modules_to_save({"norm"})
+                          .bias(torchlora::LoRABias::all);
+  torchlora::inject_lora(source, config);
+  source->forward(torch::randn({8, 6})); // updates the running statistics
+  torchlora::save_adapter(source, dir, config);
+  const auto keys =
+      torchlora::safetensors::load(dir + "/adapter_model.safetensors").keys();
+  const std::set<std::string> key_set(keys.begin(), keys.end());
+  EXPECT_EQ(key_set.count("base_model.model.norm.running_mean"), 1u);
+  EXPECT_EQ(key_set.count("base_model.model.norm.num_batches_tracked"), 1u);
+  EXPECT_EQ(key_set.count("base_model.model.fc.base_layer.bias"), 1u);
+  EXPECT_EQ(key_set.count("base_model.model.out.bias"), 1u);
+
+  auto target = std::make_shared<NormedImpl>();
+  torch::load(target, path);
+  torchlora::load_adapter(target, dir);
+  source->eval();
+  target->eval();
+  const auto x = torch::randn({3, 6});
+  EXPECT_TRUE(torch::equal(target->forward(x), source->forward(x)));
+}
+
+TEST_F(AdapterIoTest, BiasesUnderThePlainKeyLoadToo) {
+  auto pair = make_pair(dir + ".base.pt");
+  const auto config = LoRAConfig(2)
+                          .init(LoRAInit::random)
+                          .target_modules({"v_proj"})
+                          .bias(torchlora::LoRABias::lora_only);
+  torchlora::inject_lora(pair.trained, config);
+  torchlora::save_adapter(pair.trained, dir, config);
+  const auto file = dir + "/adapter_model.safetensors";
+  torchlora::safetensors::Tensors renamed;
+  for (const auto& item : torchlora::safetensors::load(file)) {
+    const bool bias = item.key() == "base_model.model.v_proj.base_layer.bias";
+    renamed.insert(
+        bias ? "base_model.model.v_proj.bias" : item.key(), item.value());
+  }
+  torchlora::safetensors::save(file, renamed, {{"format", "pt"}});
+  torchlora::load_adapter(pair.fresh, dir);
+  const auto x = torch::randn({2, 8});
+  EXPECT_TRUE(torch::equal(pair.fresh(x), pair.trained(x)));
+}
+
+TEST_F(AdapterIoTest, InitsThatChangeTheBaseAreRefused) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  for (const char* init :
+       {"pissa", "pissa_niter_4", "olora", "corda", "loftq"}) {
+    auto config = read_json(dir + "/adapter_config.json");
+    config["init_lora_weights"] = init;
+    write_json(dir + "/adapter_config.json", config);
+    Net target;
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::load_adapter(*target, dir),
+        std::string("initialised with peft's \"") + init +
+            "\", which changes the base weights");
+  }
 }

@@ -145,6 +145,15 @@ TEST_F(AdaptersTest, DeleteAdapterRemovesItsTensors) {
   EXPECT_TRUE(torch::equal(model->forward(x), base_output));
 }
 
+TEST_F(AdaptersTest, DeletingTheOnlyActiveAdapterActivatesTheFirstRemaining) {
+  torchlora::set_adapter(model, "fr");
+  torchlora::delete_adapter(model, "fr");
+  EXPECT_EQ(layer(2).active_adapters(), (std::vector<std::string>{"default"}));
+  EXPECT_TRUE(param("2.lora_A.default.weight").requires_grad());
+  // Layer 0 has no "fr": set_adapter left it without an active adapter.
+  EXPECT_TRUE(layer(0).active_adapters().empty());
+}
+
 TEST_F(AdaptersTest, SetScaleMultipliesAnAdaptersContribution) {
   torchlora::set_scale(model, "fr", 0.5);
   EXPECT_EQ(layer(2).scale("fr"), 0.5);

@@ -2,6 +2,7 @@
 // (include/torchlora/merge.h and the merging part of LoRALinear).
 #include "test_support.h"
 
+#include <torchlora/adapters.h>
 #include <torchlora/inject.h>
 #include <torchlora/merge.h>
 
@@ -339,4 +340,95 @@ TEST_F(MergeTest, MergeAndUnmergeOnTheGpu_CUDA) {
     layer->unmerge();
     EXPECT_TRUE(torch::equal(layer->weight, before)) << dtype;
   }
+}
+
+TEST_F(MergeTest, MovingAMergedModelKeepsUnmergeExact) {
+  Model model;
+  torchlora::inject_lora(model, all_layers());
+  const auto before = model->proj->weight.detach().clone();
+  torchlora::merge(model);
+  model->to(torch::kFloat64);
+  torchlora::unmerge(model);
+  EXPECT_TRUE(torch::equal(model->proj->weight, before.to(torch::kFloat64)));
+  const auto x = torch::randn({2, 12}, torch::kFloat64);
+  EXPECT_EQ(model(x).scalar_type(), torch::kFloat64);
+}
+
+TEST_F(MergeTest, AMergedModelSavesItsBaseWeightsAndLoadsBack) {
+  const auto path = ::testing::TempDir() + "/merged_checkpoint.pt";
+  Model model;
+  torchlora::inject_lora(model, all_layers());
+  const auto x = torch::randn({4, 12});
+  const auto adapted = model(x);
+  torchlora::merge(model);
+  torch::save(model, path);
+  EXPECT_TRUE(model->proj->merged());
+
+  // Into an unmerged model with the same adapters: no delta added twice.
+  Model other;
+  torchlora::inject_lora(other, all_layers());
+  torch::load(other, path);
+  EXPECT_TRUE(torch::allclose(other(x), adapted, 1e-5, 1e-5));
+
+  // Into a merged model: merged again with what was loaded; unmerge gives
+  // the loaded base weights.
+  Model merged;
+  torchlora::inject_lora(merged, all_layers());
+  torchlora::merge(merged);
+  torch::load(merged, path);
+  EXPECT_TRUE(merged->proj->merged());
+  EXPECT_TRUE(torch::allclose(merged(x), adapted, 1e-5, 1e-5));
+  torchlora::unmerge(merged);
+  torchlora::unmerge(model);
+  EXPECT_TRUE(torch::equal(merged->proj->weight, model->proj->weight));
+}
+
+TEST_F(MergeTest, ALoRALayerAsTheWholeModelIsHandledToo) {
+  auto layer = layer_of(torch::kFloat32);
+  const auto x = torch::randn({3, 32});
+  const auto base = layer->base_layer()->forward(x);
+  const auto before = layer->weight.detach().clone();
+  torchlora::merge(layer);
+  EXPECT_TRUE(layer->merged());
+  torchlora::unmerge(layer);
+  EXPECT_TRUE(torch::equal(layer->weight, before));
+  {
+    torchlora::DisableAdapters guard(layer);
+    EXPECT_TRUE(torch::equal(layer(x), base));
+  }
+  torchlora::unload(layer);
+  EXPECT_TRUE(layer->adapter_names().empty());
+  EXPECT_TRUE(torch::equal(layer(x), base));
+}
+
+TEST_F(MergeTest, AModelWithADisabledLayerIsNotHalfMerged) {
+  Model model;
+  torchlora::inject_lora(model, all_layers());
+  model->heads->ptr<torchlora::LoRALinearImpl>(0)->set_adapters_enabled(false);
+  const auto before = snapshot(*model);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::merge(model),
+      "cannot merge 'heads.0': its adapters are disabled (DisableAdapters); merge after the "
+      "guard's scope. Nothing was merged");
+  EXPECT_FALSE(model->proj->merged());
+  expect_unchanged(before, *model);
+  {
+    Model guarded;
+    torchlora::inject_lora(guarded, all_layers());
+    torchlora::DisableAdapters guard(guarded);
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::merge_and_unload(guarded), "its adapters are disabled");
+    EXPECT_TRUE(guarded->proj->has_adapter("default"));
+  }
+}
+
+TEST_F(MergeTest, CloneOfAMergedLayerLeavesTheOriginalMerged) {
+  auto layer = layer_of(torch::kFloat32);
+  layer->merge();
+  const auto merged_weight = layer->weight.detach().clone();
+  auto copy =
+      std::dynamic_pointer_cast<torchlora::LoRALinearImpl>(layer->clone());
+  copy->unmerge();
+  EXPECT_TRUE(layer->merged());
+  EXPECT_TRUE(torch::equal(layer->weight, merged_weight));
 }

@@ -5,11 +5,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <csignal>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include <sys/resource.h>
 
 namespace st = torchlora::safetensors;
 
@@ -361,6 +364,35 @@ TEST_F(SafetensorsTest, EachMalformedHeaderGivesItsError) {
            eight),
        "the header names \"a\" twice"},
       {file_of("", ""), "must be a JSON object starting with '{'"},
+      {file_of(
+           R"({"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}})",
+           ""),
+       "the shape of tensor \"a\" is too large for int64 indexing"},
+      {file_of(
+           R"({"a":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}})",
+           ""),
+       "the shape of tensor \"a\" overflows 64 bits"},
+      {file_of(
+           std::string(R"({"a":{"dtype":"U8","shape":[)") +
+               [] {
+                 std::string dims = "1";
+                 for (int i = 0; i < 64; ++i) {
+                   dims += ",1";
+                 }
+                 return dims;
+               }() +
+               R"(],"data_offsets":[0,1]}})",
+           "x"),
+       "tensor \"a\" has 65 dimensions, more than 64"},
+      {file_of(
+           R"({"a":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]}})",
+           bytes_of({1, 7, 0})),
+       "BOOL tensor \"a\" holds the byte 7; only 0 and 1 are booleans"},
+      {file_of(
+           "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') +
+               "}",
+           ""),
+       "the header nests JSON deeper than 8 levels"},
   };
   for (const auto& [file, expected] : cases) {
     const auto message = error_of(file);
@@ -403,6 +435,44 @@ TEST_F(SafetensorsTest, AFolderThatCannotBeCreatedIsAnError) {
   EXPECT_TORCHLORA_ERROR(
       st::save(blocker + "/sub/out.safetensors", st::Tensors()),
       "cannot create folder '");
+}
+
+TEST_F(SafetensorsTest, AShortWriteIsAnErrorAndLeavesTheGoodFileInPlace) {
+  const auto dir = ::testing::TempDir() + "/short_write";
+  std::filesystem::remove_all(dir);
+  const auto path = dir + "/good.safetensors";
+  st::Tensors good;
+  good.insert("a", torch::ones({3}));
+  st::save(path, good);
+  st::Tensors big;
+  big.insert("b", torch::ones({1 << 16}));
+  // Files of this process may not grow past 64 KiB: the write falls short.
+  struct rlimit old_limit {};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 1 << 16;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  std::string message;
+  try {
+    st::save(path, big);
+  } catch (const c10::Error& error) {
+    message = torchlora_test::message_of(error);
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_NE(
+      message.find(
+          "writing '" + path + "' failed (a short write: is the disk full?)"),
+      std::string::npos)
+      << message;
+  EXPECT_TRUE(torch::equal(st::load(path)["a"], torch::ones({3})));
+  size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    EXPECT_EQ(entry.path().filename(), "good.safetensors");
+    ++files;
+  }
+  EXPECT_EQ(files, 1u);
 }
 
 TEST_F(SafetensorsTest, AFailedSaveLeavesTheGoodFileInPlace) {

@@ -125,13 +125,15 @@ T most_common(const std::vector<T>& values) {
   return best;
 }
 
-/// The parameters of the modules `names` selects (matched like
-/// target_modules), by their paths in the model.
-inline std::vector<std::pair<std::string, torch::Tensor>> parameters_of_modules(
+/// The parameters and buffers (as peft saves a module's state dict) of the
+/// modules `names` selects (matched like target_modules), by their paths in
+/// the model; `paths`, if given, receives the selected modules' paths.
+inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
     const ModelIndex& index,
     const std::vector<std::string>& names,
-    const char* operation) {
-  std::vector<std::pair<std::string, torch::Tensor>> parameters;
+    const char* operation,
+    std::vector<std::string>* paths = nullptr) {
+  std::vector<std::pair<std::string, torch::Tensor>> state;
   for (const auto& name : names) {
     bool found = false;
     for (const auto& entry : index.entries()) {
@@ -140,8 +142,14 @@ inline std::vector<std::pair<std::string, torch::Tensor>> parameters_of_modules(
         continue;
       }
       found = true;
+      if (paths != nullptr) {
+        paths->push_back(path);
+      }
       for (const auto& item : entry.module->named_parameters()) {
-        parameters.emplace_back(path + "." + item.key(), item.value());
+        state.emplace_back(path + "." + item.key(), item.value());
+      }
+      for (const auto& item : entry.module->named_buffers()) {
+        state.emplace_back(path + "." + item.key(), item.value());
       }
     }
     TORCH_CHECK(
@@ -152,29 +160,51 @@ inline std::vector<std::pair<std::string, torch::Tensor>> parameters_of_modules(
         name,
         "\" matches no module of the model");
   }
-  return parameters;
+  return state;
 }
 
-/// The biases that `bias` names, by their paths: every bias of the model, or
-/// those of the LoRA layers that have `adapter`.
+/// The key of the bias of the module at `path`: in peft an adapted layer
+/// holds its base layer as `base_layer`, so its bias is
+/// `<path>.base_layer.bias`.
+inline std::string bias_key(const std::string& path, bool adapted) {
+  const auto prefix = path.empty() ? std::string() : path + ".";
+  return prefix + (adapted ? "base_layer.bias" : "bias");
+}
+
+/// The biases `bias` names, by key: every bias of the model, or those of
+/// the layers in `with_adapter`. `adapted` are the paths of layers that
+/// carry any adapter (their biases are keyed as peft keys them).
 inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
     torch::nn::Module& model,
     const ModelIndex& index,
     LoRABias bias,
-    const std::string& adapter) {
+    const std::set<std::string>& adapted,
+    const std::set<std::string>& with_adapter) {
   std::vector<std::pair<std::string, torch::Tensor>> biases;
+  std::set<const void*> seen;
   if (bias == LoRABias::all) {
     for (const auto& item : model.named_parameters()) {
       const auto& key = item.key();
-      if (key == "bias" ||
-          (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0)) {
-        biases.emplace_back(key, item.value());
+      const bool is_bias = key == "bias" ||
+          (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0);
+      if (!is_bias || !seen.insert(item.value().unsafeGetTensorImpl()).second) {
+        continue;
       }
+      const auto path =
+          key == "bias" ? std::string() : key.substr(0, key.size() - 5);
+      biases.emplace_back(
+          bias_key(path, adapted.count(path) > 0), item.value());
     }
   } else if (bias == LoRABias::lora_only) {
-    for (const auto& [entry, layer] : index.lora_layers()) {
-      if (layer->has_adapter(adapter) && layer->base_bias().defined()) {
-        biases.emplace_back(entry->paths.front() + ".bias", layer->base_bias());
+    for (const auto& entry : index.entries()) {
+      const auto& path = entry.paths.front();
+      if (with_adapter.count(path) == 0) {
+        continue;
+      }
+      const auto own = entry.module->named_parameters(/*recurse=*/false);
+      const auto* tensor = own.find("bias");
+      if (tensor != nullptr && tensor->defined()) {
+        biases.emplace_back(bias_key(path, true), *tensor);
       }
     }
   }
@@ -292,6 +322,17 @@ inline LoRAConfig config_from_json(
         "), which torchlora does not support");
   }
 
+  if (json.contains("init_lora_weights") &&
+      json["init_lora_weights"].is_string()) {
+    const auto init = json["init_lora_weights"].get<std::string>();
+    for (const char* changes_base : {"pissa", "olora", "corda", "loftq"}) {
+      TORCH_CHECK(
+          init.rfind(changes_base, 0) != 0,
+          "torchlora: the adapter was initialised with peft's \"",
+          init,
+          "\", which changes the base weights; torchlora does not support it");
+    }
+  }
   const auto rank = number_of<int64_t>(json, "r", 8);
   LoRAConfig config(rank);
   config.alpha(number_of<double>(json, "lora_alpha", 8.0))
@@ -404,9 +445,10 @@ inline nlohmann::ordered_json read_json_file(const std::string& path) {
 struct ExpectedTensor {
   torch::Tensor target; // undefined until the adapter exists
   std::vector<int64_t> shape;
-  std::string module_path; // for adapter matrices: the layer to copy into
-  bool is_A = false;
-  bool is_B = false;
+  /// Another key the file may use for it; empty if none.
+  std::string alternate = "";
+  /// The key found in the file.
+  std::string file_key = "";
 };
 
 inline std::string shape_text(const std::vector<int64_t>& shape) {
@@ -424,9 +466,13 @@ inline std::string shape_text(const std::vector<int64_t>& shape) {
 /// and `...lora_B.weight`, tensors in their dtype, metadata
 /// `{"format": "pt"}`) and `adapter_config.json`, in `dir` (in `dir/<name>`
 /// for a name other than "default"). `target_modules` is written as the list
-/// of adapted paths, so peft adapts exactly the same layers; ranks and alphas
-/// that differ from the most common ones go into `rank_pattern` and
-/// `alpha_pattern`. Run-time scales (`set_scale`) are not saved.
+/// of adapted paths (or, where another layer's path ends with one of them,
+/// as a full-match regex of them), so peft adapts exactly the same layers;
+/// ranks and alphas that differ from the most common ones go into
+/// `rank_pattern` and `alpha_pattern`, anchored to their paths.
+/// `modules_to_save` are saved whole (parameters and buffers) under their
+/// plain keys, biases under peft's keys (`<path>.base_layer.bias` for an
+/// adapted layer). Run-time scales (`set_scale`) are not saved.
 ///
 /// Example:
 /// ```
@@ -499,14 +545,25 @@ inline void save_adapter(
         "holds one lora_dropout, written as ",
         dropouts.front());
   }
-  for (const auto& [path, tensor] : detail::parameters_of_modules(
-           index, options.modules_to_save(), "save_adapter")) {
+  std::vector<std::string> saved_modules;
+  for (const auto& [path, tensor] : detail::state_of_modules(
+           index, options.modules_to_save(), "save_adapter", &saved_modules)) {
     tensors.insert(detail::kPeftPrefix + path, tensor.detach());
   }
-  for (const auto& [path, tensor] :
-       detail::biases_of(model, index, options.bias(), name)) {
-    if (!tensors.contains(detail::kPeftPrefix + path)) {
-      tensors.insert(detail::kPeftPrefix + path, tensor.detach());
+  std::set<std::string> adapted;
+  std::set<std::string> with_adapter;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (!layer->adapter_names().empty()) {
+      adapted.insert(entry->paths.begin(), entry->paths.end());
+    }
+  }
+  for (const auto& [path, layer] : layers) {
+    with_adapter.insert(path);
+  }
+  for (const auto& [key, tensor] :
+       detail::biases_of(model, index, options.bias(), adapted, with_adapter)) {
+    if (!tensors.contains(detail::kPeftPrefix + key)) {
+      tensors.insert(detail::kPeftPrefix + key, tensor.detach());
     }
   }
 
@@ -515,14 +572,29 @@ inline void save_adapter(
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
   nlohmann::ordered_json alpha_pattern = nlohmann::ordered_json::object();
   std::vector<std::string> targets;
+  std::string targets_regex;
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& path = layers[i].first;
     targets.push_back(path);
+    targets_regex += (i ? "|" : "") + detail::regex_escape(path);
+    // peft matches pattern keys on the path or a dotted suffix of it: the
+    // anchor keeps the key to this very path.
     if (ranks[i] != rank) {
-      rank_pattern[detail::regex_escape(path)] = ranks[i];
+      rank_pattern["^" + detail::regex_escape(path)] = ranks[i];
     }
     if (alphas[i] != alpha) {
-      alpha_pattern[detail::regex_escape(path)] = alphas[i];
+      alpha_pattern["^" + detail::regex_escape(path)] = alphas[i];
+    }
+  }
+  // A list entry also matches longer paths that end with "." + entry: where
+  // another Linear layer would match so, write a full-match regex instead.
+  bool list_is_exact = true;
+  for (const auto& entry : index.entries()) {
+    const auto& path = entry.paths.front();
+    if (detail::is_linear_like(*entry.module) &&
+        with_adapter.count(path) == 0 &&
+        TargetMatcher::matches_name(path, targets)) {
+      list_is_exact = false;
     }
   }
   auto null_if_empty = [](const std::string& text) {
@@ -539,15 +611,16 @@ inline void save_adapter(
       {"r", rank},
       {"lora_alpha", alpha},
       {"lora_dropout", dropouts.front()},
-      {"target_modules", targets},
+      {"target_modules",
+       list_is_exact ? nlohmann::ordered_json(targets)
+                     : nlohmann::ordered_json(targets_regex)},
       {"exclude_modules", nullptr},
       {"bias", to_string(options.bias())},
       {"use_rslora", static_cast<bool>(rslora.front())},
       {"init_lora_weights", true},
       {"modules_to_save",
-       options.modules_to_save().empty()
-           ? nlohmann::ordered_json()
-           : nlohmann::ordered_json(options.modules_to_save())},
+       saved_modules.empty() ? nlohmann::ordered_json()
+                             : nlohmann::ordered_json(saved_modules)},
       {"rank_pattern", rank_pattern},
       {"alpha_pattern", alpha_pattern},
       {"layers_to_transform", nullptr},
@@ -596,8 +669,10 @@ inline void save_adapter(
 /// must land on a module of the right shape and every expected key must be
 /// in the file: otherwise an error names the key and both shapes, and the
 /// model is unchanged. Configs of another `peft_type`, or that use a peft
-/// feature torchlora does not implement (DoRA, fan_in_fan_out, ...), are
-/// refused by name.
+/// feature torchlora does not implement (DoRA, fan_in_fan_out, an init that
+/// changes the base weights, ...), are refused by name. The loaded adapter
+/// is trainable (`inference_mode` is not applied; call
+/// `torchlora::set_adapter` or freeze it to serve).
 ///
 /// Example:
 /// ```
@@ -629,56 +704,75 @@ inline void load_adapter(
   // What the file must hold, by key, before anything changes.
   const detail::ModelIndex index(model);
   std::map<std::string, detail::ExpectedTensor> expected;
+  std::set<std::string> adapted; // layers that will carry any adapter
+  std::set<std::string> with_adapter; // layers that will carry this one
   bool inject = true;
   for (const auto& [entry, layer] : index.lora_layers()) {
+    if (!layer->adapter_names().empty()) {
+      adapted.insert(entry->paths.begin(), entry->paths.end());
+    }
     if (!layer->has_adapter(adapter_name)) {
       continue;
     }
     inject = false;
+    with_adapter.insert(entry->paths.front());
     const auto params = entry->module->named_parameters();
     for (const char* matrix : {"A", "B"}) {
       const auto tensor = params
           [std::string("lora_") + matrix + "." + adapter_name + ".weight"];
       expected
           [detail::kPeftPrefix + entry->paths.front() + ".lora_" + matrix +
-           ".weight"] = detail::ExpectedTensor{
-              tensor, tensor.sizes().vec(), entry->paths.front()};
+           ".weight"] = detail::ExpectedTensor{tensor, tensor.sizes().vec()};
     }
   }
   if (inject) {
     const TargetMatcher matcher(config);
     for (const auto& planned : detail::plan_injection(index, matcher)) {
       const auto& path = planned.entry->paths.front();
+      adapted.insert(planned.entry->paths.begin(), planned.entry->paths.end());
+      with_adapter.insert(path);
       const auto own =
           planned.entry->module->named_parameters(/*recurse=*/false);
       const auto weight = own["weight"];
       const int64_t rank = planned.options.rank();
       expected[detail::kPeftPrefix + path + ".lora_A.weight"] =
-          detail::ExpectedTensor{
-              torch::Tensor(), {rank, weight.size(1)}, path, true, false};
+          detail::ExpectedTensor{torch::Tensor(), {rank, weight.size(1)}};
       expected[detail::kPeftPrefix + path + ".lora_B.weight"] =
-          detail::ExpectedTensor{
-              torch::Tensor(), {weight.size(0), rank}, path, false, true};
-      const auto* bias = own.find("bias");
-      if (config.bias() == LoRABias::lora_only && bias != nullptr &&
-          bias->defined()) {
-        expected[detail::kPeftPrefix + path + ".bias"] =
-            detail::ExpectedTensor{*bias, bias->sizes().vec(), ""};
-      }
+          detail::ExpectedTensor{torch::Tensor(), {weight.size(0), rank}};
     }
   }
-  for (const auto& [path, tensor] : detail::parameters_of_modules(
+  for (const auto& [key, tensor] : detail::state_of_modules(
            index, config.modules_to_save(), "load_adapter")) {
-    expected[detail::kPeftPrefix + path] =
-        detail::ExpectedTensor{tensor, tensor.sizes().vec(), ""};
+    expected[detail::kPeftPrefix + key] =
+        detail::ExpectedTensor{tensor, tensor.sizes().vec()};
   }
-  for (const auto& [path, tensor] :
-       detail::biases_of(model, index, config.bias(), adapter_name)) {
-    expected[detail::kPeftPrefix + path] =
-        detail::ExpectedTensor{tensor, tensor.sizes().vec(), ""};
+  const std::string base_layer_bias = "base_layer.bias";
+  for (const auto& [key, tensor] :
+       detail::biases_of(model, index, config.bias(), adapted, with_adapter)) {
+    // Also accept `<path>.bias` for an adapted layer's bias.
+    std::string alternate;
+    if (key.size() >= base_layer_bias.size() &&
+        key.compare(
+            key.size() - base_layer_bias.size(),
+            base_layer_bias.size(),
+            base_layer_bias) == 0) {
+      alternate = detail::kPeftPrefix +
+          key.substr(0, key.size() - base_layer_bias.size()) + "bias";
+    }
+    expected[detail::kPeftPrefix + key] =
+        detail::ExpectedTensor{tensor, tensor.sizes().vec(), alternate};
   }
-  for (const auto& [key, want] : expected) {
+  std::set<std::string> known;
+  for (auto& [key, want] : expected) {
     const auto* found = tensors.find(key);
+    if (found == nullptr && !want.alternate.empty()) {
+      found = tensors.find(want.alternate);
+      want.file_key = want.alternate;
+    } else {
+      want.file_key = key;
+    }
+    known.insert(key);
+    known.insert(want.alternate);
     TORCH_CHECK(
         found != nullptr,
         "torchlora: load_adapter: the file has no tensor \"",
@@ -689,22 +783,23 @@ inline void load_adapter(
     TORCH_CHECK(
         found->sizes().vec() == want.shape,
         "torchlora: load_adapter: tensor \"",
-        key,
+        want.file_key,
         "\" has shape ",
         detail::shape_text(found->sizes().vec()),
         " in the file, but the model needs ",
         detail::shape_text(want.shape));
     TORCH_CHECK(
-        found->is_floating_point(),
+        found->is_floating_point() ||
+            (want.target.defined() && !want.target.is_floating_point()),
         "torchlora: load_adapter: tensor \"",
-        key,
+        want.file_key,
         "\" has dtype ",
         found->scalar_type(),
         "; a floating-point tensor is needed");
   }
   for (const auto& item : tensors) {
     TORCH_CHECK(
-        expected.count(item.key()) > 0,
+        known.count(item.key()) > 0,
         "torchlora: load_adapter: the file's tensor \"",
         item.key(),
         "\" (shape ",
@@ -732,7 +827,7 @@ inline void load_adapter(
   }
   torch::NoGradGuard no_grad;
   for (const auto& [key, want] : expected) {
-    want.target.copy_(tensors[key]);
+    want.target.copy_(tensors[want.file_key]);
   }
 }
 

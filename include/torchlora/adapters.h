@@ -115,14 +115,28 @@ inline std::vector<std::string> adapter_names(ModuleRef model) {
 }
 
 /// Removes adapter `name` from every LoRA layer of `model` that has it; its
-/// tensors leave `named_parameters()`.
+/// tensors leave `named_parameters()`. Where it was the only active adapter,
+/// the first remaining one becomes active, with a warning (as in peft).
 inline void delete_adapter(ModuleRef model, const std::string& name) {
   const detail::ModelIndex index(model.get());
   detail::check_adapter_exists(index, name, "delete_adapter");
   detail::check_not_merged(index, name, "delete_adapter");
   for (const auto& [entry, layer] : index.lora_layers()) {
-    if (layer->has_adapter(name)) {
-      layer->delete_adapter(name);
+    if (!layer->has_adapter(name)) {
+      continue;
+    }
+    const auto active = layer->active_adapters();
+    layer->delete_adapter(name);
+    const auto now_active = layer->active_adapters();
+    if (active.size() == 1 && active.front() == name && !now_active.empty()) {
+      TORCH_WARN(
+          "torchlora: delete_adapter: \"",
+          name,
+          "\" was the active adapter of '",
+          entry->paths.front(),
+          "'; \"",
+          now_active.front(),
+          "\" is active now");
     }
   }
 }

@@ -13,6 +13,8 @@
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 
@@ -213,7 +215,9 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   }
 
   /// Removes adapter `name`; its tensors leave `named_parameters()`. Without
-  /// adapters the layer has exactly a plain Linear's parameters again.
+  /// adapters the layer has exactly a plain Linear's parameters again. When
+  /// the last active adapter goes, the first remaining one becomes active
+  /// (as in peft).
   void delete_adapter(const std::string& name) override {
     check_not_merged("delete_adapter");
     const auto& adapter = find_adapter(name);
@@ -223,7 +227,12 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       (*dict)->pop(name);
       (*dict)->unregister_module(name);
     }
+    const bool was_active = adapter.active;
     adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(index));
+    if (was_active && !adapters_.empty() && !has_active_adapter()) {
+      // As peft does: the first remaining adapter becomes the active one.
+      set_active_adapters({adapters_.front().name});
+    }
     if (adapters_.empty()) {
       this->unregister_module("lora_A");
       this->unregister_module("lora_B");
@@ -375,6 +384,10 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   }
 
   void unload(bool merge_first) override {
+    TORCH_CHECK(
+        !merge_first || enabled_,
+        "torchlora: cannot merge a layer whose adapters are disabled "
+        "(DisableAdapters); merge after the guard's scope");
     torch::NoGradGuard no_grad;
     if (merge_first && !merged_) {
       weight.set_data(weight_with_adapters());
@@ -426,6 +439,54 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     auto sizes = input.sizes().vec();
     sizes.back() = options.out_features();
     return y.view(sizes);
+  }
+
+  /// Moves or casts everything, the weight kept for `unmerge` included.
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false)
+      override {
+    torch::nn::Module::to(device, dtype, non_blocking);
+    follow_weight();
+  }
+
+  void to(torch::Dtype dtype, bool non_blocking = false) override {
+    torch::nn::Module::to(dtype, non_blocking);
+    follow_weight();
+  }
+
+  void to(torch::Device device, bool non_blocking = false) override {
+    torch::nn::Module::to(device, non_blocking);
+    follow_weight();
+  }
+
+  /// Saves like any module; a merged layer saves its unmerged weight, so a
+  /// checkpoint always holds base weights next to the adapters.
+  void save(torch::serialize::OutputArchive& archive) const override {
+    for (const auto& item : this->named_parameters(/*recurse=*/false)) {
+      const bool unmerged = merged_ && item.key() == "weight";
+      archive.write(item.key(), unmerged ? original_weight_ : item.value());
+    }
+    for (const auto& item : this->named_buffers(/*recurse=*/false)) {
+      archive.write(item.key(), item.value(), /*is_buffer=*/true);
+    }
+    for (const auto& child : this->named_children()) {
+      if (child.value()->is_serializable()) {
+        torch::serialize::OutputArchive child_archive(
+            archive.compilation_unit());
+        child.value()->save(child_archive);
+        archive.write(child.key(), child_archive);
+      }
+    }
+  }
+
+  /// Loads like any module; a merged layer is merged again with what was
+  /// loaded.
+  void load(torch::serialize::InputArchive& archive) override {
+    const bool was_merged = merged_;
+    unmerge();
+    torch::nn::Module::load(archive);
+    if (was_merged) {
+      merge();
+    }
   }
 
   /// Deep copy: new base tensors and adapters with equal values, the same
@@ -584,6 +645,14 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       }
     }
     return result.to(dtype);
+  }
+
+  /// Keeps the weight saved for `unmerge` on the weight's device and dtype.
+  void follow_weight() {
+    if (merged_) {
+      original_weight_ =
+          original_weight_.to(weight.device(), weight.scalar_type());
+    }
   }
 
   void freeze_base() {

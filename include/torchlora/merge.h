@@ -24,15 +24,22 @@ struct MergeOptions {
 
 namespace detail {
 
-/// Throws, naming the layer, if merging any unmerged layer of `index` would
-/// give NaN or Inf weights.
-inline void check_merges_are_finite(const ModelIndex& index) {
+/// Throws, naming the layer, if some unmerged LoRA layer of `index` cannot
+/// be merged: its adapters are disabled, or (when `safe`) merging would give
+/// NaN or Inf weights. Runs before any layer is merged.
+inline void check_mergeable(const ModelIndex& index, bool safe) {
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (layer->merged() || layer->active_adapters().empty()) {
       continue;
     }
     TORCH_CHECK(
-        layer->merge_is_finite(),
+        layer->adapters_enabled(),
+        "torchlora: cannot merge '",
+        entry->paths.front(),
+        "': its adapters are disabled (DisableAdapters); merge after the "
+        "guard's scope. Nothing was merged");
+    TORCH_CHECK(
+        !safe || layer->merge_is_finite(),
         "torchlora: safe merge refused: merging the active adapters of '",
         entry->paths.front(),
         "' gives NaN or Inf weights; no weight was changed");
@@ -41,13 +48,14 @@ inline void check_merges_are_finite(const ModelIndex& index) {
 
 /// Removes every adapter of the LoRA layers of `model` (merging them into
 /// the base weights for good when `merge_first`). Where nothing outside the
-/// model holds a LoRA layer, its base layer takes its place again.
+/// model holds a LoRA layer, its base layer takes its place again (a LoRA
+/// layer that is the model itself stays, without adapters).
 inline void unload_layers(const ModelIndex& index, bool merge_first) {
   for (const auto& [entry, layer] : index.lora_layers()) {
     const auto held = share(*entry);
     const bool held_outside = outside_references(*entry, held) > 0;
     layer->unload(merge_first);
-    if (!held_outside) {
+    if (held != nullptr && !held_outside) {
       replace_everywhere(
           *entry,
           entry->module,
@@ -73,9 +81,7 @@ inline void unload_layers(const ModelIndex& index, bool merge_first) {
 /// ```
 inline void merge(ModuleRef model, const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
-  if (options.safe()) {
-    detail::check_merges_are_finite(index);
-  }
+  detail::check_mergeable(index, options.safe());
   for (const auto& [entry, layer] : index.lora_layers()) {
     layer->merge(/*safe=*/false);
   }
@@ -99,9 +105,7 @@ inline void merge_and_unload(
     ModuleRef model,
     const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
-  if (options.safe()) {
-    detail::check_merges_are_finite(index);
-  }
+  detail::check_mergeable(index, options.safe());
   detail::unload_layers(index, /*merge_first=*/true);
 }
 

@@ -192,17 +192,28 @@ inline Tensors load_bytes(
 /// torch::Tensor A = tensors["base_model.model.fc.lora_A.weight"];
 /// ```
 inline Tensors load(const std::string& path, Metadata* metadata = nullptr) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   TORCH_CHECK(
       in.good(),
       "torchlora: cannot read safetensors file '",
       path,
       "': ",
       std::strerror(errno));
-  const std::vector<char> bytes(
-      (std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto end = in.tellg();
   TORCH_CHECK(
-      !in.bad(), "torchlora: reading safetensors file '", path, "' failed");
+      end >= 0,
+      "torchlora: cannot read safetensors file '",
+      path,
+      "': not a file");
+  const auto size = static_cast<size_t>(end);
+  std::vector<char> bytes(size);
+  in.seekg(0);
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  TORCH_CHECK(
+      in.good() || size == 0,
+      "torchlora: reading safetensors file '",
+      path,
+      "' failed");
   return detail::read_tensors(
       reinterpret_cast<const uint8_t*>(bytes.data()),
       bytes.size(),

@@ -41,10 +41,16 @@ struct ModelEntry {
 
 /// Every module below `root`, each once, in model order (pre-order, the
 /// order of `named_modules`). LoRA layers are leaves: their adapters are
-/// never walked into. The index holds no reference to any module.
+/// never walked into. A root that is itself a LoRA layer is the one entry,
+/// at path "" with no registration. The index holds no reference to any
+/// module.
 class ModelIndex {
  public:
   explicit ModelIndex(torch::nn::Module& root) {
+    if (dynamic_cast<LoRALayer*>(&root) != nullptr) {
+      entries_.push_back(ModelEntry{&root, {""}, {}});
+      return;
+    }
     walk(root, "");
   }
 
@@ -130,8 +136,12 @@ inline size_t container_slots(
   return slots;
 }
 
-/// The module of `entry`, held once more by the returned pointer.
+/// The module of `entry`, held once more by the returned pointer; null for
+/// the root, which has no registration.
 inline std::shared_ptr<torch::nn::Module> share(const ModelEntry& entry) {
+  if (entry.registrations.empty()) {
+    return nullptr;
+  }
   const auto& registration = entry.registrations.front();
   return registration.parent->named_children()[registration.name];
 }
@@ -142,6 +152,9 @@ inline std::shared_ptr<torch::nn::Module> share(const ModelEntry& entry) {
 inline size_t outside_references(
     const ModelEntry& entry,
     const std::shared_ptr<torch::nn::Module>& module) {
+  if (module == nullptr) {
+    return 0;
+  }
   size_t inside = 1 + entry.registrations.size();
   std::vector<torch::nn::Module*> parents;
   for (const auto& registration : entry.registrations) {

@@ -97,6 +97,9 @@ struct Header {
 /// The largest header accepted, as the reference implementation (100 MB).
 constexpr uint64_t kMaxHeaderBytes = 100000000;
 
+/// The most dimensions a tensor may have.
+constexpr size_t kMaxDims = 64;
+
 inline uint64_t read_u64_le(const uint8_t* bytes) {
   uint64_t value = 0;
   for (int i = 7; i >= 0; --i) {
@@ -181,8 +184,26 @@ inline TensorInfo parse_entry(
     throw FormatError(
         "the shape of \"" + name + "\" must be an array, got " + shown(shape));
   }
+  if (shape.size() > kMaxDims) {
+    throw FormatError(
+        "tensor \"" + name + "\" has " + std::to_string(shape.size()) +
+        " dimensions, more than " + std::to_string(kMaxDims));
+  }
+  // Tensors index with int64: each dimension, and the product of them all
+  // with zeros counted as ones (what strides reach), must fit.
+  uint64_t reach = 1;
   for (const auto& dim : shape) {
-    info.shape.push_back(unsigned_of(dim, "a dimension of \"" + name + "\""));
+    const auto size = unsigned_of(dim, "a dimension of \"" + name + "\"");
+    reach = checked_multiply(
+        reach,
+        std::max<uint64_t>(size, 1),
+        "the shape of tensor \"" + name + "\"");
+    if (reach > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      throw FormatError(
+          "the shape of tensor \"" + name +
+          "\" is too large for int64 indexing");
+    }
+    info.shape.push_back(size);
   }
   const auto& offsets = entry["data_offsets"];
   if (!offsets.is_array() || offsets.size() != 2) {
@@ -210,15 +231,26 @@ inline TensorInfo parse_entry(
   return info;
 }
 
-/// Parses the JSON text of a header, refusing duplicate keys in any object.
+/// How deep a header's JSON may nest (it needs 3 levels).
+constexpr int kMaxJsonDepth = 8;
+
+/// Parses the JSON text of a header, refusing duplicate keys in any object
+/// and nesting deeper than `kMaxJsonDepth` (which would also make printing
+/// a value for a message recurse without bound).
 inline nlohmann::ordered_json parse_json(const char* begin, const char* end) {
   std::vector<std::unordered_set<std::string>> keys;
   std::string duplicate;
   const nlohmann::ordered_json::parser_callback_t callback =
-      [&](int,
+      [&](int depth,
           nlohmann::ordered_json::parse_event_t event,
           nlohmann::ordered_json& parsed) {
         using Event = nlohmann::ordered_json::parse_event_t;
+        if ((event == Event::object_start || event == Event::array_start) &&
+            depth >= kMaxJsonDepth) {
+          throw FormatError(
+              "the header nests JSON deeper than " +
+              std::to_string(kMaxJsonDepth) + " levels");
+        }
         if (event == Event::object_start) {
           keys.emplace_back();
         } else if (event == Event::object_end && !keys.empty()) {
@@ -246,8 +278,9 @@ inline nlohmann::ordered_json parse_json(const char* begin, const char* end) {
 
 /// Parses and validates a whole file held in memory. Never reads outside
 /// [data, data + size). Checks the header length, the JSON, every entry's
-/// dtype, shape and offsets, and that the tensors tile the data block
-/// exactly: no overlap, no hole, nothing past the end.
+/// dtype, shape and offsets, that the tensors tile the data block exactly
+/// (no overlap, no hole, nothing past the end), and that BOOL bytes are 0
+/// or 1.
 inline Header parse(const uint8_t* data, size_t size) {
   if (size < 8) {
     throw FormatError(
@@ -332,6 +365,19 @@ inline Header parse(const uint8_t* data, size_t size) {
     throw FormatError(
         "the data block has " + std::to_string(data_bytes) +
         " bytes but the tensors cover " + std::to_string(covered));
+  }
+  for (const auto& tensor : header.tensors) {
+    if (tensor.dtype != DType::BOOL) {
+      continue;
+    }
+    for (uint64_t i = tensor.begin; i < tensor.end; ++i) {
+      const auto byte = data[header.data_start + i];
+      if (byte > 1) {
+        throw FormatError(
+            "BOOL tensor \"" + tensor.name + "\" holds the byte " +
+            std::to_string(byte) + "; only 0 and 1 are booleans");
+      }
+    }
   }
   return header;
 }
