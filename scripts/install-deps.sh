@@ -13,6 +13,8 @@ packages=(
   libgtest-dev googletest     # GoogleTest, installed and as sources
   libbenchmark-dev            # Google Benchmark
   clang libclang-rt-dev       # libFuzzer with ASan/UBSan, for the fuzz test
+  libcli11-dev                # flags of the fine-tune example
+  wamerican wfrench           # its English and French word lists
 )
 
 missing=()

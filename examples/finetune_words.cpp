@@ -1,0 +1,563 @@
+// Adapts a character-level English word model to French with LoRA.
+//
+//   scripts/run-example.sh            (builds and runs this, as in the README)
+//   build/default/examples/finetune_words [--rank 8] [--alpha 16]
+//       [--targets q_proj,v_proj] [--epochs 3] [--device cpu|cuda]
+//       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
+//       [--quick]
+//
+// 1. A small transformer learns English words (Debian's wamerican list) and
+//    is saved with torch::save; later runs load that checkpoint.
+// 2. French words (Debian's wfrench list) are split into training and
+//    held-out sets. On the held-out words, in bits per character, it compares
+//    the base model, LoRA through torchlora::inject_lora, and full
+//    fine-tuning of a copy.
+// 3. It writes metrics.csv, loss.svg, the adapter in peft's format, the
+//    merged model and words sampled before and after, under --out.
+#include "finetune_words/model.h"
+#include "finetune_words/report.h"
+#include "finetune_words/words.h"
+
+#include <torchlora/torchlora.h>
+
+#include <CLI/CLI.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using words::Batch;
+using words::CharTransformer;
+using words::Dataset;
+
+namespace {
+
+struct Settings {
+  int64_t rank = 8;
+  double alpha = 16;
+  std::string targets = "q_proj,v_proj";
+  double epochs = 3;
+  std::string device = "cpu";
+  std::string data_dir = "/usr/share/dict";
+  std::string out;
+  int64_t seed = 0;
+  bool quick = false;
+  double lora_lr = 1e-2;
+  double full_lr = 1e-3;
+  int64_t pretrain_steps = 0; // 0: the plan's
+};
+
+/// Sizes of one run; --quick shrinks everything to a few seconds.
+struct Plan {
+  words::ModelOptions model;
+  size_t english_train;
+  size_t french_train;
+  size_t heldout;
+  int64_t pretrain_steps;
+  size_t batch;
+  int64_t evaluations;
+};
+
+Plan plan_for(const Settings& settings, int64_t vocabulary) {
+  Plan plan;
+  plan.model.vocabulary = vocabulary;
+  if (settings.quick) {
+    plan.model.width = 64;
+    plan.model.layers = 1;
+    plan.english_train = 6000;
+    plan.french_train = 1500;
+    plan.heldout = 300;
+    plan.pretrain_steps = 120;
+    plan.batch = 64;
+    plan.evaluations = 4;
+  } else {
+    plan.english_train = 100000;
+    plan.french_train = 12000;
+    plan.heldout = 2000;
+    plan.pretrain_steps = 1500;
+    plan.batch = 96;
+    plan.evaluations = 10;
+  }
+  if (settings.pretrain_steps > 0) {
+    plan.pretrain_steps = settings.pretrain_steps;
+  }
+  return plan;
+}
+
+constexpr double kLn2 = 0.6931471805599453;
+
+/// Cross-entropy of a batch in nats per predicted character, and the count.
+std::pair<torch::Tensor, int64_t> batch_loss(
+    CharTransformer& model,
+    const Batch& batch) {
+  const auto logits = model(batch.inputs);
+  const auto loss = torch::nn::functional::cross_entropy(
+      logits.view({-1, logits.size(-1)}),
+      batch.targets.view({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+  return {loss, (batch.targets != -100).sum().item<int64_t>()};
+}
+
+/// Bits per character of `model` over `batches`.
+double bits_per_character(
+    CharTransformer& model,
+    const std::vector<Batch>& batches) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  double nats = 0;
+  int64_t count = 0;
+  for (const auto& batch : batches) {
+    const auto [loss, n] = batch_loss(model, batch);
+    nats += loss.item<double>() * static_cast<double>(n);
+    count += n;
+  }
+  model->train();
+  return nats / static_cast<double>(count) / kLn2;
+}
+
+std::vector<torch::Tensor> trainable(const CharTransformer& model) {
+  std::vector<torch::Tensor> parameters;
+  for (const auto& parameter : model->parameters()) {
+    if (parameter.requires_grad()) {
+      parameters.push_back(parameter);
+    }
+  }
+  return parameters;
+}
+
+/// Bytes of what training keeps besides activations: parameters, and for
+/// the trainable ones their gradients and Adam's two moments.
+int64_t training_state_bytes(const CharTransformer& model) {
+  int64_t bytes = 0;
+  for (const auto& parameter : model->parameters()) {
+    const auto size =
+        parameter.numel() * static_cast<int64_t>(parameter.element_size());
+    bytes += parameter.requires_grad() ? 4 * size : size;
+  }
+  return bytes;
+}
+
+struct RunResult {
+  std::string name;
+  double heldout_bpc = 0;
+  int64_t trainable = 0;
+  int64_t total = 0;
+  int64_t state_bytes = 0;
+  double seconds = 0;
+  int64_t saved_bytes = 0;
+  words::Curve train_curve;
+  words::Curve heldout_curve;
+};
+
+/// Trains the trainable parameters of `model` on `train` for `steps`
+/// steps, measuring held-out bits per character along the way.
+RunResult fine_tune(
+    const std::string& name,
+    CharTransformer& model,
+    const Dataset& train,
+    const std::vector<Batch>& heldout,
+    int64_t steps,
+    double learning_rate,
+    const Plan& plan,
+    std::mt19937& random,
+    torch::Device device) {
+  RunResult result;
+  result.name = name;
+  const auto counts = torchlora::count_parameters(model);
+  result.trainable = counts.trainable;
+  result.total = counts.total;
+  result.state_bytes = training_state_bytes(model);
+  torch::optim::AdamW optimizer(
+      trainable(model),
+      torch::optim::AdamWOptions(learning_rate).weight_decay(0));
+  const int64_t every = std::max<int64_t>(1, steps / plan.evaluations);
+  result.heldout_curve.points.emplace_back(
+      0, bits_per_character(model, heldout));
+  words::Progress progress(name, steps, every);
+  double window = 0;
+  int64_t window_count = 0;
+  std::vector<Batch> batches;
+  size_t next = 0;
+  for (int64_t step = 1; step <= steps; ++step) {
+    if (next == batches.size()) {
+      batches = train.batches(plan.batch, random, device);
+      next = 0;
+    }
+    const auto& batch = batches[next++];
+    // Warm up over the first 5% of the steps, then decay (cosine) to 10%.
+    const double progress_share =
+        static_cast<double>(step) / static_cast<double>(steps);
+    const double factor = progress_share < 0.05
+        ? progress_share / 0.05
+        : 0.1 + 0.45 * (1 + std::cos(M_PI * (progress_share - 0.05) / 0.95));
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options())
+          .lr(learning_rate * factor);
+    }
+    optimizer.zero_grad();
+    auto [loss, count] = batch_loss(model, batch);
+    loss.backward();
+    optimizer.step();
+    const double bits = loss.item<double>() / kLn2;
+    window += bits;
+    ++window_count;
+    progress.update(step, bits, batch.words);
+    // `evaluations` evenly spaced measurements, the last at the last step.
+    if (step * plan.evaluations / steps !=
+        (step - 1) * plan.evaluations / steps) {
+      result.train_curve.points.emplace_back(
+          step, window / static_cast<double>(window_count));
+      result.heldout_curve.points.emplace_back(
+          step, bits_per_character(model, heldout));
+      window = 0;
+      window_count = 0;
+    }
+  }
+  result.seconds = progress.elapsed();
+  result.heldout_bpc = result.heldout_curve.points.back().second;
+  return result;
+}
+
+/// Samples `count` words from `model`, one character at a time.
+std::vector<std::string> sample_words(
+    CharTransformer& model,
+    const words::Vocabulary& vocabulary,
+    int64_t count,
+    int64_t max_length,
+    torch::Device device) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  std::vector<std::string> result;
+  for (int64_t i = 0; i < count; ++i) {
+    auto ids = torch::zeros(
+        {1, 1}, torch::TensorOptions().dtype(torch::kLong).device(device));
+    std::string word;
+    for (int64_t t = 0; t + 1 < max_length; ++t) {
+      const auto logits = model(ids).select(1, -1) / 0.8;
+      const auto next = torch::multinomial(torch::softmax(logits, -1), 1);
+      const auto id = next.item<int64_t>();
+      if (id == 0) {
+        break;
+      }
+      word += vocabulary.character(id);
+      ids = torch::cat({ids, next}, 1);
+    }
+    result.push_back(word);
+  }
+  model->train();
+  return result;
+}
+
+std::vector<std::string> split_targets(const std::string& text) {
+  std::vector<std::string> targets;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    if (!item.empty()) {
+      targets.push_back(item);
+    }
+  }
+  return targets;
+}
+
+std::string megabytes(int64_t bytes) {
+  std::ostringstream text;
+  text << std::fixed << std::setprecision(bytes < 100000 ? 3 : 2)
+       << static_cast<double>(bytes) / 1e6 << " MB";
+  return text.str();
+}
+
+int run(const Settings& settings) {
+  const torch::Device device(settings.device);
+  torch::manual_seed(static_cast<uint64_t>(settings.seed));
+  std::mt19937 random(static_cast<unsigned>(settings.seed));
+  const auto out = fs::path(settings.out);
+  fs::create_directories(out);
+
+  // Data: every character of both lists is in the vocabulary, so that the
+  // base model and the adapted one share it.
+  auto english = words::read_list(
+      settings.data_dir + "/american-english", "wamerican", 24);
+  auto french = words::read_list(settings.data_dir + "/french", "wfrench", 24);
+  const words::Vocabulary vocabulary({&english, &french});
+  const auto plan = plan_for(settings, vocabulary.size());
+  std::shuffle(english.begin(), english.end(), random);
+  std::shuffle(french.begin(), french.end(), random);
+  const auto take =
+      [](const std::vector<std::string>& list, size_t from, size_t count) {
+        const auto end = std::min(list.size(), from + count);
+        return std::vector<std::string>(
+            list.begin() + static_cast<std::ptrdiff_t>(from),
+            list.begin() + static_cast<std::ptrdiff_t>(end));
+      };
+  const Dataset english_train(
+      take(english, plan.heldout, plan.english_train), vocabulary);
+  const Dataset french_train(
+      take(french, plan.heldout, plan.french_train), vocabulary);
+  const auto french_heldout = Dataset(take(french, 0, plan.heldout), vocabulary)
+                                  .batches(512, random, device);
+  std::cout << "data: " << english_train.size()
+            << " English words for the base model, " << french_train.size()
+            << " French words to adapt, " << plan.heldout
+            << " held-out French words; " << vocabulary.size()
+            << " characters\n";
+
+  // 1. The base model: trained once, then loaded from its checkpoint.
+  const auto checkpoint = (out / "base_model.pt").string();
+  CharTransformer base(plan.model);
+  base->to(device);
+  bool loaded = false;
+  if (fs::exists(checkpoint)) {
+    try {
+      torch::load(base, checkpoint, device);
+      loaded = true;
+      std::cout << "base model: loaded " << checkpoint << "\n";
+    } catch (const c10::Error&) {
+      std::cout << "base model: " << checkpoint
+                << " does not fit these settings; training again\n";
+    }
+  }
+  if (!loaded) {
+    std::cout << "base model: training on English words (saved to "
+              << checkpoint << ")\n";
+    const auto english_heldout =
+        Dataset(take(english, 0, plan.heldout), vocabulary)
+            .batches(512, random, device);
+    auto result = fine_tune(
+        "pretrain",
+        base,
+        english_train,
+        english_heldout,
+        plan.pretrain_steps,
+        3e-3,
+        plan,
+        random,
+        device);
+    std::cout << "base model: " << std::fixed << std::setprecision(3)
+              << result.heldout_bpc << " bits/char on held-out English words, "
+              << std::setprecision(1) << result.seconds << " s\n";
+    torch::save(base, checkpoint);
+  }
+  const double base_bpc = bits_per_character(base, french_heldout);
+  // The same fine-tuning whether the base model was trained or loaded.
+  torch::manual_seed(static_cast<uint64_t>(settings.seed) + 100);
+  random.seed(static_cast<unsigned>(settings.seed) + 100);
+  const int64_t fine_tune_steps = std::max<int64_t>(
+      1,
+      static_cast<int64_t>(std::ceil(
+          settings.epochs * static_cast<double>(french_train.size()) /
+          static_cast<double>(plan.batch))));
+
+  // 2. LoRA: load the checkpoint into a model, inject, train the adapters.
+  CharTransformer lora_model(plan.model);
+  lora_model->to(device);
+  torch::load(lora_model, checkpoint, device);
+  const auto paths = torchlora::inject_lora(
+      lora_model,
+      torchlora::LoRAConfig(settings.rank)
+          .alpha(settings.alpha)
+          .target_modules(split_targets(settings.targets)));
+  std::cout << std::defaultfloat << std::setprecision(6)
+            << "LoRA: r = " << settings.rank << ", alpha = " << settings.alpha
+            << " on " << paths.size() << " layers (" << settings.targets
+            << ")\n";
+  auto lora = fine_tune(
+      "LoRA",
+      lora_model,
+      french_train,
+      french_heldout,
+      fine_tune_steps,
+      settings.lora_lr,
+      plan,
+      random,
+      device);
+  torchlora::save_adapter(*lora_model, (out / "adapter").string());
+  lora.saved_bytes = static_cast<int64_t>(
+      fs::file_size(out / "adapter" / "adapter_model.safetensors"));
+
+  // 3. Full fine-tuning of a copy of the base model, for reference.
+  CharTransformer full_model(plan.model);
+  full_model->to(device);
+  torch::load(full_model, checkpoint, device);
+  auto full = fine_tune(
+      "full",
+      full_model,
+      french_train,
+      french_heldout,
+      fine_tune_steps,
+      settings.full_lr,
+      plan,
+      random,
+      device);
+  torch::save(full_model, (out / "full_model.pt").string());
+  full.saved_bytes = static_cast<int64_t>(fs::file_size(out / "full_model.pt"));
+
+  // Samples, then the merged model (a plain model with the adapter folded in).
+  torch::manual_seed(static_cast<uint64_t>(settings.seed) + 1);
+  const auto base_samples =
+      sample_words(base, vocabulary, 8, plan.model.max_length, device);
+  torchlora::merge_and_unload(lora_model);
+  torch::manual_seed(static_cast<uint64_t>(settings.seed) + 1);
+  const auto adapted_samples =
+      sample_words(lora_model, vocabulary, 8, plan.model.max_length, device);
+  torch::save(lora_model, (out / "merged_model.pt").string());
+  const double merged_bpc = bits_per_character(lora_model, french_heldout);
+
+  // Files: metrics.csv, loss.svg, samples.txt.
+  {
+    std::ofstream csv(out / "metrics.csv");
+    csv << "run,step,train_bits_per_char,heldout_bits_per_char\n";
+    for (const auto* result : {&lora, &full}) {
+      for (const auto& [step, bits] : result->heldout_curve.points) {
+        std::string train_bits;
+        for (const auto& [train_step, train_value] :
+             result->train_curve.points) {
+          if (train_step == step) {
+            train_bits = std::to_string(train_value);
+          }
+        }
+        csv << result->name << "," << static_cast<int64_t>(step) << ","
+            << train_bits << "," << bits << "\n";
+      }
+    }
+  }
+  lora.train_curve.label = "LoRA, training";
+  lora.heldout_curve.label = "LoRA, held-out";
+  full.train_curve.label = "full fine-tune, training";
+  full.heldout_curve.label = "full fine-tune, held-out";
+  lora.train_curve.color = lora.heldout_curve.color = "#d62728";
+  full.train_curve.color = full.heldout_curve.color = "#1f77b4";
+  lora.train_curve.dashed = full.train_curve.dashed = true;
+  words::write_svg(
+      (out / "loss.svg").string(),
+      "English word model adapted to French: bits per character",
+      {lora.train_curve,
+       lora.heldout_curve,
+       full.train_curve,
+       full.heldout_curve});
+  {
+    std::ofstream samples(out / "samples.txt");
+    samples << "base model (English):";
+    for (const auto& word : base_samples) {
+      samples << " " << word;
+    }
+    samples << "\nLoRA-adapted model (French):";
+    for (const auto& word : adapted_samples) {
+      samples << " " << word;
+    }
+    samples << "\n";
+  }
+
+  // The table.
+  std::cout << "\nheld-out French words, bits per character (lower is better)\n"
+            << std::left << std::setw(16) << "model" << std::right
+            << std::setw(10) << "bits/char" << std::setw(20)
+            << "trainable params" << std::setw(16) << "train state"
+            << std::setw(10) << "time" << std::setw(14) << "saved size"
+            << "\n";
+  std::cout << std::left << std::setw(16) << "base" << std::right << std::fixed
+            << std::setprecision(3) << std::setw(10) << base_bpc
+            << std::setw(20) << "-" << std::setw(16) << "-" << std::setw(10)
+            << "-" << std::setw(14)
+            << megabytes(static_cast<int64_t>(fs::file_size(checkpoint)))
+            << "\n";
+  for (const auto* result : {&lora, &full}) {
+    std::ostringstream share;
+    share << result->trainable << " (" << std::fixed << std::setprecision(2)
+          << 100.0 * static_cast<double>(result->trainable) /
+            static_cast<double>(result->total)
+          << "%)";
+    std::ostringstream seconds;
+    seconds << std::fixed << std::setprecision(1) << result->seconds << " s";
+    std::cout << std::left << std::setw(16)
+              << (result->name == "LoRA" ? "LoRA" : "full fine-tune")
+              << std::right << std::setw(10) << std::setprecision(3)
+              << result->heldout_bpc << std::setw(20) << share.str()
+              << std::setw(16) << megabytes(result->state_bytes)
+              << std::setw(10) << seconds.str() << std::setw(14)
+              << megabytes(result->saved_bytes) << "\n";
+  }
+  std::cout << "merged LoRA model: " << std::setprecision(3) << merged_bpc
+            << " bits/char\n"
+            << "samples, base:    ";
+  for (const auto& word : base_samples) {
+    std::cout << " " << word;
+  }
+  std::cout << "\nsamples, adapted: ";
+  for (const auto& word : adapted_samples) {
+    std::cout << " " << word;
+  }
+  std::cout
+      << "\nfiles in " << out.string()
+      << ": metrics.csv loss.svg samples.txt adapter/ merged_model.pt full_model.pt base_model.pt\n";
+  return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  Settings settings;
+  CLI::App app{
+      "Adapts an English character-level word model to French with LoRA (torchlora example)."};
+  app.add_option("--rank", settings.rank, "LoRA rank r")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--alpha", settings.alpha, "LoRA alpha (scaling alpha / r)")
+      ->capture_default_str();
+  app.add_option(
+         "--targets", settings.targets, "comma-separated module names to adapt")
+      ->capture_default_str();
+  app.add_option(
+         "--epochs", settings.epochs, "passes over the French training words")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--device", settings.device, "cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option(
+         "--data-dir",
+         settings.data_dir,
+         "folder with american-english and french")
+      ->capture_default_str();
+  app.add_option(
+      "--out",
+      settings.out,
+      "output folder (default runs/finetune_words, or runs/finetune_words_quick)");
+  app.add_option("--seed", settings.seed, "random seed")->capture_default_str();
+  app.add_option("--lora-lr", settings.lora_lr, "learning rate of the LoRA run")
+      ->capture_default_str();
+  app.add_option(
+         "--full-lr", settings.full_lr, "learning rate of full fine-tuning")
+      ->capture_default_str();
+  app.add_option(
+         "--pretrain-steps",
+         settings.pretrain_steps,
+         "steps of base training (0: default)")
+      ->capture_default_str();
+  app.add_flag(
+      "--quick",
+      settings.quick,
+      "a tiny run of a few seconds (the CTest test)");
+  CLI11_PARSE(app, argc, argv);
+  if (settings.out.empty()) {
+    settings.out =
+        settings.quick ? "runs/finetune_words_quick" : "runs/finetune_words";
+  }
+  if (settings.device == "cuda" && !torch::cuda::is_available()) {
+    std::cerr
+        << "finetune_words: --device cuda, but no CUDA device is available\n";
+    return 1;
+  }
+  try {
+    return run(settings);
+  } catch (const std::exception& error) {
+    std::cerr << "finetune_words: " << error.what() << "\n";
+    return 1;
+  }
+}
