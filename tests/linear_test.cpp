@@ -1,6 +1,7 @@
 // Tests of torchlora::LoRALinear (include/torchlora/linear.h).
 #include "test_support.h"
 
+#include <torchlora/detail/lora_linear_function.h>
 #include <torchlora/linear.h>
 #include <torchlora/parameters.h>
 
@@ -679,4 +680,115 @@ TEST_F(LoRALinearTest, ForwardBackwardAndMoves_CUDA) {
       reference_of(bf16, x.to(torch::kBFloat16)).cpu(),
       2e-2,
       2e-2));
+}
+
+// ------------------------------------------------- the fused forward/backward
+
+namespace {
+
+/// Gradients of sum(y * upstream) for the seed's formula by plain autograd,
+/// and by LoRALinearFunction with `fold`, all in float64.
+void expect_function_matches_reference(
+    int64_t rows,
+    int64_t in,
+    int64_t out,
+    bool bias,
+    bool fold,
+    bool base_trainable) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto x = torch::randn({rows, in}, options).requires_grad_(true);
+  const auto W =
+      torch::randn({out, in}, options).requires_grad_(base_trainable);
+  const auto b = bias
+      ? torch::randn({out}, options).requires_grad_(base_trainable)
+      : torch::empty({0}, options);
+  const auto A = torch::randn({3, in}, options).requires_grad_(true);
+  const auto B = torch::randn({out, 3}, options).requires_grad_(true);
+  const double s = 1.7;
+  const auto upstream = torch::randn({rows, out}, options);
+
+  const auto y =
+      torchlora::detail::LoRALinearFunction::apply(x, W, b, A, B, s, fold);
+  auto reference = x.matmul(W.t()) + s * x.matmul(A.t()).matmul(B.t());
+  if (bias) {
+    reference = reference + b;
+  }
+  EXPECT_TRUE(torch::allclose(y, reference, 1e-12, 1e-12)) << "fold=" << fold;
+
+  std::vector<torch::Tensor> inputs = {x, A, B};
+  if (base_trainable) {
+    inputs.push_back(W);
+    if (bias) {
+      inputs.push_back(b);
+    }
+  }
+  const auto fused = torch::autograd::grad({(y * upstream).sum()}, inputs);
+  const auto expected =
+      torch::autograd::grad({(reference * upstream).sum()}, inputs);
+  const char* names[] = {"x", "A", "B", "W", "b"};
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(fused[i], expected[i], 1e-12, 1e-12))
+        << "gradient of " << names[i] << ", fold=" << fold << ", bias=" << bias;
+  }
+}
+
+} // namespace
+
+TEST_F(LoRALinearTest, TheFusedFunctionMatchesAutogradOfTheReferenceInFloat64) {
+  for (const bool fold : {false, true}) {
+    for (const bool bias : {true, false}) {
+      for (const bool base_trainable : {false, true}) {
+        expect_function_matches_reference(
+            40, 12, 9, bias, fold, base_trainable);
+        expect_function_matches_reference(3, 7, 12, bias, fold, base_trainable);
+      }
+    }
+  }
+}
+
+TEST_F(LoRALinearTest, BothStrategiesAreChosenAndAgree) {
+  using torchlora::detail::fold_adapter_into_weight;
+  EXPECT_TRUE(fold_adapter_into_weight(2048, 1024, 1024, torch::kFloat32));
+  EXPECT_FALSE(fold_adapter_into_weight(16, 1024, 1024, torch::kFloat32));
+  EXPECT_FALSE(fold_adapter_into_weight(8192, 4096, 4096, torch::kBFloat16));
+  EXPECT_FALSE(fold_adapter_into_weight(8192, 4096, 4096, torch::kFloat16));
+  EXPECT_TRUE(fold_adapter_into_weight(8192, 4096, 4096, torch::kFloat64));
+
+  // A layer whose inputs take one path or the other, gradients included.
+  LoRALinear layer(
+      torch::nn::Linear(8, 6), LoRAOptions(2).alpha(3).init(LoRAInit::random));
+  layer->to(torch::kFloat64);
+  for (const int64_t rows : {2, 64}) {
+    const auto x =
+        torch::randn({rows, 8}, torch::kFloat64).requires_grad_(true);
+    const auto upstream = torch::randn({rows, 6}, torch::kFloat64);
+    const auto y = layer(x);
+    EXPECT_TRUE(torch::allclose(y, reference_of(layer, x), 1e-12, 1e-12))
+        << rows;
+    const auto grads = torch::autograd::grad(
+        {(y * upstream).sum()}, {x, A_of(layer), B_of(layer)});
+    const auto A = A_of(layer).detach().requires_grad_(true);
+    const auto B = B_of(layer).detach().requires_grad_(true);
+    const auto expected = torch::autograd::grad(
+        {(reference_forward(
+              x, layer->weight, layer->bias, A, B, layer->scaling("default")) *
+          upstream)
+             .sum()},
+        {x, A, B});
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_TRUE(torch::allclose(grads[i], expected[i], 1e-12, 1e-12))
+          << rows << " " << i;
+    }
+  }
+}
+
+TEST_F(LoRALinearTest, AFreshAdapterIsANoOpOnTheFoldedPathToo) {
+  torch::nn::Linear base(32, 16);
+  LoRALinear layer(base, LoRAOptions(4));
+  const auto x = torch::randn({128, 32}); // folded: 128 rows of 32 -> 16
+  ASSERT_TRUE(torchlora::detail::fold_adapter_into_weight(
+      128, 32, 16, torch::kFloat32));
+  EXPECT_TRUE(torch::equal(layer(x), base(x)));
+  const auto x3 = torch::randn({4, 32, 32});
+  EXPECT_TRUE(torch::equal(layer(x3), base(x3)));
 }

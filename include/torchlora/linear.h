@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/lora_linear_function.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
 #include <torchlora/options.h>
@@ -417,7 +418,8 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
 
   /// `x W^T + b` plus each active adapter's scaled low-rank product; just
   /// `x W^T + b` when merged or disabled. `input` has any number of leading
-  /// dimensions; its last one must be `in_features`.
+  /// dimensions; its last one must be `in_features`. One active adapter
+  /// without dropout work takes a fused path (see LoRALinearFunction).
   torch::Tensor forward(const torch::Tensor& input) {
     TORCH_CHECK(
         input.dim() >= 1 && input.size(-1) == options.in_features(),
@@ -430,10 +432,26 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       return torch::nn::functional::linear(input, weight, bias);
     }
     const auto x = input.reshape({-1, options.in_features()});
-    auto y = torch::nn::functional::linear(x, weight, bias);
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        add_adapter_output(adapter, x, y);
+    torch::Tensor y;
+    if (const auto* adapter = fast_path_adapter(x)) {
+      y = detail::LoRALinearFunction::apply(
+          x,
+          weight,
+          bias.defined() ? bias : x.new_empty({0}),
+          adapter->A->weight,
+          adapter->B->weight,
+          adapter->effective_scaling(),
+          detail::fold_adapter_into_weight(
+              x.size(0),
+              options.in_features(),
+              options.out_features(),
+              x.scalar_type()));
+    } else {
+      y = torch::nn::functional::linear(x, weight, bias);
+      for (const auto& adapter : adapters_) {
+        if (adapter.active) {
+          add_adapter_output(adapter, x, y);
+        }
       }
     }
     auto sizes = input.sizes().vec();
@@ -670,6 +688,28 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     to.set_data(
         device && from.device() != *device ? from.to(*device) : from.clone());
     to.set_requires_grad(from.requires_grad());
+  }
+
+  /// The one active adapter when the fused path applies: a single active
+  /// adapter in the input's dtype whose dropout does nothing now; else null.
+  const detail::LinearAdapter* fast_path_adapter(const torch::Tensor& x) const {
+    const detail::LinearAdapter* found = nullptr;
+    for (const auto& adapter : adapters_) {
+      if (!adapter.active) {
+        continue;
+      }
+      if (found != nullptr) {
+        return nullptr;
+      }
+      found = &adapter;
+    }
+    if (found == nullptr ||
+        (found->options.dropout() > 0 && this->is_training()) ||
+        found->A->weight.scalar_type() != x.scalar_type() ||
+        weight.scalar_type() != x.scalar_type()) {
+      return nullptr;
+    }
+    return found;
   }
 
   /// y += scaling * (dropout(x) A^T) B^T, with the scale and the add fused
