@@ -1,0 +1,97 @@
+#pragma once
+// Training memory of LoRA against full fine-tuning: a stack of 8 Linear
+// layers 1024 wide (with ReLU between, whose activations autograd keeps)
+// trained for a few Adam steps. Counted everywhere: bytes of parameters,
+// gradients and optimizer state; on CUDA also the allocator's peak.
+
+#include "report.h"
+
+#include <torchlora/torchlora.h>
+
+#if defined(TORCHLORA_BENCH_CUDA_STATS)
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include <string>
+#include <vector>
+
+namespace bench {
+
+inline int64_t bytes_of(const torch::Tensor& tensor) {
+  return tensor.defined()
+      ? tensor.numel() * static_cast<int64_t>(tensor.element_size())
+      : 0;
+}
+
+inline MemoryRow train_and_measure(torch::Device device, bool lora) {
+  torch::manual_seed(0);
+  torch::nn::Sequential model;
+  for (int i = 0; i < 8; ++i) {
+    model->push_back(torch::nn::Linear(1024, 1024));
+    model->push_back(torch::nn::ReLU());
+  }
+  model->to(device);
+  if (lora) {
+    torchlora::inject_lora(
+        model,
+        torchlora::LoRAConfig(8).alpha(16).target_modules({"all-linear"}));
+  }
+  std::vector<torch::Tensor> trainable;
+  for (const auto& parameter : model->parameters()) {
+    if (parameter.requires_grad()) {
+      trainable.push_back(parameter);
+    }
+  }
+#if defined(TORCHLORA_BENCH_CUDA_STATS)
+  if (device.is_cuda()) {
+    torch::cuda::synchronize();
+    c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+  }
+#endif
+  torch::optim::Adam optimizer(trainable, torch::optim::AdamOptions(1e-4));
+  const auto x =
+      torch::randn({256, 1024}, torch::TensorOptions().device(device));
+  for (int step = 0; step < 3; ++step) {
+    optimizer.zero_grad();
+    model->forward(x).pow(2).mean().backward();
+    optimizer.step();
+  }
+  MemoryRow row;
+  row.device = device.is_cuda() ? "cuda" : "cpu";
+  row.method = lora ? "LoRA r=8" : "full fine-tune";
+  for (const auto& parameter : model->parameters()) {
+    row.parameter_bytes += bytes_of(parameter);
+    row.gradient_bytes += bytes_of(parameter.grad());
+  }
+  for (const auto& item : optimizer.state()) {
+    const auto& state =
+        static_cast<const torch::optim::AdamParamState&>(*item.second);
+    row.optimizer_bytes += bytes_of(state.exp_avg()) +
+        bytes_of(state.exp_avg_sq()) + bytes_of(state.max_exp_avg_sq());
+  }
+#if defined(TORCHLORA_BENCH_CUDA_STATS)
+  if (device.is_cuda()) {
+    torch::cuda::synchronize();
+    row.peak_bytes = c10::cuda::CUDACachingAllocator::getDeviceStats(0)
+                         .allocated_bytes[0]
+                         .peak;
+  }
+#endif
+  return row;
+}
+
+/// LoRA and full fine-tuning on the CPU, and on CUDA when present.
+inline std::vector<MemoryRow> memory_rows() {
+  std::vector<MemoryRow> rows;
+  std::vector<torch::Device> devices = {torch::kCPU};
+  if (torch::cuda::is_available()) {
+    devices.emplace_back(torch::kCUDA);
+  }
+  for (const auto& device : devices) {
+    rows.push_back(train_and_measure(device, false));
+    rows.push_back(train_and_measure(device, true));
+  }
+  return rows;
+}
+
+} // namespace bench
