@@ -79,3 +79,16 @@ function(torchlora_find_gtest)
     add_library(GTest::gtest_main ALIAS gtest_main)
   endif()
 endfunction()
+
+# A dependency of an example or benchmark is missing: an error where the
+# build promises everything (TORCHLORA_REQUIRE_ALL_DEPS, on in the presets
+# that CI uses), else a warning and the target is left out.
+option(TORCHLORA_REQUIRE_ALL_DEPS
+  "Fail when a dependency of an example or benchmark is missing" OFF)
+function(torchlora_missing_dependency text)
+  if(TORCHLORA_REQUIRE_ALL_DEPS)
+    message(FATAL_ERROR "torchlora: ${text}")
+  else()
+    message(WARNING "torchlora: ${text}")
+  endif()
+endfunction()
