@@ -17,6 +17,7 @@ using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
 using torchlora_test::expect_unchanged;
+using torchlora_test::module_tree;
 using torchlora_test::snapshot;
 namespace fs = std::filesystem;
 
@@ -79,14 +80,6 @@ nlohmann::json read_json(const std::string& path) {
 
 void write_json(const std::string& path, const nlohmann::json& json) {
   std::ofstream(path) << json.dump(2);
-}
-
-std::vector<std::string> module_tree(const torch::nn::Module& model) {
-  std::vector<std::string> tree;
-  model.apply([&](const std::string& name, const torch::nn::Module& module) {
-    tree.push_back(name + ":" + module.name());
-  });
-  return tree;
 }
 
 } // namespace

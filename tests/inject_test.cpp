@@ -14,6 +14,7 @@ using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
 using torchlora_test::expect_unchanged;
+using torchlora_test::module_tree;
 using torchlora_test::snapshot;
 
 namespace {
@@ -165,14 +166,6 @@ void expect_injection_takes_effect(
     ASSERT_NE(after, nullptr) << name;
     EXPECT_TRUE(torch::equal(*after, tensor)) << name << " changed";
   }
-}
-
-std::vector<std::string> module_tree(const torch::nn::Module& model) {
-  std::vector<std::string> tree;
-  model.apply([&](const std::string& name, const torch::nn::Module& module) {
-    tree.push_back(name + ":" + module.name());
-  });
-  return tree;
 }
 
 } // namespace

@@ -7,6 +7,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace torchlora_test {
 
@@ -64,6 +65,15 @@ inline void expect_unchanged(
     EXPECT_TRUE(same_values(state.values, found->second.values)) << name;
     EXPECT_EQ(state.requires_grad, found->second.requires_grad) << name;
   }
+}
+
+/// "path:type" of every module of `model`, to compare module trees.
+inline std::vector<std::string> module_tree(const torch::nn::Module& model) {
+  std::vector<std::string> tree;
+  model.apply([&](const std::string& name, const torch::nn::Module& module) {
+    tree.push_back(name + ":" + module.name());
+  });
+  return tree;
 }
 
 } // namespace torchlora_test

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/config.h>
+#include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/inject.h>
@@ -25,7 +26,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -72,41 +72,6 @@ inline std::string regex_escape(const std::string& text) {
     escaped += c;
   }
   return escaped;
-}
-
-/// Writes `text` to `path` through a file next to it and a rename.
-inline void write_text_file(const std::string& path, const std::string& text) {
-  namespace fs = std::filesystem;
-  std::random_device random;
-  const auto temporary = path + ".tmp-" + std::to_string(random());
-  std::error_code error;
-  {
-    std::ofstream out(temporary, std::ios::trunc);
-    TORCH_CHECK(
-        out.good(),
-        "torchlora: cannot write '",
-        temporary,
-        "': ",
-        std::strerror(errno));
-    out << text;
-    out.close();
-    if (!out.good()) {
-      fs::remove(temporary, error);
-      TORCH_CHECK(
-          false, "torchlora: writing '", path, "' failed (a short write)");
-    }
-  }
-  fs::rename(temporary, path, error);
-  if (error) {
-    const auto message = error.message();
-    fs::remove(temporary, error);
-    TORCH_CHECK(
-        false,
-        "torchlora: cannot move the new file to '",
-        path,
-        "': ",
-        message);
-  }
 }
 
 /// The most frequent value of `values` (the first one on a tie).
@@ -641,9 +606,9 @@ inline void save_adapter(
       (std::filesystem::path(folder) / "adapter_model.safetensors").string(),
       tensors,
       {{"format", "pt"}});
-  detail::write_text_file(
+  detail::write_file_atomically(
       (std::filesystem::path(folder) / "adapter_config.json").string(),
-      config.dump(2) + "\n");
+      [&](std::ostream& out) { out << config.dump(2) << "\n"; });
 }
 
 /// `save_adapter` with the adapter name, `modules_to_save` and bias mode of

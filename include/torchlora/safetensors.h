@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/safetensors_format.h>
 
 #include <torch/ordered_dict.h>
@@ -14,7 +15,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -244,58 +244,8 @@ inline void save(
     const std::string& path,
     const Tensors& tensors,
     const Metadata& metadata = {}) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  std::error_code error;
-  if (target.has_parent_path()) {
-    fs::create_directories(target.parent_path(), error);
-    TORCH_CHECK(
-        !error,
-        "torchlora: cannot create folder '",
-        target.parent_path().string(),
-        "' for '",
-        path,
-        "': ",
-        error.message());
-  }
-  std::random_device random;
-  const auto temporary = target.string() + ".tmp-" + std::to_string(random());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(
-        out.good(),
-        "torchlora: cannot write '",
-        temporary,
-        "': ",
-        std::strerror(errno));
-    try {
-      detail::write(out, tensors, metadata);
-    } catch (...) {
-      out.close();
-      fs::remove(temporary, error);
-      throw;
-    }
-    out.close();
-    if (!out.good()) {
-      fs::remove(temporary, error);
-      TORCH_CHECK(
-          false,
-          "torchlora: writing '",
-          path,
-          "' failed (a short write: is the disk full?)");
-    }
-  }
-  fs::rename(temporary, target, error);
-  if (error) {
-    const auto message = error.message();
-    fs::remove(temporary, error);
-    TORCH_CHECK(
-        false,
-        "torchlora: cannot move the new file to '",
-        path,
-        "': ",
-        message);
-  }
+  torchlora::detail::write_file_atomically(
+      path, [&](std::ostream& out) { detail::write(out, tensors, metadata); });
 }
 
 } // namespace safetensors
