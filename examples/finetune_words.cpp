@@ -2,7 +2,8 @@
 //
 //   scripts/run-example.sh            (builds and runs this, as in the README)
 //   build/default/examples/finetune_words [--rank 8] [--alpha 16]
-//       [--targets q_proj,v_proj] [--epochs 3] [--device cpu|cuda]
+//       [--targets q_proj,v_proj] [--modules-to-save head] [--epochs 3]
+//       [--device cpu|cuda]
 //       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
 //       [--quick]
 //
@@ -42,6 +43,7 @@ struct Settings {
   int64_t rank = 8;
   double alpha = 16;
   std::string targets = "q_proj,v_proj";
+  std::string modules_to_save; // comma-separated, trained in full with LoRA
   double epochs = 3;
   std::string device = "cpu";
   std::string data_dir = "/usr/share/dict";
@@ -358,15 +360,19 @@ int run(const Settings& settings) {
   CharTransformer lora_model(plan.model);
   lora_model->to(device);
   torch::load(lora_model, checkpoint, device);
-  const auto paths = torchlora::inject_lora(
-      lora_model,
+  const auto config =
       torchlora::LoRAConfig(settings.rank)
           .alpha(settings.alpha)
-          .target_modules(split_targets(settings.targets)));
+          .target_modules(split_targets(settings.targets))
+          .modules_to_save(split_targets(settings.modules_to_save));
+  const auto paths = torchlora::inject_lora(lora_model, config);
   std::cout << std::defaultfloat << std::setprecision(6)
             << "LoRA: r = " << settings.rank << ", alpha = " << settings.alpha
-            << " on " << paths.size() << " layers (" << settings.targets
-            << ")\n";
+            << " on " << paths.size() << " layers (" << settings.targets << ")";
+  if (!settings.modules_to_save.empty()) {
+    std::cout << ", trained in full: " << settings.modules_to_save;
+  }
+  std::cout << "\n";
   auto lora = fine_tune(
       "LoRA",
       lora_model,
@@ -377,7 +383,8 @@ int run(const Settings& settings) {
       plan,
       random,
       device);
-  torchlora::save_adapter(*lora_model, (out / "adapter").string());
+  // The config carries modules_to_save, which the adapter file must hold.
+  torchlora::save_adapter(*lora_model, (out / "adapter").string(), config);
   lora.saved_bytes = static_cast<int64_t>(
       fs::file_size(out / "adapter" / "adapter_model.safetensors"));
 
@@ -513,6 +520,10 @@ int main(int argc, char** argv) {
   app.add_option(
          "--targets", settings.targets, "comma-separated module names to adapt")
       ->capture_default_str();
+  app.add_option(
+      "--modules-to-save",
+      settings.modules_to_save,
+      "comma-separated modules trained in full next to the adapters");
   app.add_option(
          "--epochs", settings.epochs, "passes over the French training words")
       ->capture_default_str()
