@@ -235,6 +235,42 @@ TEST_F(AdapterIoTest, ModulesToSaveAndBiasesTravelWithTheAdapter) {
   EXPECT_TRUE(pair.fresh->named_parameters()["q_proj.bias"].requires_grad());
 }
 
+TEST_F(AdapterIoTest, TrainableParametersLeftOutOfTheFileAreNamedInAWarning) {
+  Net model;
+  const auto config = LoRAConfig(2)
+                          .target_modules({"q_proj"})
+                          .modules_to_save({"cls"})
+                          .bias(torchlora::LoRABias::lora_only);
+  torchlora::inject_lora(model, config);
+
+  // Without the config, the head and q_proj's bias would be lost silently.
+  ::testing::internal::CaptureStderr();
+  torchlora::save_adapter(*model, dir + "/without");
+  const auto without = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(
+      without.find(
+          "torchlora: save_adapter: 3 trainable parameter(s) are not saved "
+          "(q_proj.bias, heads.cls.weight, heads.cls.bias); name their "
+          "modules in modules_to_save"),
+      std::string::npos)
+      << without;
+
+  ::testing::internal::CaptureStderr();
+  torchlora::save_adapter(*model, dir + "/with", config);
+  EXPECT_EQ(
+      ::testing::internal::GetCapturedStderr().find("are not saved"),
+      std::string::npos);
+
+  // A second adapter's weights are saved on their own: no warning for them.
+  torchlora::inject_lora(
+      model, LoRAConfig(2).target_modules({"v_proj"}).adapter_name("other"));
+  ::testing::internal::CaptureStderr();
+  torchlora::save_adapter(*model, dir + "/with", config);
+  EXPECT_EQ(
+      ::testing::internal::GetCapturedStderr().find("are not saved"),
+      std::string::npos);
+}
+
 TEST_F(AdapterIoTest, APeftStyleConfigWithShortNamesLoads) {
   // As Python peft writes it: short target names, patterns, extra fields.
   Net source;

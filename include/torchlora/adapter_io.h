@@ -406,6 +406,47 @@ inline nlohmann::ordered_json read_json_file(const std::string& path) {
   return {};
 }
 
+/// Warns, naming a few, about the trainable parameters of `model` that are
+/// not among `saved` and are not adapter weights (other adapters are saved
+/// on their own): training them and then losing them is rarely meant.
+inline void warn_about_unsaved_trainables(
+    const torch::nn::Module& model,
+    const safetensors::Tensors& saved) {
+  std::set<const void*> saved_data;
+  for (const auto& item : saved) {
+    saved_data.insert(item.value().data_ptr());
+  }
+  std::vector<std::string> unsaved;
+  for (const auto& item : model.named_parameters()) {
+    const auto& key = item.key();
+    const bool adapter_weight = key.rfind("lora_A.", 0) == 0 ||
+        key.rfind("lora_B.", 0) == 0 ||
+        key.find(".lora_A.") != std::string::npos ||
+        key.find(".lora_B.") != std::string::npos;
+    if (item.value().requires_grad() && !adapter_weight &&
+        saved_data.count(item.value().data_ptr()) == 0) {
+      unsaved.push_back(key);
+    }
+  }
+  if (unsaved.empty()) {
+    return;
+  }
+  std::string names;
+  for (size_t i = 0; i < unsaved.size() && i < 3; ++i) {
+    names += (i ? ", " : "") + unsaved[i];
+  }
+  if (unsaved.size() > 3) {
+    names += ", ...";
+  }
+  TORCH_WARN(
+      "torchlora: save_adapter: ",
+      unsaved.size(),
+      " trainable parameter(s) are not saved (",
+      names,
+      "); name their modules in modules_to_save, or pass the LoRAConfig "
+      "the model was injected with");
+}
+
 /// A tensor the adapter file must hold: where it goes and its shape.
 struct ExpectedTensor {
   torch::Tensor target; // undefined until the adapter exists
@@ -437,7 +478,10 @@ inline std::string shape_text(const std::vector<int64_t>& shape) {
 /// `rank_pattern` and `alpha_pattern`, anchored to their paths.
 /// `modules_to_save` are saved whole (parameters and buffers) under their
 /// plain keys, biases under peft's keys (`<path>.base_layer.bias` for an
-/// adapted layer). Run-time scales (`set_scale`) are not saved.
+/// adapted layer). Run-time scales (`set_scale`) are not saved. Trainable
+/// parameters that the file would leave out (a module trained in full but
+/// not named in `modules_to_save`, say) are named in a warning: pass the
+/// `LoRAConfig` the model was injected with to save what it trains.
 ///
 /// Example:
 /// ```
@@ -531,6 +575,8 @@ inline void save_adapter(
       tensors.insert(detail::kPeftPrefix + key, tensor.detach());
     }
   }
+
+  detail::warn_about_unsaved_trainables(model, tensors);
 
   const auto rank = detail::most_common(ranks);
   const auto alpha = detail::most_common(alphas);
