@@ -2,7 +2,9 @@
 #   MODE=find_package      install the build tree to a prefix, find_package it
 #   MODE=add_subdirectory  add the source tree with add_subdirectory
 # Other variables: TORCHLORA_SOURCE_DIR, TORCHLORA_BINARY_DIR,
-# CONSUMER_SOURCE_DIR, WORK_DIR, Torch_DIR, CXX_COMPILER, GENERATOR.
+# CONSUMER_SOURCE_DIR, WORK_DIR, Torch_DIR, CXX_COMPILER, GENERATOR, and
+# CUDA_COMPILER (empty without CUDA: a CUDA LibTorch's CMake config needs
+# nvcc at configure time, so the consumer gets the one the build found).
 
 cmake_minimum_required(VERSION 3.18)
 function(run_step what)
@@ -20,6 +22,9 @@ set(configure_args
   -DCMAKE_BUILD_TYPE=Release
   -DCMAKE_CXX_COMPILER=${CXX_COMPILER}
   -DTorch_DIR=${Torch_DIR})
+if(CUDA_COMPILER)
+  list(APPEND configure_args "-DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}")
+endif()
 
 if(MODE STREQUAL "find_package")
   run_step("install" "${CMAKE_COMMAND}" --install "${TORCHLORA_BINARY_DIR}"

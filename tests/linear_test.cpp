@@ -589,7 +589,11 @@ TEST_F(LoRALinearTest, NonFloatingAdapterDtypeIsAnError) {
   const auto before = snapshot(*base);
   EXPECT_TORCHLORA_ERROR(
       LoRALinear(base, LoRAOptions(2).dtype(torch::kInt64)),
-      "adapter dtype must be a floating-point type, got Long");
+      "adapter dtype must be float32, float64, float16 or bfloat16, got Long");
+  EXPECT_TORCHLORA_ERROR(
+      LoRALinear(base, LoRAOptions(2).dtype(torch::kComplexFloat)),
+      "adapter dtype must be float32, float64, float16 or bfloat16, got "
+      "ComplexFloat");
   expect_unchanged(before, *base);
 }
 

@@ -92,10 +92,15 @@ inline void check_lora_options(const LoRAOptions& options) {
       options.dropout() >= 0 && options.dropout() < 1,
       "torchlora: dropout must be in [0, 1), got ",
       options.dropout());
+  // Not c10::isFloatingType: newer LibTorch counts float8 types too, which
+  // have no matrix products to train with.
+  const auto dtype = options.dtype();
   TORCH_CHECK(
-      !options.dtype() || c10::isFloatingType(*options.dtype()),
-      "torchlora: adapter dtype must be a floating-point type, got ",
-      options.dtype() ? c10::toString(*options.dtype()) : "none");
+      !dtype || *dtype == torch::kFloat32 || *dtype == torch::kFloat64 ||
+          *dtype == torch::kFloat16 || *dtype == torch::kBFloat16,
+      "torchlora: adapter dtype must be float32, float64, float16 or "
+      "bfloat16, got ",
+      dtype ? c10::toString(*dtype) : "none");
 }
 
 } // namespace detail
