@@ -150,9 +150,8 @@ inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
   if (bias == LoRABias::all) {
     for (const auto& item : model.named_parameters()) {
       const auto& key = item.key();
-      const bool is_bias = key == "bias" ||
-          (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0);
-      if (!is_bias || !seen.insert(item.value().unsafeGetTensorImpl()).second) {
+      if (!is_bias_name(key) ||
+          !seen.insert(item.value().unsafeGetTensorImpl()).second) {
         continue;
       }
       const auto path =
@@ -456,14 +455,6 @@ struct ExpectedTensor {
   /// The key found in the file.
   std::string file_key = "";
 };
-
-inline std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string text = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    text += (i ? ", " : "") + std::to_string(shape[i]);
-  }
-  return text + "]";
-}
 
 } // namespace detail
 
@@ -789,16 +780,16 @@ inline void load_adapter(
         "torchlora: load_adapter: the file has no tensor \"",
         key,
         "\" (the model needs one of shape ",
-        detail::shape_text(want.shape),
+        c10::IntArrayRef(want.shape),
         ")");
     TORCH_CHECK(
         found->sizes().vec() == want.shape,
         "torchlora: load_adapter: tensor \"",
         want.file_key,
         "\" has shape ",
-        detail::shape_text(found->sizes().vec()),
+        found->sizes(),
         " in the file, but the model needs ",
-        detail::shape_text(want.shape));
+        c10::IntArrayRef(want.shape));
     TORCH_CHECK(
         found->is_floating_point() ||
             (want.target.defined() && !want.target.is_floating_point()),
@@ -814,7 +805,7 @@ inline void load_adapter(
         "torchlora: load_adapter: the file's tensor \"",
         item.key(),
         "\" (shape ",
-        detail::shape_text(item.value().sizes().vec()),
+        item.value().sizes(),
         ") matches nothing in the model: no adapted module, module to save "
         "or bias has that key");
   }

@@ -144,9 +144,7 @@ inline std::vector<PlannedLayer> plan_injection(
           config.adapter_name(),
           "\"; give the new one another adapter_name");
     }
-    auto options = matcher.options_for(path);
-    detail::check_lora_options(options);
-    planned.push_back(PlannedLayer{&entry, options});
+    planned.push_back(PlannedLayer{&entry, matcher.options_for(path)});
   }
 
   TORCH_CHECK(

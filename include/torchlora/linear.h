@@ -347,7 +347,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   /// is computed in fp32 for fp16/bf16 weights. Merging a merged layer, or
   /// one without active adapters, changes nothing.
   void merge(bool safe = false) override {
-    if (merged_ || active_adapters().empty()) {
+    if (merged_ || !has_active_adapter()) {
       return;
     }
     TORCH_CHECK(
@@ -518,10 +518,9 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     auto copy = std::make_shared<LoRALinearImplT>(BaseHolder(base_copy));
     for (const auto& adapter : adapters_) {
       copy->add_adapter(adapter.name, adapter.options);
-      const auto& target = copy->adapters_.back();
-      auto& target_state = copy->adapters_.back();
-      target_state.scale = adapter.scale;
-      target_state.active = adapter.active;
+      auto& target = copy->adapters_.back();
+      target.scale = adapter.scale;
+      target.active = adapter.active;
       copy_tensor(adapter.A->weight, target.A->weight, device);
       copy_tensor(adapter.B->weight, target.B->weight, device);
     }

@@ -80,6 +80,16 @@ inline const char* to_string(LoRABias bias) {
   return "unknown";
 }
 
+namespace detail {
+
+/// Whether a parameter name is a bias: "bias" or "<path>.bias".
+inline bool is_bias_name(const std::string& name) {
+  return name == "bias" ||
+      (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0);
+}
+
+} // namespace detail
+
 /// Freezes every parameter of `module` except the active LoRA adapters and
 /// the biases that `bias` names.
 ///
@@ -109,8 +119,7 @@ inline void mark_only_lora_as_trainable(
     const auto& name = item.key();
     auto& parameter = item.value();
     const void* key = parameter.unsafeGetTensorImpl();
-    const bool is_bias = name == "bias" ||
-        (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0);
+    const bool is_bias = detail::is_bias_name(name);
     const bool trainable = adapters.count(key) > 0 ||
         (is_bias && bias == LoRABias::all) ||
         (bias == LoRABias::lora_only && adapted_biases.count(key) > 0);

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/config.h>
+#include <torchlora/detail/text.h>
 #include <torchlora/options.h>
 
 #include <c10/util/Exception.h>
@@ -177,11 +178,8 @@ class TargetMatcher {
     if (!config_.target_regex().empty()) {
       return "target_regex \"" + config_.target_regex() + "\"";
     }
-    std::string text = "target_modules {";
-    for (size_t i = 0; i < config_.target_modules().size(); ++i) {
-      text += (i ? ", \"" : "\"") + config_.target_modules()[i] + "\"";
-    }
-    return text + "}";
+    return "target_modules {" + detail::quoted_list(config_.target_modules()) +
+        "}";
   }
 
   const LoRAConfig& config() const {

@@ -33,7 +33,8 @@ inline bool fold_adapter_into_weight(
 ///
 /// - folded (`fold` true): y = x (W + s B A)^T + b, one weight-sized GEMM
 ///   instead of two passes over the activations; the backward recomputes
-///   the folded weight, or keeps it when it is no larger than x.
+///   the folded weight, or keeps it when x needs a gradient and it is no larger
+///   than x.
 /// - activations: y = x W^T + b, then y += s (x A^T) B^T as one `addmm_`
 ///   (beta 1, alpha s); the backward keeps x and x A^T, and adds
 ///   s (g B) A into the input gradient with one more `addmm_`.
@@ -58,13 +59,14 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
     if (fold) {
       const auto folded = torch::addmm(W, B, A, /*beta=*/1, /*alpha=*/scaling);
       y = has_bias ? torch::addmm(b, x, folded.t()) : x.mm(folded.t());
-      if (W.size(0) <= x.size(0)) {
+      // Kept for dx only, and only when no larger than x.
+      if (x.requires_grad() && W.size(0) <= x.size(0)) {
         saved_weight = folded;
       }
     } else {
       y = has_bias ? torch::addmm(b, x, W.t()) : x.mm(W.t());
       xA_t = A.mm(x.t());
-      y.addmm_(xA_t.t().contiguous(), B.t(), /*beta=*/1, /*alpha=*/scaling);
+      y.addmm_(xA_t.t(), B.t(), /*beta=*/1, /*alpha=*/scaling);
     }
     ctx->save_for_backward({x, W, A, B, saved_weight, xA_t});
     ctx->saved_data["scaling"] = scaling;
@@ -84,9 +86,15 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
     const bool fold = ctx->saved_data["fold"].toBool();
     const auto g = grad_outputs[0].contiguous();
 
-    // (g B)^T and (x A^T)^T as [r, rows]: the orientation BLAS does fastest.
-    const auto gB_t = B.t().mm(g.t());
-    const auto xA_t = saved[5].defined() ? saved[5] : A.mm(x.t());
+    // (g B)^T and (x A^T)^T as [r, rows] (the orientation BLAS does
+    // fastest), each only where a gradient needs it.
+    const bool needs_gB =
+        ctx->needs_input_grad(3) || (!fold && ctx->needs_input_grad(0));
+    const auto gB_t = needs_gB ? B.t().mm(g.t()) : torch::Tensor();
+    torch::Tensor xA_t;
+    if (ctx->needs_input_grad(4)) {
+      xA_t = saved[5].defined() ? saved[5] : A.mm(x.t());
+    }
 
     torch::Tensor grad_x;
     if (ctx->needs_input_grad(0)) {
