@@ -62,6 +62,18 @@ namespace detail {
 /// The peft key prefix of every tensor in an adapter file.
 constexpr const char* kPeftPrefix = "base_model.model.";
 
+/// peft's file key of matrix `matrix` ("A" or "B") of the layer at `path`.
+inline std::string peft_lora_key(const std::string& path, const char* matrix) {
+  return kPeftPrefix + path + ".lora_" + matrix + ".weight";
+}
+
+/// A LoRA layer's parameter name of matrix `matrix` of adapter `name`.
+inline std::string lora_parameter_name(
+    const char* matrix,
+    const std::string& name) {
+  return std::string("lora_") + matrix + "." + name + ".weight";
+}
+
 /// `text` with every regex special character escaped.
 inline std::string regex_escape(const std::string& text) {
   std::string escaped;
@@ -505,10 +517,11 @@ inline void save_adapter(
   for (const auto& [path, layer] : layers) {
     auto* module = dynamic_cast<torch::nn::Module*>(layer);
     const auto params = module->named_parameters();
-    const auto A = params["lora_A." + name + ".weight"];
-    const auto B = params["lora_B." + name + ".weight"];
-    tensors.insert(detail::kPeftPrefix + path + ".lora_A.weight", A.detach());
-    tensors.insert(detail::kPeftPrefix + path + ".lora_B.weight", B.detach());
+    for (const char* matrix : {"A", "B"}) {
+      tensors.insert(
+          detail::peft_lora_key(path, matrix),
+          params[detail::lora_parameter_name(matrix, name)].detach());
+    }
     const auto* lora_linear = dynamic_cast<LoRALinearImpl*>(layer);
     TORCH_CHECK(
         lora_linear != nullptr,
@@ -720,11 +733,10 @@ inline void load_adapter(
     with_adapter.insert(entry->paths.front());
     const auto params = entry->module->named_parameters();
     for (const char* matrix : {"A", "B"}) {
-      const auto tensor = params
-          [std::string("lora_") + matrix + "." + adapter_name + ".weight"];
-      expected
-          [detail::kPeftPrefix + entry->paths.front() + ".lora_" + matrix +
-           ".weight"] = detail::ExpectedTensor{tensor, tensor.sizes().vec()};
+      const auto tensor =
+          params[detail::lora_parameter_name(matrix, adapter_name)];
+      expected[detail::peft_lora_key(entry->paths.front(), matrix)] =
+          detail::ExpectedTensor{tensor, tensor.sizes().vec()};
     }
   }
   if (inject) {
@@ -737,9 +749,9 @@ inline void load_adapter(
           planned.entry->module->named_parameters(/*recurse=*/false);
       const auto weight = own["weight"];
       const int64_t rank = planned.options.rank();
-      expected[detail::kPeftPrefix + path + ".lora_A.weight"] =
+      expected[detail::peft_lora_key(path, "A")] =
           detail::ExpectedTensor{torch::Tensor(), {rank, weight.size(1)}};
-      expected[detail::kPeftPrefix + path + ".lora_B.weight"] =
+      expected[detail::peft_lora_key(path, "B")] =
           detail::ExpectedTensor{torch::Tensor(), {weight.size(0), rank}};
     }
   }
@@ -819,11 +831,8 @@ inline void load_adapter(
       }
       const auto params = entry->module->named_parameters();
       for (const char* matrix : {"A", "B"}) {
-        auto& want = expected
-            [detail::kPeftPrefix + entry->paths.front() + ".lora_" + matrix +
-             ".weight"];
-        want.target = params
-            [std::string("lora_") + matrix + "." + adapter_name + ".weight"];
+        expected[detail::peft_lora_key(entry->paths.front(), matrix)].target =
+            params[detail::lora_parameter_name(matrix, adapter_name)];
       }
     }
   }
