@@ -1,5 +1,6 @@
 # Run with cmake -P: runs `finetune_words --quick` into OUT, then checks that
-# every output file exists and that LoRA's held-out loss went down.
+# every output file exists, that LoRA's held-out loss went down, and that
+# the bits/char split by kind of character adds up to the table's.
 # Variables: PROGRAM, OUT.
 cmake_minimum_required(VERSION 3.18)
 file(REMOVE_RECURSE "${OUT}")
@@ -26,3 +27,29 @@ if(NOT after LESS before)
   message(FATAL_ERROR "LoRA's held-out loss did not go down: ${before} -> ${after} bits/char")
 endif()
 message(STATUS "LoRA's held-out loss went down: ${before} -> ${after} bits/char")
+
+# "bits/char by what is predicted": three rows whose LoRA column adds up to
+# LoRA's bits/char in the table (to rounding). Values in thousandths.
+function(thousandths value result)
+  string(REPLACE "." "" digits "${value}")
+  string(REGEX REPLACE "^0+([0-9])" "\\1" digits "${digits}")
+  set(${result} "${digits}" PARENT_SCOPE)
+endfunction()
+if(NOT out MATCHES "\nLoRA +([0-9]+\\.[0-9][0-9][0-9]) ")
+  message(FATAL_ERROR "no LoRA row in the table")
+endif()
+thousandths("${CMAKE_MATCH_1}" total)
+set(sum 0)
+set(rows 0)
+foreach(kind "end of word" "accented letter" "other character")
+  if(NOT out MATCHES "  ${kind} +[0-9.]+% +[0-9.]+ +([0-9]+\\.[0-9][0-9][0-9]) ")
+    message(FATAL_ERROR "no \"${kind}\" row in the bits/char split")
+  endif()
+  thousandths("${CMAKE_MATCH_1}" part)
+  math(EXPR sum "${sum} + ${part}")
+endforeach()
+math(EXPR difference "${sum} - ${total}")
+if(difference GREATER 2 OR difference LESS -2)
+  message(FATAL_ERROR "the bits/char split adds up to ${sum}, the table says ${total} (thousandths)")
+endif()
+message(STATUS "the bits/char split adds up to the table's: ${sum} vs ${total} thousandths")

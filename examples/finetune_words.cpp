@@ -5,7 +5,7 @@
 //       [--targets q_proj,v_proj] [--modules-to-save head] [--epochs 3]
 //       [--device cpu|cuda]
 //       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
-//       [--quick]
+//       [--width 128] [--layers 2] [--quick]
 //
 // 1. A small transformer learns English words (Debian's wamerican list) and
 //    is saved with torch::save; later runs load that checkpoint.
@@ -23,6 +23,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <iomanip>
@@ -53,6 +54,8 @@ struct Settings {
   double lora_lr = 1e-2;
   double full_lr = 1e-3;
   int64_t pretrain_steps = 0; // 0: the plan's
+  int64_t width = 0; // 0: the plan's
+  int64_t layers = 0; // 0: the plan's
 };
 
 /// Sizes of one run; --quick shrinks everything to a few seconds.
@@ -89,6 +92,12 @@ Plan plan_for(const Settings& settings, int64_t vocabulary) {
   if (settings.pretrain_steps > 0) {
     plan.pretrain_steps = settings.pretrain_steps;
   }
+  if (settings.width > 0) {
+    plan.model.width = settings.width;
+  }
+  if (settings.layers > 0) {
+    plan.model.layers = settings.layers;
+  }
   return plan;
 }
 
@@ -106,21 +115,73 @@ std::pair<torch::Tensor, int64_t> batch_loss(
   return {loss, (batch.targets != -100).sum().item<int64_t>()};
 }
 
-/// Bits per character of `model` over `batches`.
-double bits_per_character(
-    CharTransformer& model,
-    const std::vector<Batch>& batches) {
+/// What a held-out character is: the end of the word, a letter outside
+/// ASCII (é, ç, ...), or any other character.
+enum Kind : int64_t { kEndOfWord = 0, kAccented = 1, kOther = 2, kKinds = 3 };
+
+/// The kind of each character id, as a tensor to index with targets.
+torch::Tensor kinds_of(const words::Vocabulary& vocabulary) {
+  auto kinds = torch::full({vocabulary.size()}, int64_t{kOther}, torch::kLong);
+  kinds[0] = int64_t{kEndOfWord};
+  for (int64_t id = 1; id < vocabulary.size(); ++id) {
+    if (vocabulary.character(id).size() > 1) {
+      kinds[id] = int64_t{kAccented};
+    }
+  }
+  return kinds;
+}
+
+/// Held-out words in batches, with the kind of each character id.
+struct HeldOut {
+  std::vector<Batch> batches;
+  torch::Tensor kinds; // from kinds_of
+};
+
+/// Bits per character split by the kind of character predicted: the parts
+/// add up to the total; `share` is each kind's part of the characters.
+struct BitsByKind {
+  double total = 0;
+  std::array<double, kKinds> part{};
+  std::array<double, kKinds> share{};
+};
+
+/// Bits per character of `model` over the held-out words, by kind.
+BitsByKind bits_by_kind(CharTransformer& model, const HeldOut& heldout) {
   torch::NoGradGuard no_grad;
   model->eval();
-  double nats = 0;
-  int64_t count = 0;
-  for (const auto& batch : batches) {
-    const auto [loss, n] = batch_loss(model, batch);
-    nats += loss.item<double>() * static_cast<double>(n);
-    count += n;
+  auto bits = torch::zeros({kKinds}, torch::kDouble);
+  auto counts = torch::zeros({kKinds}, torch::kDouble);
+  for (const auto& batch : heldout.batches) {
+    const auto logits = model(batch.inputs);
+    const auto targets = batch.targets.view({-1});
+    const auto predicted = targets != -100;
+    const auto nats = torch::nn::functional::cross_entropy(
+        logits.view({-1, logits.size(-1)}),
+        targets,
+        torch::nn::functional::CrossEntropyFuncOptions()
+            .ignore_index(-100)
+            .reduction(torch::kNone));
+    const auto kind =
+        heldout.kinds.index_select(0, targets.masked_select(predicted).cpu());
+    bits.index_add_(
+        0, kind, nats.masked_select(predicted).cpu().to(torch::kDouble));
+    counts.index_add_(0, kind, torch::ones_like(kind, torch::kDouble));
   }
   model->train();
-  return nats / static_cast<double>(count) / kLn2;
+  const auto characters = counts.sum().item<double>();
+  BitsByKind result;
+  for (int64_t k = 0; k < kKinds; ++k) {
+    const auto i = static_cast<size_t>(k);
+    result.part[i] = bits[k].item<double>() / characters / kLn2;
+    result.share[i] = counts[k].item<double>() / characters;
+    result.total += result.part[i];
+  }
+  return result;
+}
+
+/// Bits per character of `model` over the held-out words.
+double bits_per_character(CharTransformer& model, const HeldOut& heldout) {
+  return bits_by_kind(model, heldout).total;
 }
 
 std::vector<torch::Tensor> trainable(const CharTransformer& model) {
@@ -163,7 +224,7 @@ RunResult fine_tune(
     const std::string& name,
     CharTransformer& model,
     const Dataset& train,
-    const std::vector<Batch>& heldout,
+    const HeldOut& heldout,
     int64_t steps,
     double learning_rate,
     const Plan& plan,
@@ -275,6 +336,28 @@ std::string megabytes(int64_t bytes) {
   return text.str();
 }
 
+/// Where the held-out bits go: the table's bits per character split by
+/// the kind of character predicted, for the three models.
+void print_bits_by_kind(
+    const BitsByKind& base,
+    const BitsByKind& lora,
+    const BitsByKind& full) {
+  const std::array<const char*, kKinds> names = {
+      "end of word", "accented letter", "other character"};
+  std::cout << "bits/char by what is predicted:\n"
+            << std::left << std::setw(18) << "  predicted" << std::right
+            << std::setw(8) << "share" << std::setw(8) << "base" << std::setw(8)
+            << "LoRA" << std::setw(8) << "full"
+            << "\n";
+  for (size_t k = 0; k < names.size(); ++k) {
+    std::cout << "  " << std::left << std::setw(16) << names[k] << std::right
+              << std::fixed << std::setprecision(1) << std::setw(7)
+              << 100 * base.share[k] << "%" << std::setprecision(3)
+              << std::setw(8) << base.part[k] << std::setw(8) << lora.part[k]
+              << std::setw(8) << full.part[k] << "\n";
+  }
+}
+
 int run(const Settings& settings) {
   const torch::Device device(settings.device);
   torch::manual_seed(static_cast<uint64_t>(settings.seed));
@@ -302,8 +385,11 @@ int run(const Settings& settings) {
       take(english, plan.heldout, plan.english_train), vocabulary);
   const Dataset french_train(
       take(french, plan.heldout, plan.french_train), vocabulary);
-  const auto french_heldout = Dataset(take(french, 0, plan.heldout), vocabulary)
-                                  .batches(512, random, device);
+  const auto kinds = kinds_of(vocabulary);
+  const HeldOut french_heldout{
+      Dataset(take(french, 0, plan.heldout), vocabulary)
+          .batches(512, random, device),
+      kinds};
   std::cout << "data: " << english_train.size()
             << " English words for the base model, " << french_train.size()
             << " French words to adapt, " << plan.heldout
@@ -328,9 +414,10 @@ int run(const Settings& settings) {
   if (!loaded) {
     std::cout << "base model: training on English words (saved to "
               << checkpoint << ")\n";
-    const auto english_heldout =
+    const HeldOut english_heldout{
         Dataset(take(english, 0, plan.heldout), vocabulary)
-            .batches(512, random, device);
+            .batches(512, random, device),
+        kinds};
     auto result = fine_tune(
         "pretrain",
         base,
@@ -346,7 +433,8 @@ int run(const Settings& settings) {
               << std::setprecision(1) << result.seconds << " s\n";
     torch::save(base, checkpoint);
   }
-  const double base_bpc = bits_per_character(base, french_heldout);
+  const auto base_bits = bits_by_kind(base, french_heldout);
+  const double base_bpc = base_bits.total;
   // The same fine-tuning whether the base model was trained or loaded.
   torch::manual_seed(static_cast<uint64_t>(settings.seed) + 100);
   random.seed(static_cast<unsigned>(settings.seed) + 100);
@@ -414,7 +502,9 @@ int run(const Settings& settings) {
   const auto adapted_samples =
       sample_words(lora_model, vocabulary, 8, plan.model.max_length, device);
   torch::save(lora_model, (out / "merged_model.pt").string());
-  const double merged_bpc = bits_per_character(lora_model, french_heldout);
+  const auto merged_bits = bits_by_kind(lora_model, french_heldout);
+  const double merged_bpc = merged_bits.total;
+  const auto full_bits = bits_by_kind(full_model, french_heldout);
 
   // Files: metrics.csv, loss.svg, samples.txt.
   {
@@ -491,8 +581,9 @@ int run(const Settings& settings) {
               << megabytes(result->saved_bytes) << "\n";
   }
   std::cout << "merged LoRA model: " << std::setprecision(3) << merged_bpc
-            << " bits/char\n"
-            << "samples, base:    ";
+            << " bits/char\n";
+  print_bits_by_kind(base_bits, merged_bits, full_bits);
+  std::cout << "samples, base:    ";
   for (const auto& word : base_samples) {
     std::cout << " " << word;
   }
@@ -551,6 +642,16 @@ int main(int argc, char** argv) {
          settings.pretrain_steps,
          "steps of base training (0: default)")
       ->capture_default_str();
+  app.add_option(
+         "--width",
+         settings.width,
+         "model width, a multiple of the 4 heads (0: 128, --quick 64)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 4096));
+  app.add_option(
+         "--layers", settings.layers, "transformer blocks (0: 2, --quick 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 64));
   app.add_flag(
       "--quick",
       settings.quick,
@@ -559,6 +660,12 @@ int main(int argc, char** argv) {
   if (settings.out.empty()) {
     settings.out =
         settings.quick ? "runs/finetune_words_quick" : "runs/finetune_words";
+  }
+  if (settings.width % words::ModelOptions{}.heads != 0) {
+    std::cerr << "finetune_words: --width must be a multiple of "
+              << words::ModelOptions{}.heads << " (the attention heads), got "
+              << settings.width << "\n";
+    return 1;
   }
   if (settings.device == "cuda" && !torch::cuda::is_available()) {
     std::cerr
