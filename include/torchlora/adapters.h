@@ -10,7 +10,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -146,13 +145,9 @@ inline void delete_adapter(ModuleRef model, const std::string& name) {
 inline void set_scale(ModuleRef model, const std::string& name, double scale) {
   const detail::ModelIndex index(model.get());
   detail::check_adapter_exists(index, name, "set_scale");
-  TORCH_CHECK(
-      std::isfinite(scale),
-      "torchlora: set_scale(\"",
-      name,
-      "\") needs a finite scale, got ",
-      scale);
   detail::check_not_merged(index, name, "set_scale");
+  // Each layer checks that the scale is finite before it stores it, so a
+  // bad scale stops at the first layer with nothing changed.
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (layer->has_adapter(name)) {
       layer->set_scale(name, scale);
