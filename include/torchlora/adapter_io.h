@@ -148,16 +148,32 @@ inline std::string bias_key(const std::string& path, bool adapted) {
   return prefix + (adapted ? "base_layer.bias" : "bias");
 }
 
-/// The biases `bias` names, by key: every bias of the model, or those of
-/// the layers in `with_adapter`. `adapted` are the paths of layers that
-/// carry any adapter (their biases are keyed as peft keys them).
-inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
+/// A bias to save or load: its key in peft's layout, and for an adapted
+/// layer the plain `<path>.bias` key, which load_adapter also accepts.
+struct BiasEntry {
+  std::string key;
+  torch::Tensor tensor;
+  std::string plain_key; // empty unless the layer is adapted
+};
+
+/// The biases `bias` names: every bias of the model, or those of the
+/// layers in `with_adapter`. `adapted` are the paths of layers that carry
+/// any adapter (their biases are keyed as peft keys them).
+inline std::vector<BiasEntry> biases_of(
     torch::nn::Module& model,
     const ModelIndex& index,
     LoRABias bias,
     const std::set<std::string>& adapted,
     const std::set<std::string>& with_adapter) {
-  std::vector<std::pair<std::string, torch::Tensor>> biases;
+  std::vector<BiasEntry> biases;
+  const auto entry_for = [&](const std::string& path,
+                             bool is_adapted,
+                             const torch::Tensor& tensor) {
+    return BiasEntry{
+        bias_key(path, is_adapted),
+        tensor,
+        is_adapted ? bias_key(path, false) : std::string()};
+  };
   std::set<const void*> seen;
   if (bias == LoRABias::all) {
     for (const auto& item : model.named_parameters()) {
@@ -168,8 +184,7 @@ inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
       }
       const auto path =
           key == "bias" ? std::string() : key.substr(0, key.size() - 5);
-      biases.emplace_back(
-          bias_key(path, adapted.count(path) > 0), item.value());
+      biases.push_back(entry_for(path, adapted.count(path) > 0, item.value()));
     }
   } else if (bias == LoRABias::lora_only) {
     for (const auto& entry : index.entries()) {
@@ -180,7 +195,7 @@ inline std::vector<std::pair<std::string, torch::Tensor>> biases_of(
       const auto own = entry.module->named_parameters(/*recurse=*/false);
       const auto* tensor = own.find("bias");
       if (tensor != nullptr && tensor->defined()) {
-        biases.emplace_back(bias_key(path, true), *tensor);
+        biases.push_back(entry_for(path, true, *tensor));
       }
     }
   }
@@ -573,10 +588,10 @@ inline void save_adapter(
   for (const auto& [path, layer] : layers) {
     with_adapter.insert(path);
   }
-  for (const auto& [key, tensor] :
+  for (const auto& bias :
        detail::biases_of(model, index, options.bias(), adapted, with_adapter)) {
-    if (!tensors.contains(detail::kPeftPrefix + key)) {
-      tensors.insert(detail::kPeftPrefix + key, tensor.detach());
+    if (!tensors.contains(detail::kPeftPrefix + bias.key)) {
+      tensors.insert(detail::kPeftPrefix + bias.key, bias.tensor.detach());
     }
   }
 
@@ -760,21 +775,14 @@ inline void load_adapter(
     expected[detail::kPeftPrefix + key] =
         detail::ExpectedTensor{tensor, tensor.sizes().vec()};
   }
-  const std::string base_layer_bias = "base_layer.bias";
-  for (const auto& [key, tensor] :
+  for (const auto& bias :
        detail::biases_of(model, index, config.bias(), adapted, with_adapter)) {
-    // Also accept `<path>.bias` for an adapted layer's bias.
-    std::string alternate;
-    if (key.size() >= base_layer_bias.size() &&
-        key.compare(
-            key.size() - base_layer_bias.size(),
-            base_layer_bias.size(),
-            base_layer_bias) == 0) {
-      alternate = detail::kPeftPrefix +
-          key.substr(0, key.size() - base_layer_bias.size()) + "bias";
-    }
-    expected[detail::kPeftPrefix + key] =
-        detail::ExpectedTensor{tensor, tensor.sizes().vec(), alternate};
+    // An adapted layer's bias may also come as `<path>.bias`.
+    expected[detail::kPeftPrefix + bias.key] = detail::ExpectedTensor{
+        bias.tensor,
+        bias.tensor.sizes().vec(),
+        bias.plain_key.empty() ? std::string()
+                               : detail::kPeftPrefix + bias.plain_key};
   }
   std::set<std::string> known;
   for (auto& [key, want] : expected) {
