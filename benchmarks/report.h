@@ -72,6 +72,17 @@ inline std::string benchmark_name(
   return name;
 }
 
+/// True when `run` failed. Google Benchmark 1.7 (Debian 12) says so in
+/// `error_occurred`; 1.8 replaced it with `skipped` (Debian 13 has 1.9).
+template <typename R>
+auto run_failed(const R& run, int) -> decltype(bool(run.error_occurred)) {
+  return run.error_occurred;
+}
+template <typename R>
+bool run_failed(const R& run, long) {
+  return run.skipped != decltype(run.skipped){};
+}
+
 /// Prints as the console reporter does and keeps each benchmark's time in
 /// milliseconds: the median of the repetitions, or the single run.
 class CapturingReporter : public benchmark::ConsoleReporter {
@@ -79,7 +90,7 @@ class CapturingReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& reports) override {
     benchmark::ConsoleReporter::ReportRuns(reports);
     for (const auto& run : reports) {
-      if (run.error_occurred) {
+      if (run_failed(run, 0)) {
         continue;
       }
       const auto& name = run.run_name.function_name;
