@@ -40,7 +40,10 @@ inline bool fold_adapter_into_weight(
 ///   s (g B) A into the input gradient with one more `addmm_`.
 ///
 /// Both backwards give dA = s (g B)^T x and dB = s g^T (x A^T), dx when x
-/// needs it, and db/dW only when the base is trainable. Without a bias, `b`
+/// needs it, and db/dW only when the base is trainable. Under
+/// `create_graph` (grad mode on in the backward) the same gradients come
+/// from differentiable ops on the saved inputs, so second- and higher-order
+/// gradients are exact. Without a bias, `b`
 /// is an empty tensor (autograd Functions take no undefined inputs).
 struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
   static torch::Tensor forward(
@@ -86,6 +89,13 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
     const bool fold = ctx->saved_data["fold"].toBool();
     const auto g = grad_outputs[0].contiguous();
 
+    if (torch::GradMode::is_enabled()) {
+      // create_graph: the gradients must themselves be differentiable in
+      // x, W, A, B and g, so they come from plain ops on the saved inputs,
+      // never from the products the forward kept (those have no history).
+      return differentiable_backward(ctx, g, x, W, A, B, scaling);
+    }
+
     // (g B)^T and (x A^T)^T as [r, rows] (the orientation BLAS does
     // fastest), each only where a gradient needs it.
     const bool needs_gB =
@@ -122,6 +132,34 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
         grad_b,
         grad_A,
         grad_B,
+        torch::Tensor(),
+        torch::Tensor()};
+  }
+
+ private:
+  /// The backward as differentiable ops (no in-place ops, no products kept
+  /// from the forward), for higher-order gradients.
+  static torch::autograd::variable_list differentiable_backward(
+      torch::autograd::AutogradContext* ctx,
+      const torch::Tensor& g,
+      const torch::Tensor& x,
+      const torch::Tensor& W,
+      const torch::Tensor& A,
+      const torch::Tensor& B,
+      double scaling) {
+    const bool needs_gB = ctx->needs_input_grad(0) || ctx->needs_input_grad(3);
+    const auto gB = needs_gB ? g.mm(B) : torch::Tensor(); // [rows, r]
+    torch::Tensor grad_x;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = g.mm(W) + gB.mm(A) * scaling;
+    }
+    return {
+        grad_x,
+        ctx->needs_input_grad(1) ? g.t().mm(x) : torch::Tensor(),
+        ctx->needs_input_grad(2) ? g.sum(0) : torch::Tensor(),
+        ctx->needs_input_grad(3) ? gB.t().mm(x) * scaling : torch::Tensor(),
+        ctx->needs_input_grad(4) ? g.t().mm(x.mm(A.t())) * scaling
+                                 : torch::Tensor(),
         torch::Tensor(),
         torch::Tensor()};
   }
