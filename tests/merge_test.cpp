@@ -296,6 +296,9 @@ TEST_F(MergeTest, MisusesOfAMergedLayerAreErrors) {
   EXPECT_TORCHLORA_ERROR(
       layer->set_adapters_enabled(false),
       "cannot disable the adapters of a merged layer");
+  EXPECT_TORCHLORA_ERROR(
+      layer->reset_parameters(),
+      "reset_parameters on a merged layer; unmerge() it first");
   expect_unchanged(before, *layer);
 
   auto disabled = layer_of(torch::kFloat32);
@@ -431,4 +434,48 @@ TEST_F(MergeTest, CloneOfAMergedLayerLeavesTheOriginalMerged) {
   copy->unmerge();
   EXPECT_TRUE(layer->merged());
   EXPECT_TRUE(torch::equal(layer->weight, merged_weight));
+}
+
+TEST_F(MergeTest, ChangingAnAdapterOfAMergedLayerMakesItsForwardAnError) {
+  auto layer = layer_of(torch::kFloat32);
+  layer->merge();
+  const auto x = torch::randn({2, 32});
+  const auto merged = layer(x);
+  // Moves and clones keep the merged weight current.
+  layer->to(torch::kFloat64);
+  layer->to(torch::kFloat32);
+  EXPECT_TRUE(torch::allclose(layer(x), merged));
+  auto copy =
+      std::dynamic_pointer_cast<torchlora::LoRALinearImpl>(layer->clone());
+  EXPECT_TRUE(torch::allclose(copy->forward(x), merged));
+
+  // An in-place change (an optimizer step, copy_, a load) would be ignored.
+  {
+    torch::NoGradGuard no_grad;
+    layer->named_parameters()["lora_B.fr.weight"].add_(1.0);
+  }
+  EXPECT_TORCHLORA_ERROR(
+      layer(x),
+      "torchlora: an adapter of this merged layer (\"default\", \"fr\") was changed "
+      "after merge(), so the merged weight is stale; unmerge() before changing "
+      "adapters and merge() again after");
+  // Unmerging restores the exact base; merging again takes the change.
+  layer->unmerge();
+  layer->merge();
+  EXPECT_FALSE(torch::allclose(layer(x), merged));
+  EXPECT_TRUE(torch::allclose(copy->forward(x), merged));
+}
+
+TEST_F(MergeTest, InjectingIntoAMergedModelIsRefusedWithNothingChanged) {
+  Model model;
+  torchlora::inject_lora(model, all_layers());
+  torchlora::merge(*model);
+  const auto before = snapshot(*model);
+  const auto tree = torchlora_test::module_tree(*model);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::inject_lora(*model, all_layers().adapter_name("second")),
+      "'proj' is merged; unmerge the model before adding an adapter. Nothing "
+      "was changed.");
+  expect_unchanged(before, *model);
+  EXPECT_EQ(torchlora_test::module_tree(*model), tree);
 }

@@ -137,6 +137,12 @@ inline std::vector<PlannedLayer> plan_injection(
         "adapted. Name the Linear layers inside it instead.");
     if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
       TORCH_CHECK(
+          !layer->merged(),
+          "torchlora: '",
+          path,
+          "' is merged; unmerge the model before adding an adapter. Nothing "
+          "was changed.");
+      TORCH_CHECK(
           !layer->has_adapter(config.adapter_name()),
           "torchlora: '",
           path,

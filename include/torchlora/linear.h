@@ -168,6 +168,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
 
   /// Re-initializes the base layer and every adapter.
   void reset_parameters() {
+    check_not_merged("reset_parameters");
     base_->reset_parameters();
     for (const auto& adapter : adapters_) {
       detail::init_lora_matrices(
@@ -364,6 +365,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
     original_weight_ = weight.detach();
     weight.set_data(merged_weight);
     merged_ = true;
+    merged_versions_ = adapter_versions();
   }
 
   void unmerge() override {
@@ -428,6 +430,9 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
         options.in_features(),
         ", got an input of shape ",
         input.sizes());
+    if (merged_) {
+      check_merged_weight_is_current();
+    }
     if (merged_ || !enabled_ || !has_active_adapter()) {
       return torch::nn::functional::linear(input, weight, bias);
     }
@@ -530,6 +535,7 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
       copy->original_weight_ = device && original_weight_.device() != *device
           ? original_weight_.to(*device)
           : original_weight_.clone();
+      copy->merged_versions_ = copy->adapter_versions();
     }
     copy->weight.set_requires_grad(weight.requires_grad());
     if (bias.defined()) {
@@ -634,6 +640,30 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
         "torchlora: ",
         operation,
         " on a merged layer; unmerge() it first");
+  }
+
+  /// The version counters of the active adapters' matrices: in-place
+  /// changes (an optimizer step, `copy_`, `load_adapter`) bump them.
+  std::vector<int64_t> adapter_versions() const {
+    std::vector<int64_t> versions;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        versions.push_back(adapter.A->weight._version());
+        versions.push_back(adapter.B->weight._version());
+      }
+    }
+    return versions;
+  }
+
+  /// A merged weight holds the adapters as they were at `merge`: if they
+  /// changed since, using it would silently ignore the change.
+  void check_merged_weight_is_current() const {
+    TORCH_CHECK(
+        adapter_versions() == merged_versions_,
+        "torchlora: an adapter of this merged layer (",
+        detail::quoted_list(active_adapters()),
+        ") was changed after merge(), so the merged weight is stale; "
+        "unmerge() before changing adapters and merge() again after");
   }
 
   bool has_active_adapter() const {
@@ -744,6 +774,8 @@ class LoRALinearImplT : public torch::nn::Cloneable<LoRALinearImplT<BaseImpl>>,
   bool merged_ = false;
   /// The weight before `merge`, kept for an exact `unmerge`.
   torch::Tensor original_weight_;
+  /// `adapter_versions()` at `merge`.
+  std::vector<int64_t> merged_versions_;
 };
 
 /// LoRA over `torch::nn::Linear`: the layer `inject_lora` creates.
