@@ -9,10 +9,13 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace st = torchlora::safetensors;
 
@@ -410,6 +413,63 @@ TEST_F(SafetensorsTest, AMissingFileIsAnError) {
   EXPECT_TORCHLORA_ERROR(
       st::load(::testing::TempDir() + "/no/such.safetensors"),
       "cannot read safetensors file '");
+}
+
+TEST_F(SafetensorsTest, PathsThatAreNotReadableRegularFilesAreErrors) {
+  namespace fs = std::filesystem;
+  const auto dir = ::testing::TempDir() + "/safetensors_not_files";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  EXPECT_TORCHLORA_ERROR(
+      st::load(dir),
+      "cannot read safetensors file '" + dir +
+          "': it is a directory, not a regular file");
+  const auto fifo = dir + "/fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_TORCHLORA_ERROR(
+      st::load(fifo),
+      "cannot read safetensors file '" + fifo +
+          "': it is a FIFO, not a regular file");
+  EXPECT_TORCHLORA_ERROR(
+      st::load("/dev/null"),
+      "'/dev/null': it is a character device, not a regular file");
+  // A path through a regular file.
+  const auto file = dir + "/file.safetensors";
+  st::save(file, st::Tensors{});
+  EXPECT_TORCHLORA_ERROR(
+      st::load(file + "/below"),
+      "cannot read safetensors file '" + file + "/below': Not a directory");
+  if (geteuid() != 0) { // root reads whatever the mode says
+    fs::permissions(file, fs::perms::none);
+    EXPECT_TORCHLORA_ERROR(
+        st::load(file),
+        "cannot read safetensors file '" + file + "': Permission denied");
+    fs::permissions(file, fs::perms::owner_all);
+  }
+}
+
+TEST_F(SafetensorsTest, AFileThatChangesSizeWhileReadIsAnError) {
+  // Shrank: fewer bytes than the file system said when it was opened.
+  std::istringstream shrunk(std::string(10, 'x'));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::detail::read_expected_bytes(
+          shrunk, 16, "f.safetensors", "safetensors file"),
+      "safetensors file 'f.safetensors' changed size while it was read (16 "
+      "bytes when opened, 10 read)");
+  // Grew: more bytes than that. Files under /proc say they hold 0 bytes.
+  std::istringstream grown(std::string(20, 'x'));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::detail::read_expected_bytes(
+          grown, 16, "f.safetensors", "safetensors file"),
+      "changed size while it was read (16 bytes when opened, more read)");
+  EXPECT_TORCHLORA_ERROR(
+      st::load("/proc/self/status"),
+      "safetensors file '/proc/self/status' changed size while it was read (0 "
+      "bytes when opened, more read)");
+  std::istringstream exact(std::string(16, 'x'));
+  EXPECT_EQ(
+      torchlora::detail::read_expected_bytes(exact, 16, "f", "file").size(),
+      16u);
 }
 
 // ---------------------------------------------------------------- writing

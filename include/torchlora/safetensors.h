@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/detail/atomic_file.h>
+#include <torchlora/detail/read_file.h>
 #include <torchlora/detail/safetensors_format.h>
 
 #include <torch/ordered_dict.h>
@@ -9,11 +10,9 @@
 
 #include <c10/util/Exception.h>
 
-#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -184,7 +183,9 @@ inline Tensors load_bytes(
 }
 
 /// Reads a safetensors file: its tensors in file order (each owning its
-/// memory, on the CPU) and, if asked, its `__metadata__`.
+/// memory, on the CPU) and, if asked, its `__metadata__`. A path that is
+/// not a readable regular file (a directory, a FIFO, ...) or a file that
+/// changes size while it is read is a `torchlora:` error.
 ///
 /// Example:
 /// ```
@@ -192,28 +193,8 @@ inline Tensors load_bytes(
 /// torch::Tensor A = tensors["base_model.model.fc.lora_A.weight"];
 /// ```
 inline Tensors load(const std::string& path, Metadata* metadata = nullptr) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  TORCH_CHECK(
-      in.good(),
-      "torchlora: cannot read safetensors file '",
-      path,
-      "': ",
-      std::strerror(errno));
-  const auto end = in.tellg();
-  TORCH_CHECK(
-      end >= 0,
-      "torchlora: cannot read safetensors file '",
-      path,
-      "': not a file");
-  const auto size = static_cast<size_t>(end);
-  std::vector<char> bytes(size);
-  in.seekg(0);
-  in.read(bytes.data(), static_cast<std::streamsize>(size));
-  TORCH_CHECK(
-      in.good() || size == 0,
-      "torchlora: reading safetensors file '",
-      path,
-      "' failed");
+  const auto bytes =
+      torchlora::detail::read_regular_file(path, "safetensors file");
   return detail::read_tensors(
       reinterpret_cast<const uint8_t*>(bytes.data()),
       bytes.size(),

@@ -1,0 +1,128 @@
+#pragma once
+
+// Reading a whole file with `torchlora:` errors for everything that is not a
+// readable regular file of a stable size. Not part of the API.
+
+#include <c10/util/Exception.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <istream>
+#include <string>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// "a directory", "a FIFO", ... for a file status that is not a regular
+/// file.
+inline const char* file_kind(const std::filesystem::file_status& status) {
+  namespace fs = std::filesystem;
+  switch (status.type()) {
+    case fs::file_type::directory:
+      return "a directory";
+    case fs::file_type::fifo:
+      return "a FIFO";
+    case fs::file_type::socket:
+      return "a socket";
+    case fs::file_type::block:
+      return "a block device";
+    case fs::file_type::character:
+      return "a character device";
+    default:
+      return "not a regular file";
+  }
+}
+
+/// Reads `in` to its end, expecting `expected` bytes (the file's size when
+/// it was opened): a file that shrank or grew meanwhile is an error rather
+/// than half of one file and half of another. Nothing is allocated beyond
+/// `expected`, which the caller took from the file system.
+inline std::vector<char> read_expected_bytes(
+    std::istream& in,
+    std::uintmax_t expected,
+    const std::string& path,
+    const char* what) {
+  std::vector<char> bytes(static_cast<size_t>(expected));
+  in.read(bytes.data(), static_cast<std::streamsize>(expected));
+  const auto got = static_cast<std::uintmax_t>(in.gcount());
+  TORCH_CHECK(
+      !in.bad(),
+      "torchlora: reading ",
+      what,
+      " '",
+      path,
+      "' failed: ",
+      std::strerror(errno));
+  bool grew = false;
+  if (got == expected) {
+    char extra = 0;
+    grew = static_cast<bool>(in.get(extra));
+  }
+  TORCH_CHECK(
+      got == expected && !grew,
+      "torchlora: ",
+      what,
+      " '",
+      path,
+      "' changed size while it was read (",
+      expected,
+      " bytes when opened, ",
+      grew ? "more" : std::to_string(got),
+      " read); read it again once nothing writes to it");
+  return bytes;
+}
+
+/// The bytes of the regular file at `path`; `what` names it in errors
+/// ("safetensors file"). A missing or unreadable path, a directory, a FIFO
+/// or a device, and a file that changes size while it is read are
+/// `torchlora:` errors that name the path and the reason.
+inline std::vector<char> read_regular_file(
+    const std::string& path,
+    const char* what) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  const auto status = fs::status(path, error);
+  TORCH_CHECK(
+      !error,
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': ",
+      error.message());
+  TORCH_CHECK(
+      fs::is_regular_file(status),
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': it is ",
+      file_kind(status),
+      ", not a regular file");
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(
+      in.is_open(),
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': ",
+      std::strerror(errno));
+  const auto size = fs::file_size(path, error);
+  TORCH_CHECK(
+      !error,
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': ",
+      error.message());
+  return read_expected_bytes(in, size, path, what);
+}
+
+} // namespace detail
+} // namespace torchlora
