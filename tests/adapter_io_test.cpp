@@ -4,6 +4,7 @@
 #include <torchlora/adapter_io.h>
 #include <torchlora/adapters.h>
 #include <torchlora/inject.h>
+#include <torchlora/merge.h>
 
 #include <nlohmann/json.hpp>
 
@@ -393,7 +394,7 @@ TEST_F(
   const auto good = read_json(path);
   const std::vector<std::pair<nlohmann::json, std::string>> cases = {
       {{{"peft_type", "IA3"}},
-       "adapter_config.json has peft_type IA3; torchlora loads LORA adapters only"},
+       "adapter_config.json: peft_type is IA3; torchlora loads LORA adapters only"},
       {{{"use_dora", true}},
        "the adapter uses peft's \"use_dora\" (true), which torchlora does not support"},
       {{{"fan_in_fan_out", true}}, "\"fan_in_fan_out\" (true)"},
@@ -401,9 +402,9 @@ TEST_F(
       {{{"layer_replication", {{0, 2}}}}, "\"layer_replication\""},
       {{{"target_parameters", {"experts.w1"}}}, "\"target_parameters\""},
       {{{"target_modules", nullptr}},
-       "adapter_config.json has no target_modules"},
+       "adapter_config.json: it has no target_modules"},
       {{{"bias", "some"}},
-       "bias must be \"none\", \"all\" or \"lora_only\", got \"some\""},
+       "\"bias\" must be \"none\", \"all\" or \"lora_only\", got \"some\""},
       {{{"r", 0}}, "LoRAConfig needs a rank > 0, got 0"},
   };
   for (const auto& [change, text] : cases) {
@@ -604,4 +605,230 @@ TEST_F(AdapterIoTest, InitsThatChangeTheBaseAreRefused) {
         std::string("initialised with peft's \"") + init +
             "\", which changes the base weights");
   }
+}
+
+TEST_F(AdapterIoTest, EveryConfigFieldOfAWrongJsonTypeIsANamedError) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto path = dir + "/adapter_config.json";
+  const auto good = read_json(path);
+  // One value of each JSON type; null means "not set" for every field.
+  const std::vector<std::pair<std::string, nlohmann::json>> values = {
+      {"boolean", true},
+      {"integer", 3},
+      {"float", 4.7},
+      {"string", "0"},
+      {"list", nlohmann::json::array({1})},
+      {"object", nlohmann::json::object({{"a", 1}})},
+  };
+  // Field -> the kinds of value it takes.
+  const std::vector<std::pair<std::string, std::set<std::string>>> fields = {
+      {"r", {"integer"}},
+      {"lora_alpha", {"integer", "float"}},
+      {"lora_dropout", {"integer", "float"}},
+      {"use_rslora", {"boolean"}},
+      {"bias", {"string"}},
+      {"init_lora_weights", {"boolean", "string"}},
+      {"target_modules", {"string", "list-of-strings"}},
+      {"exclude_modules", {"string", "list-of-strings"}},
+      {"layers_to_transform", {"integer", "list"}},
+      {"layers_pattern", {"string", "list-of-strings"}},
+      {"modules_to_save", {"string", "list-of-strings"}},
+      {"rank_pattern", {"object"}},
+      {"alpha_pattern", {"object"}},
+  };
+  int refused = 0;
+  for (const auto& [field, accepted] : fields) {
+    for (const auto& [kind, value] : values) {
+      if (accepted.count(kind) > 0) {
+        continue;
+      }
+      auto config = good;
+      config[field] = value;
+      write_json(path, config);
+      Net target;
+      const auto before = snapshot(*target);
+      try {
+        torchlora::load_adapter(*target, dir);
+        ADD_FAILURE() << field << " = " << value.dump() << " was accepted";
+      } catch (const c10::Error& error) {
+        const auto message = torchlora_test::message_of(error);
+        EXPECT_EQ(message.rfind("torchlora: adapter_config.json: ", 0), 0u)
+            << message;
+        EXPECT_NE(message.find("\"" + field + "\""), std::string::npos)
+            << message;
+        EXPECT_NE(message.find(value.dump()), std::string::npos) << message;
+        EXPECT_NE(message.find("(in '" + path + "')"), std::string::npos)
+            << message;
+        ++refused;
+      } catch (const std::exception& error) {
+        ADD_FAILURE() << field << " = " << value.dump()
+                      << " let a non-torchlora exception out: " << error.what();
+      }
+      expect_unchanged(before, *target);
+    }
+  }
+  EXPECT_GE(refused, 60);
+}
+
+TEST_F(AdapterIoTest, ConfigValuesOutOfRangeOrOfTheWrongKindAreErrors) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto path = dir + "/adapter_config.json";
+  const auto good = read_json(path);
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"r", 4.7}}, "\"r\" must be an integer, got 4.7"},
+      {{{"r", 1e30}}, "\"r\" must be an integer, got 1e+30"},
+      {{{"r", 18446744073709551615ull}},
+       "\"r\" must fit in a 64-bit integer, got 18446744073709551615"},
+      {{{"use_rslora", "yes"}},
+       "\"use_rslora\" must be true or false, got \"yes\""},
+      {{{"layers_to_transform", "0"}},
+       "\"layers_to_transform\" must be an integer, got \"0\""},
+      {{{"layers_to_transform", {0, 1.5}}},
+       "\"layers_to_transform\" entry must be an integer, got 1.5"},
+      {{{"bias", 3}}, "\"bias\" must be a string, got 3"},
+      {{{"target_modules", {"q_proj", 3}}},
+       "\"target_modules\" must be a list of strings, got [\"q_proj\",3]"},
+      {{{"rank_pattern", {{"q_proj", 2.5}}}},
+       "rank_pattern \"q_proj\" must be an integer, got 2.5"},
+      {{{"alpha_pattern", {{"q_proj", "8"}}}},
+       "alpha_pattern \"q_proj\" must be a number, got \"8\""},
+      {{{"init_lora_weights", 1}},
+       "\"init_lora_weights\" must be true, false or a string, got 1"},
+  };
+  for (const auto& [change, text] : cases) {
+    auto config = good;
+    config.update(change);
+    write_json(path, config);
+    Net target;
+    const auto before = snapshot(*target);
+    EXPECT_TORCHLORA_ERROR(torchlora::load_adapter(*target, dir), text);
+    expect_unchanged(before, *target);
+  }
+  // Null means "not set": peft's default.
+  auto config = good;
+  config["bias"] = nullptr;
+  config["use_rslora"] = nullptr;
+  write_json(path, config);
+  Net target;
+  torchlora::load_adapter(*target, dir);
+  EXPECT_EQ(
+      torchlora::adapter_names(*target), std::vector<std::string>{"default"});
+}
+
+TEST_F(AdapterIoTest, PathsThatAreNotRegularFilesAreErrors) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto tensors = dir + "/adapter_model.safetensors";
+  fs::remove(tensors);
+  fs::create_directory(tensors);
+  Net target;
+  const auto before = snapshot(*target);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*target, dir),
+      "cannot read safetensors file '" + tensors +
+          "': it is a directory, not a regular file");
+  expect_unchanged(before, *target);
+
+  const auto config = dir + "/adapter_config.json";
+  fs::remove(config);
+  fs::create_directory(config);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*target, dir),
+      "cannot read JSON file '" + config +
+          "': it is a directory, not a regular file");
+  expect_unchanged(before, *target);
+}
+
+TEST_F(AdapterIoTest, LoadingIntoAMergedModelIsRefusedWithNothingChanged) {
+  auto pair = make_pair(dir + "_base.pt");
+  torchlora::inject_lora(
+      pair.trained,
+      LoRAConfig(2).target_modules({"q_proj"}).init(LoRAInit::random));
+  torchlora::save_adapter(*pair.trained, dir);
+
+  // The adapter exists and the layer is merged: copying into it would leave
+  // the merged weight stale.
+  torchlora::inject_lora(pair.fresh, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::merge(*pair.fresh);
+  const auto before = snapshot(*pair.fresh);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*pair.fresh, dir),
+      "load_adapter: 'q_proj' is merged; unmerge the model first");
+  expect_unchanged(before, *pair.fresh);
+  EXPECT_TRUE(pair.fresh->q_proj->merged());
+
+  // After unmerge it loads, and merging again gives the trained output.
+  torchlora::unmerge(*pair.fresh);
+  torchlora::load_adapter(*pair.fresh, dir);
+  torchlora::merge(*pair.fresh);
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::allclose(pair.fresh(x), pair.trained(x), 1e-5, 1e-6));
+}
+
+namespace {
+
+/// model.layers.<i>.experts.<j>.fc: two numbered lists in one path.
+struct ExpertImpl : torch::nn::Module {
+  ExpertImpl() {
+    fc = register_module("fc", LoRALinear(torch::nn::LinearOptions(4, 4)));
+  }
+  LoRALinear fc{nullptr};
+};
+struct MoeBlockImpl : torch::nn::Module {
+  MoeBlockImpl() {
+    experts = register_module("experts", torch::nn::ModuleList());
+    for (int j = 0; j < 2; ++j) {
+      experts->push_back(std::make_shared<ExpertImpl>());
+    }
+  }
+  torch::nn::ModuleList experts{nullptr};
+};
+struct MoeImpl : torch::nn::Module {
+  MoeImpl() {
+    auto model =
+        register_module("model", std::make_shared<torch::nn::Module>());
+    layers = model->register_module("layers", torch::nn::ModuleList());
+    for (int i = 0; i < 2; ++i) {
+      layers->push_back(std::make_shared<MoeBlockImpl>());
+    }
+  }
+  torch::nn::ModuleList layers{nullptr};
+};
+
+} // namespace
+
+TEST_F(AdapterIoTest, LayersToTransformCountsTheLastNumberedListAsPeftDoes) {
+  // peft's index of model.layers.1.experts.0.fc is 0, the expert's.
+  const auto config =
+      LoRAConfig(2).target_modules({"fc"}).layers_to_transform({0});
+  MoeImpl model;
+  EXPECT_EQ(
+      torchlora::inject_lora(model, config),
+      (std::vector<std::string>{
+          "model.layers.0.experts.0.fc", "model.layers.1.experts.0.fc"}));
+
+  // The same rule when the index comes from a peft adapter_config.json.
+  torchlora::save_adapter(model, dir);
+  auto json = read_json(dir + "/adapter_config.json");
+  json["target_modules"] = {"fc"};
+  json["layers_to_transform"] = {0};
+  write_json(dir + "/adapter_config.json", json);
+  MoeImpl fresh;
+  torchlora::load_adapter(fresh, dir);
+  std::vector<std::string> adapted;
+  for (const auto& item : fresh.named_parameters()) {
+    if (item.key().find("lora_A") != std::string::npos) {
+      adapted.push_back(item.key());
+    }
+  }
+  EXPECT_EQ(
+      adapted,
+      (std::vector<std::string>{
+          "model.layers.0.experts.0.fc.lora_A.default.weight",
+          "model.layers.1.experts.0.fc.lora_A.default.weight"}));
 }

@@ -59,25 +59,26 @@ TEST_F(TargetingTest, ExclusionsWinOverTargets) {
   EXPECT_FALSE(exact.is_target("head"));
 }
 
-TEST_F(TargetingTest, LayerIndexIsTheNumberOfTheFirstNameDotNumber) {
+TEST_F(TargetingTest, LayerIndexIsTheNumberOfTheLastNameDotNumber) {
   const TargetMatcher matcher(LoRAConfig(4)
                                   .target_modules({"q_proj", "up_proj"})
                                   .layers_to_transform({1, 3}));
-  // peft (>= 0.20): re.match(r".*?\.[^.]*\.(\d+)\.", key), the first one.
+  // peft: re.match(r".*\.[^.]*\.(\d+)\.", key), greedy: the last one.
   EXPECT_EQ(matcher.layer_index("model.layers.1.attn.q_proj"), 1);
-  EXPECT_EQ(matcher.layer_index("model.layers.1.mlp.experts.0.up_proj"), 1);
-  EXPECT_EQ(matcher.layer_index("model.layers.2.mlp.experts.3.up_proj"), 2);
-  // A layer list at the top of the model counts too (peft's #2158).
+  EXPECT_EQ(matcher.layer_index("model.layers.1.experts.0.fc"), 0);
+  EXPECT_EQ(matcher.layer_index("model.layers.1.mlp.experts.0.up_proj"), 0);
+  EXPECT_EQ(matcher.layer_index("model.layers.2.mlp.experts.3.up_proj"), 3);
+  // A layer list at the top of the model counts too (peft finds none there).
   EXPECT_EQ(matcher.layer_index("blocks.3.attn.q_proj"), 3);
-  EXPECT_EQ(matcher.layer_index("a.0.b.1.c"), 0);
+  EXPECT_EQ(matcher.layer_index("a.0.b.1.c"), 1);
   // A number needs a name before it, and a segment after it.
   EXPECT_FALSE(matcher.layer_index("0.attn.q_proj").has_value());
   EXPECT_FALSE(matcher.layer_index("attn.q_proj").has_value());
   EXPECT_FALSE(matcher.layer_index("blocks.3").has_value());
 
   EXPECT_TRUE(matcher.is_target("model.layers.1.attn.q_proj"));
-  EXPECT_TRUE(matcher.is_target("model.layers.1.mlp.experts.0.up_proj"));
-  EXPECT_FALSE(matcher.is_target("model.layers.2.mlp.experts.3.up_proj"));
+  EXPECT_FALSE(matcher.is_target("model.layers.1.mlp.experts.0.up_proj"));
+  EXPECT_TRUE(matcher.is_target("model.layers.2.mlp.experts.3.up_proj"));
   EXPECT_TRUE(matcher.is_target("blocks.3.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("model.layers.2.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("attn.q_proj")); // no index: not a target
@@ -93,6 +94,9 @@ TEST_F(TargetingTest, LayersPatternNamesTheLayerList) {
   // Patterns are tried in order; the first that matches wins, as in peft.
   EXPECT_EQ(matcher.layer_index("encoder.blocks.2.sub.h.4.q_proj"), 4);
   EXPECT_EQ(matcher.layer_index("blocks.2.attn.q_proj"), 2);
+  // The last occurrence of the list's name, as peft's greedy pattern.
+  EXPECT_EQ(matcher.layer_index("model.h.1.sub.h.2.q_proj"), 2);
+  EXPECT_EQ(matcher.layer_index("model.h.1.experts.7.q_proj"), 1);
   EXPECT_FALSE(matcher.layer_index("layers.2.attn.q_proj").has_value());
   EXPECT_TRUE(matcher.is_target("transformer.h.2.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("layers.2.attn.q_proj"));

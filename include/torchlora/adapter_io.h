@@ -1,8 +1,10 @@
 #pragma once
 
+#include <torchlora/adapters.h>
 #include <torchlora/config.h>
 #include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/model_walk.h>
+#include <torchlora/detail/peft_config_json.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/inject.h>
 #include <torchlora/layer.h>
@@ -21,10 +23,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -206,230 +206,6 @@ inline std::string adapter_folder(
     const std::string& dir,
     const std::string& name) {
   return name == "default" ? dir : (std::filesystem::path(dir) / name).string();
-}
-
-// ---------------------------------------------------------------- reading
-
-/// A list of strings from a JSON string or list; empty for null.
-inline std::vector<std::string> string_list(
-    const nlohmann::ordered_json& value,
-    const std::string& key) {
-  std::vector<std::string> list;
-  if (value.is_null()) {
-    return list;
-  }
-  if (value.is_string()) {
-    list.push_back(value.get<std::string>());
-    return list;
-  }
-  TORCH_CHECK(
-      value.is_array(),
-      "torchlora: adapter_config.json: \"",
-      key,
-      "\" must be a string or a list of strings, got ",
-      value.dump());
-  for (const auto& item : value) {
-    TORCH_CHECK(
-        item.is_string(),
-        "torchlora: adapter_config.json: \"",
-        key,
-        "\" must list strings, got ",
-        item.dump());
-    list.push_back(item.get<std::string>());
-  }
-  return list;
-}
-
-template <typename T>
-T number_of(const nlohmann::ordered_json& config, const char* key, T fallback) {
-  if (!config.contains(key) || config[key].is_null()) {
-    return fallback;
-  }
-  TORCH_CHECK(
-      config[key].is_number(),
-      "torchlora: adapter_config.json: \"",
-      key,
-      "\" must be a number, got ",
-      config[key].dump());
-  return config[key].get<T>();
-}
-
-/// True when `config[key]` asks for something (not absent, null, false, 0,
-/// an empty string, list or object).
-inline bool asks_for(const nlohmann::ordered_json& config, const char* key) {
-  if (!config.contains(key)) {
-    return false;
-  }
-  const auto& value = config[key];
-  if (value.is_null()) {
-    return false;
-  }
-  if (value.is_boolean()) {
-    return value.get<bool>();
-  }
-  if (value.is_number()) {
-    return value.get<double>() != 0;
-  }
-  if (value.is_string() || value.is_array() || value.is_object()) {
-    return !value.empty();
-  }
-  return true;
-}
-
-/// The `LoRAConfig` an `adapter_config.json` describes, refusing by name
-/// the peft features torchlora does not implement.
-inline LoRAConfig config_from_json(
-    const nlohmann::ordered_json& json,
-    const std::string& adapter_name) {
-  TORCH_CHECK(
-      json.is_object(),
-      "torchlora: adapter_config.json must hold a JSON object");
-  const auto peft_type =
-      json.contains("peft_type") && json["peft_type"].is_string()
-      ? json["peft_type"].get<std::string>()
-      : json.value("peft_type", nlohmann::ordered_json()).dump();
-  TORCH_CHECK(
-      peft_type == "LORA",
-      "torchlora: adapter_config.json has peft_type ",
-      peft_type,
-      "; torchlora loads LORA adapters only");
-  for (const char* feature :
-       {"use_dora",
-        "fan_in_fan_out",
-        "lora_bias",
-        "layer_replication",
-        "target_parameters",
-        "trainable_token_indices",
-        "alora_invocation_tokens",
-        "use_qalora",
-        "megatron_config",
-        "arrow_config"}) {
-    TORCH_CHECK(
-        !asks_for(json, feature),
-        "torchlora: the adapter uses peft's \"",
-        feature,
-        "\" (",
-        json[feature].dump(),
-        "), which torchlora does not support");
-  }
-
-  if (json.contains("init_lora_weights") &&
-      json["init_lora_weights"].is_string()) {
-    const auto init = json["init_lora_weights"].get<std::string>();
-    for (const char* changes_base : {"pissa", "olora", "corda", "loftq"}) {
-      TORCH_CHECK(
-          init.rfind(changes_base, 0) != 0,
-          "torchlora: the adapter was initialised with peft's \"",
-          init,
-          "\", which changes the base weights; torchlora does not support it");
-    }
-  }
-  const auto rank = number_of<int64_t>(json, "r", 8);
-  LoRAConfig config(rank);
-  config.alpha(number_of<double>(json, "lora_alpha", 8.0))
-      .dropout(number_of<double>(json, "lora_dropout", 0.0))
-      .adapter_name(adapter_name);
-  if (json.contains("use_rslora") && json["use_rslora"].is_boolean()) {
-    config.use_rslora(json["use_rslora"].get<bool>());
-  }
-  const auto targets = json.value("target_modules", nlohmann::ordered_json());
-  TORCH_CHECK(
-      !targets.is_null(),
-      "torchlora: adapter_config.json has no target_modules (peft would pick "
-      "them by model type; torchlora needs them written)");
-  if (targets.is_string() && targets.get<std::string>() != "all-linear") {
-    config.target_regex(targets.get<std::string>());
-  } else {
-    config.target_modules(string_list(targets, "target_modules"));
-  }
-  const auto excludes = json.value("exclude_modules", nlohmann::ordered_json());
-  if (excludes.is_string()) {
-    config.exclude_regex(excludes.get<std::string>());
-  } else {
-    config.exclude_modules(string_list(excludes, "exclude_modules"));
-  }
-  const auto layers =
-      json.value("layers_to_transform", nlohmann::ordered_json());
-  if (layers.is_number_integer()) {
-    config.layers_to_transform({layers.get<int64_t>()});
-  } else if (layers.is_array()) {
-    std::vector<int64_t> indices;
-    for (const auto& index : layers) {
-      TORCH_CHECK(
-          index.is_number_integer(),
-          "torchlora: adapter_config.json: layers_to_transform must hold integers, got ",
-          index.dump());
-      indices.push_back(index.get<int64_t>());
-    }
-    config.layers_to_transform(indices);
-  }
-  config.layers_pattern(string_list(
-      json.value("layers_pattern", nlohmann::ordered_json()),
-      "layers_pattern"));
-  // value() returns a copy: keep it alive while iterating.
-  const auto rank_json =
-      json.value("rank_pattern", nlohmann::ordered_json::object());
-  const auto alpha_json =
-      json.value("alpha_pattern", nlohmann::ordered_json::object());
-  TORCH_CHECK(
-      rank_json.is_object() && alpha_json.is_object(),
-      "torchlora: adapter_config.json: rank_pattern and alpha_pattern must be "
-      "objects, got ",
-      rank_json.dump(),
-      " and ",
-      alpha_json.dump());
-  LoRAConfig::RankPattern ranks;
-  for (const auto& [key, value] : rank_json.items()) {
-    TORCH_CHECK(
-        value.is_number_integer(),
-        "torchlora: adapter_config.json: rank_pattern \"",
-        key,
-        "\" must be an integer, got ",
-        value.dump());
-    ranks.emplace_back(key, value.get<int64_t>());
-  }
-  config.rank_pattern(ranks);
-  LoRAConfig::AlphaPattern alphas;
-  for (const auto& [key, value] : alpha_json.items()) {
-    TORCH_CHECK(
-        value.is_number(),
-        "torchlora: adapter_config.json: alpha_pattern \"",
-        key,
-        "\" must be a number, got ",
-        value.dump());
-    alphas.emplace_back(key, value.get<double>());
-  }
-  config.alpha_pattern(alphas);
-  config.modules_to_save(string_list(
-      json.value("modules_to_save", nlohmann::ordered_json()),
-      "modules_to_save"));
-  const auto bias = json.value("bias", std::string("none"));
-  if (bias == "all") {
-    config.bias(LoRABias::all);
-  } else if (bias == "lora_only") {
-    config.bias(LoRABias::lora_only);
-  } else {
-    TORCH_CHECK(
-        bias == "none",
-        "torchlora: adapter_config.json: bias must be \"none\", \"all\" or "
-        "\"lora_only\", got \"",
-        bias,
-        "\"");
-  }
-  return config;
-}
-
-inline nlohmann::ordered_json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  TORCH_CHECK(
-      in.good(), "torchlora: cannot read '", path, "': ", std::strerror(errno));
-  try {
-    return nlohmann::ordered_json::parse(in);
-  } catch (const nlohmann::json::exception& error) {
-    TORCH_CHECK(
-        false, "torchlora: '", path, "' is not valid JSON: ", error.what());
-  }
-  return {};
 }
 
 /// Warns, naming a few, about the trainable parameters of `model` that are
@@ -726,8 +502,9 @@ inline void load_adapter(
       "torchlora: load_adapter: no adapter_config.json in '",
       dir,
       "'");
-  const auto config = detail::config_from_json(
-      detail::read_json_file(config_path), adapter_name);
+  const auto config = detail::read_peft_config(config_path, adapter_name);
+  // Loading into a merged layer would leave its merged weight stale.
+  detail::check_not_merged(detail::ModelIndex(model), "", "load_adapter");
   const auto tensors = safetensors::load(
       (fs::path(folder) / "adapter_model.safetensors").string());
 

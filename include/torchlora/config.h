@@ -72,8 +72,9 @@ struct LoRAConfig {
   TORCH_ARG(std::string, exclude_regex) = "";
 
   /// Layer indices to adapt (with `target_modules` only): a module's layer
-  /// index is the number of the first `<name>.<n>.` in its path, `<name>`
-  /// being any segment or one of `layers_pattern`.
+  /// index is the number of the last `<name>.<n>.` in its path, `<name>`
+  /// being any segment or one of `layers_pattern` (peft's rule; unlike peft,
+  /// a list that is the path's first segment, `blocks.0.fc`, counts too).
   TORCH_ARG(std::vector<int64_t>, layers_to_transform) = {};
 
   /// Names of the layer lists (e.g. "layers", "blocks") that

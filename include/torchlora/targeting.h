@@ -39,19 +39,15 @@ class TargetMatcher {
     if (!config.exclude_regex().empty()) {
       exclude_regex_ = compile(config.exclude_regex(), "exclude_regex");
     }
-    // The first `<name>.<n>.` of the path: a lazy, optional prefix. (The
-    // literals are split so that "??(" is not read as a trigraph.)
+    // The last `<name>.<n>.` of the path, as peft's `.*\.<name>\.(\d+)\.`
+    // finds it: a greedy prefix. Unlike peft's, the prefix is optional, so
+    // that a list at the top of the model (`blocks.0.fc`) has an index too.
     for (const auto& pattern : config.layers_pattern()) {
       layer_regexes_.push_back(compile(
-          "(?:.*?\\.)?"
-          "?(?:" +
-              pattern + ")\\.(\\d+)\\..*",
-          "layers_pattern"));
+          "(?:.*\\.)?(?:" + pattern + ")\\.(\\d+)\\..*", "layers_pattern"));
     }
     if (layer_regexes_.empty()) {
-      layer_regexes_.push_back(
-          std::regex("(?:.*?\\.)?"
-                     "?[^.]*\\.(\\d+)\\..*"));
+      layer_regexes_.push_back(std::regex("(?:.*\\.)?[^.]*\\.(\\d+)\\..*"));
     }
     for (const auto& entry : config.rank_pattern()) {
       rank_regexes_.push_back(compile_suffix(entry.first, "rank_pattern"));
@@ -137,8 +133,9 @@ class TargetMatcher {
     return false;
   }
 
-  /// The layer index of `path`: the number of the first `<name>.<n>.` in it,
-  /// `<name>` being one of `layers_pattern` or, without them, any segment.
+  /// The layer index of `path`: the number of the last `<name>.<n>.` in it,
+  /// `<name>` being one of `layers_pattern` (tried in order) or, without
+  /// them, any segment.
   std::optional<int64_t> layer_index(const std::string& path) const {
     std::smatch match;
     for (const auto& regex : layer_regexes_) {
