@@ -5,6 +5,7 @@
 #include <torchlora/linear.h>
 #include <torchlora/parameters.h>
 
+#include <map>
 #include <set>
 #include <string>
 
@@ -119,4 +120,62 @@ TEST_F(ParametersTest, HoldersAndSharedPointersWorkToo) {
   auto net = std::make_shared<Net>();
   torchlora::mark_only_lora_as_trainable(net, LoRABias::all);
   EXPECT_EQ(torchlora::count_parameters(net).trainable, 16 + 16 + 8 + 4 + 4);
+}
+
+namespace {
+
+/// A model that LibTorch can clone: an adaptable member and a plain Linear.
+struct CloneableNetImpl : torch::nn::Cloneable<CloneableNetImpl> {
+  CloneableNetImpl() {
+    reset();
+  }
+  void reset() override {
+    adapted =
+        register_module("adapted", LoRALinear(torch::nn::LinearOptions(8, 8)));
+    plain = register_module("plain", torch::nn::Linear(8, 4));
+  }
+  LoRALinear adapted{nullptr};
+  torch::nn::Linear plain{nullptr};
+};
+TORCH_MODULE(CloneableNet);
+
+std::map<std::string, bool> trainable_flags(const torch::nn::Module& model) {
+  std::map<std::string, bool> flags;
+  for (const auto& item : model.named_parameters()) {
+    flags[item.key()] = item.value().requires_grad();
+  }
+  return flags;
+}
+
+} // namespace
+
+TEST_F(ParametersTest, CloneKeepingTrainableKeepsTheFrozenBaseFrozen) {
+  CloneableNet model;
+  model->adapted->add_adapter("default", LoRAOptions(2));
+  torchlora::mark_only_lora_as_trainable(model);
+  ASSERT_FALSE(model->plain->weight.requires_grad());
+
+  // The trap: LibTorch's clone() makes the frozen plain layer trainable.
+  const auto plain_clone = model->clone();
+  EXPECT_TRUE(plain_clone->named_parameters()["plain.weight"].requires_grad());
+
+  const std::shared_ptr<CloneableNetImpl> copy =
+      torchlora::clone_keeping_trainable(model);
+  ASSERT_NE(copy, nullptr);
+  EXPECT_EQ(trainable_flags(*copy), trainable_flags(*model));
+  EXPECT_FALSE(copy->plain->weight.requires_grad());
+  EXPECT_TRUE(copy->adapted->named_parameters()["lora_A.default.weight"]
+                  .requires_grad());
+  // A deep copy with equal values.
+  const auto originals = model->named_parameters();
+  for (const auto& item : copy->named_parameters()) {
+    EXPECT_TRUE(torch::equal(item.value(), originals[item.key()]))
+        << item.key();
+    EXPECT_NE(item.value().data_ptr(), originals[item.key()].data_ptr())
+        << item.key();
+  }
+  // The Module& form gives the same flags.
+  EXPECT_EQ(
+      trainable_flags(*torchlora::clone_keeping_trainable(*model)),
+      trainable_flags(*model));
 }

@@ -6,6 +6,8 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <c10/util/Optional.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -141,6 +143,51 @@ void mark_only_lora_as_trainable(
     const std::shared_ptr<ModuleType>& module,
     LoRABias bias = LoRABias::none) {
   mark_only_lora_as_trainable(static_cast<torch::nn::Module&>(*module), bias);
+}
+
+/// A deep copy of `model` (`model.clone(device)`) whose parameters are
+/// trainable exactly where `model`'s are.
+///
+/// LibTorch's `Module::clone()` re-creates every parameter in `reset()` and
+/// copies only its values, so a plain clone of an adapted model has its
+/// frozen base weights trainable again (LoRA layers themselves keep their
+/// flags). Use this instead, or call `mark_only_lora_as_trainable` on the
+/// clone.
+///
+/// Example:
+/// ```
+/// auto copy = torchlora::clone_keeping_trainable(model);  // shared_ptr
+/// ```
+inline std::shared_ptr<torch::nn::Module> clone_keeping_trainable(
+    const torch::nn::Module& model,
+    const c10::optional<torch::Device>& device = c10::nullopt) {
+  auto copy = model.clone(device);
+  auto copied = copy->named_parameters(/*recurse=*/true);
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    if (auto* tensor = copied.find(item.key())) {
+      tensor->set_requires_grad(item.value().requires_grad());
+    }
+  }
+  return copy;
+}
+
+/// `clone_keeping_trainable` of a module held by a `std::shared_ptr`,
+/// returning the same module type.
+template <typename ModuleType>
+std::shared_ptr<ModuleType> clone_keeping_trainable(
+    const std::shared_ptr<ModuleType>& model,
+    const c10::optional<torch::Device>& device = c10::nullopt) {
+  return std::dynamic_pointer_cast<ModuleType>(clone_keeping_trainable(
+      static_cast<const torch::nn::Module&>(*model), device));
+}
+
+/// `clone_keeping_trainable` of a module holder, as a `std::shared_ptr` to
+/// its module.
+template <typename ModuleType>
+std::shared_ptr<ModuleType> clone_keeping_trainable(
+    const torch::nn::ModuleHolder<ModuleType>& model,
+    const c10::optional<torch::Device>& device = c10::nullopt) {
+  return clone_keeping_trainable(model.ptr(), device);
 }
 
 } // namespace torchlora
