@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <string>
 #include <vector>
@@ -405,7 +406,7 @@ TEST_F(
        "adapter_config.json: it has no target_modules"},
       {{{"bias", "some"}},
        "\"bias\" must be \"none\", \"all\" or \"lora_only\", got \"some\""},
-      {{{"r", 0}}, "LoRAConfig needs a rank > 0, got 0"},
+      {{{"r", 0}}, "\"r\" must be > 0, got 0"},
   };
   for (const auto& [change, text] : cases) {
     auto config = good;
@@ -698,6 +699,17 @@ TEST_F(AdapterIoTest, ConfigValuesOutOfRangeOrOfTheWrongKindAreErrors) {
        "alpha_pattern \"q_proj\" must be a number, got \"8\""},
       {{{"init_lora_weights", 1}},
        "\"init_lora_weights\" must be true, false or a string, got 1"},
+      {{{"r", -3}}, "\"r\" must be > 0, got -3"},
+      {{{"lora_alpha", -1}}, "\"lora_alpha\" must be > 0, got -1"},
+      {{{"lora_dropout", 1.5}}, "\"lora_dropout\" must be in [0, 1), got 1.5"},
+      {{{"rank_pattern", {{"q_proj", 0}}}},
+       "rank_pattern \"q_proj\" must be > 0, got 0"},
+      {{{"alpha_pattern", {{"q_proj", -2}}}},
+       "alpha_pattern \"q_proj\" must be > 0, got -2"},
+      {{{"target_modules", nlohmann::json::array()}},
+       "\"target_modules\" is an empty list"},
+      {{{"layers_to_transform", {1}}, {"layers_pattern", "("}},
+       "layers_pattern is not a valid regex (ECMAScript syntax): \"(\""},
   };
   for (const auto& [change, text] : cases) {
     auto config = good;
@@ -831,4 +843,47 @@ TEST_F(AdapterIoTest, LayersToTransformCountsTheLastNumberedListAsPeftDoes) {
       (std::vector<std::string>{
           "model.layers.0.experts.0.fc.lora_A.default.weight",
           "model.layers.1.experts.0.fc.lora_A.default.weight"}));
+}
+
+TEST_F(AdapterIoTest, DeepOrHugeConfigValuesGiveShortErrors) {
+  Net source;
+  torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto path = dir + "/adapter_config.json";
+  auto text = [&] {
+    std::ifstream in(path);
+    return std::string(
+        std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }();
+  // Nested 100,000 levels deep (200 KB): refused while parsing, before
+  // anything recurses over it.
+  const auto brace = text.find('{');
+  const auto deep = text.substr(0, brace + 1) +
+      "\"zzz\": " + std::string(100000, '[') + std::string(100000, ']') + ", " +
+      text.substr(brace + 1);
+  {
+    std::ofstream out(path);
+    out << deep;
+  }
+  Net target;
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*target, dir),
+      "' nests JSON deeper than 32 levels; no adapter config does");
+  // A huge value is shown cut short.
+  nlohmann::json huge = nlohmann::json::object();
+  huge["peft_type"] = "LORA";
+  huge["target_modules"] = std::vector<int>(1000000, 1);
+  write_json(path, huge);
+  try {
+    torchlora::load_adapter(*target, dir);
+    ADD_FAILURE() << "a list of numbers was accepted as target_modules";
+  } catch (const c10::Error& error) {
+    const auto message = torchlora_test::message_of(error);
+    EXPECT_NE(
+        message.find("\"target_modules\" must be a list of strings, got "
+                     "[1,1,1,"),
+        std::string::npos)
+        << message.substr(0, 200);
+    EXPECT_LT(message.size(), 400u);
+  }
 }

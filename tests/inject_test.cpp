@@ -605,6 +605,11 @@ struct FailingLayerImpl : torch::nn::Module, torchlora::LoRALayer {
   double scale(const std::string&) const override {
     return 1.0;
   }
+  const torchlora::LoRAOptions& adapter_options(
+      const std::string&) const override {
+    static const torchlora::LoRAOptions options(1);
+    return options;
+  }
   void set_adapters_enabled(bool) override {}
   bool adapters_enabled() const override {
     return true;
@@ -626,6 +631,8 @@ struct FailingLayerImpl : torch::nn::Module, torchlora::LoRALayer {
   bool merge_is_finite() const override {
     return true;
   }
+  void check_mergeable() const override {}
+  void check_unmergeable() const override {}
   void unload(bool) override {}
   std::shared_ptr<torch::nn::Module> base_module() const override {
     return nullptr;
@@ -670,25 +677,26 @@ TEST_F(InjectTest, AFailureWhileChangingTheModelIsRolledBack) {
   EXPECT_TRUE(model->typed->adapter_names().empty());
 }
 
-TEST_F(InjectTest, NothingMatchedNamesTheTargetsAndTheLinearLayers) {
+TEST_F(InjectTest, NothingMatchedNamesTheTargetsAndTheAdaptableLayers) {
   Net model(1);
   const auto before = snapshot(*model);
   EXPECT_TORCHLORA_ERROR(
       inject_lora(model, LoRAConfig(2).target_modules({"query", "value"})),
       "no module matched target_modules {\"query\", \"value\"} (after exclusions and layer "
-      "filters). The model's Linear layers: blocks.0.attn.q_proj, blocks.0.attn.k_proj, "
+      "filters). The model's adaptable layers: blocks.0.attn.q_proj, blocks.0.attn.k_proj, "
       "blocks.0.attn.v_proj, blocks.0.attn.o_proj, blocks.0.mlp.0, blocks.0.mlp.2, heads.en, "
       "heads.fr, ... (9 in all)");
   expect_unchanged(before, *model);
 }
 
-TEST_F(InjectTest, MatchingAModuleThatIsNotALinearIsAnError) {
+TEST_F(InjectTest, MatchingAModuleThatIsNotAnAdaptableLayerIsAnError) {
   Net model(1);
   const auto before = snapshot(*model);
   EXPECT_TORCHLORA_ERROR(
       inject_lora(model, LoRAConfig(2).target_modules({"q_proj", "mlp"})),
-      "matched 'blocks.0.mlp', a torch::nn::SequentialImpl; only torch::nn::Linear and "
-      "torchlora::LoRALinear layers can be adapted");
+      "matched 'blocks.0.mlp', a torch::nn::SequentialImpl; only torch::nn::Linear, "
+      "Embedding, Conv1d, Conv2d and Conv3d layers and their torchlora LoRA layers can be "
+      "adapted. Name the layers inside it instead.");
   expect_unchanged(before, *model);
   EXPECT_TRUE(
       model->blocks[0]->as<BlockImpl>()->attn->q_proj->adapter_names().empty());

@@ -430,8 +430,8 @@ TEST_F(LinearReferenceTest, SecondDerivativesThroughTheFusedPathAreExact) {
         torch::nn::Linear(4, 3),
         LoRAOptions(2).alpha(2).init(LoRAInit::random));
     layer->to(torch::kFloat64);
-    const auto& A = layer->named_parameters()["lora_A.default.weight"];
-    const auto& B = layer->named_parameters()["lora_B.default.weight"];
+    const torch::Tensor A = layer->named_parameters()["lora_A.default.weight"];
+    const torch::Tensor B = layer->named_parameters()["lora_B.default.weight"];
     const auto x =
         torch::randn({rows, 4}, torch::kFloat64).requires_grad_(true);
     auto second_order = [&](const torch::Tensor& y,

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -478,4 +479,64 @@ TEST_F(MergeTest, InjectingIntoAMergedModelIsRefusedWithNothingChanged) {
       "was changed.");
   expect_unchanged(before, *model);
   EXPECT_EQ(torchlora_test::module_tree(*model), tree);
+}
+
+TEST_F(MergeTest, AStaleMergedWeightIsNeverKeptOrUnmergedInSilence) {
+  const auto x = torch::randn({2, 32});
+  auto bump_A = [](const LoRALinear& layer) {
+    torch::NoGradGuard no_grad;
+    layer->named_parameters()["lora_A.fr.weight"].add_(1.0);
+  };
+  const auto stale =
+      "an adapter of this merged layer (\"default\", \"fr\") was changed after "
+      "merge()";
+  // merge_and_unload and unload(merge) would keep the stale merged weight.
+  {
+    auto layer = layer_of(torch::kFloat32);
+    torch::nn::Sequential model(layer);
+    torchlora::merge(model);
+    bump_A(layer);
+    const auto before = snapshot(*model);
+    EXPECT_TORCHLORA_ERROR(torchlora::merge_and_unload(model), stale);
+    EXPECT_TORCHLORA_ERROR(torchlora::merge(model), stale);
+    EXPECT_TORCHLORA_ERROR(layer->unload(/*merge_first=*/true), stale);
+    expect_unchanged(before, *model);
+    // Unmerging is always possible; merging again takes the change.
+    torchlora::unmerge(model);
+    torchlora::merge_and_unload(model);
+  }
+  // set_data keeps the version counter: the data pointer tells.
+  {
+    auto layer = layer_of(torch::kFloat32);
+    layer->merge();
+    auto B = layer->named_parameters()["lora_B.default.weight"];
+    B.set_data(B.detach() * 3);
+    EXPECT_TORCHLORA_ERROR(layer(x), "was changed after merge()");
+  }
+  // The merged weight itself trained in place: unmerge, unload and save
+  // would restore the weight from before merge() and lose that.
+  {
+    auto layer = layer_of(torch::kFloat32);
+    layer->merge();
+    {
+      torch::NoGradGuard no_grad;
+      layer->weight.add_(0.5);
+    }
+    const auto changed = layer(x); // the forward uses it
+    const auto text =
+        "the weight of this merged layer was changed after merge() (an "
+        "optimizer step or an in-place op on it), so ";
+    EXPECT_TORCHLORA_ERROR(
+        layer->unmerge(), std::string(text) + "unmerge() would restore");
+    EXPECT_TORCHLORA_ERROR(
+        layer->unload(/*merge_first=*/false),
+        std::string(text) + "unload() would restore");
+    std::stringstream stream;
+    EXPECT_TORCHLORA_ERROR(
+        torch::save(layer, stream), std::string(text) + "saving it would");
+    EXPECT_TRUE(layer->merged());
+    // merge_and_unload keeps the weight as it is now.
+    layer->unload(/*merge_first=*/true);
+    EXPECT_TRUE(torch::allclose(layer(x), changed));
+  }
 }

@@ -2,6 +2,7 @@
 // (include/torchlora/parameters.h).
 #include "test_support.h"
 
+#include <torchlora/inject.h>
 #include <torchlora/linear.h>
 #include <torchlora/parameters.h>
 
@@ -174,8 +175,42 @@ TEST_F(ParametersTest, CloneKeepingTrainableKeepsTheFrozenBaseFrozen) {
     EXPECT_NE(item.value().data_ptr(), originals[item.key()].data_ptr())
         << item.key();
   }
+  // Training modes are kept too.
+  model->eval();
+  model->plain->train();
+  const auto evaluated = torchlora::clone_keeping_trainable(model);
+  EXPECT_FALSE(evaluated->is_training());
+  EXPECT_FALSE(evaluated->adapted->is_training());
+  EXPECT_TRUE(evaluated->plain->is_training());
   // The Module& form gives the same flags.
   EXPECT_EQ(
       trainable_flags(*torchlora::clone_keeping_trainable(*model)),
       trainable_flags(*model));
+}
+
+namespace {
+
+/// reset() registers a plain Linear that only the registry holds.
+struct RegistryNetImpl : torch::nn::Cloneable<RegistryNetImpl> {
+  RegistryNetImpl() {
+    reset();
+  }
+  void reset() override {
+    register_module("fc", torch::nn::Linear(4, 4));
+  }
+};
+
+} // namespace
+
+TEST_F(ParametersTest, CloneKeepingTrainableExplainsWhatLibTorchCannotClone) {
+  auto model = std::make_shared<RegistryNetImpl>();
+  torchlora::inject_lora(
+      *model, torchlora::LoRAConfig(2).target_modules({"fc"}));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::clone_keeping_trainable(model),
+      "clone_keeping_trainable: LibTorch could not clone the model (");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::clone_keeping_trainable(model),
+      "A model whose reset() builds plain torch::nn::Linear children cannot be "
+      "cloned after inject_lora replaced them");
 }

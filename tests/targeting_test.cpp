@@ -75,6 +75,9 @@ TEST_F(TargetingTest, LayerIndexIsTheNumberOfTheLastNameDotNumber) {
   EXPECT_FALSE(matcher.layer_index("0.attn.q_proj").has_value());
   EXPECT_FALSE(matcher.layer_index("attn.q_proj").has_value());
   EXPECT_FALSE(matcher.layer_index("blocks.3").has_value());
+  // Beyond int64 (peft compares Python ints): equal to no listed index.
+  EXPECT_FALSE(matcher.layer_index("model.layers.99999999999999999999.q_proj")
+                   .has_value());
 
   EXPECT_TRUE(matcher.is_target("model.layers.1.attn.q_proj"));
   EXPECT_FALSE(matcher.is_target("model.layers.1.mlp.experts.0.up_proj"));

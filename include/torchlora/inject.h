@@ -1,7 +1,10 @@
 #pragma once
 
 #include <torchlora/config.h>
+#include <torchlora/conv.h>
+#include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
+#include <torchlora/embedding.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
 #include <torchlora/module_ref.h>
@@ -9,6 +12,8 @@
 #include <torchlora/targeting.h>
 
 #include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
@@ -26,15 +31,17 @@ namespace detail {
 /// One layer `inject_lora` will adapt.
 struct PlannedLayer {
   const ModelEntry* entry;
+  const LayerKind* kind;
   LoRAOptions options;
 };
 
-inline std::string list_linear_paths(const ModelIndex& index, size_t limit) {
+/// The paths of the layers torchlora can adapt, at most `limit` of them.
+inline std::string list_adaptable_paths(const ModelIndex& index, size_t limit) {
   std::string text;
   size_t shown = 0;
   size_t total = 0;
   for (const auto& entry : index.entries()) {
-    if (!is_linear_like(*entry.module)) {
+    if (kind_of(*entry.module) == nullptr) {
       continue;
     }
     ++total;
@@ -52,12 +59,10 @@ inline std::string list_linear_paths(const ModelIndex& index, size_t limit) {
   return text;
 }
 
-/// Refuses to adapt the plain Linear of `entry` (held once more by `module`)
-/// when something outside the model's registries and containers holds it:
-/// that holder would keep calling the old layer.
 inline void check_only_held_by_model(
     const ModelEntry& entry,
-    const std::shared_ptr<torch::nn::Module>& module) {
+    const std::shared_ptr<torch::nn::Module>& module,
+    const LayerKind& kind) {
   const auto outside = outside_references(entry, module);
   if (outside == 0) {
     return;
@@ -69,26 +74,32 @@ inline void check_only_held_by_model(
         false,
         "torchlora: cannot adapt '",
         path,
-        "': this torch::nn::Linear sits in a container but is also held "
-        "outside the model (",
+        "': this ",
+        kind.plain_name,
+        " sits in a container but is also held outside the model (",
         outside,
         " more reference(s), e.g. a variable or member that still holds the "
         "layer put in the container), which would keep calling the old "
-        "layer. Drop that reference, or declare the member as "
-        "torchlora::LoRALinear. Nothing was changed.");
+        "layer. Drop that reference, or declare the member as ",
+        kind.lora_name,
+        ". Nothing was changed.");
   }
   TORCH_CHECK(
       false,
       "torchlora: cannot adapt '",
       path,
-      "': this torch::nn::Linear is also held outside the model's registry "
-      "and containers (",
+      "': this ",
+      kind.plain_name,
+      " is also held outside the model's registry and containers (",
       outside,
-      " more reference(s): a typed member such as `torch::nn::Linear ",
+      " more reference(s): a typed member such as `",
+      kind.plain_name,
+      " ",
       registration.name,
       "{nullptr};`, or a variable), which would keep calling the old layer, "
-      "so the adapter would never be used. Declare the member as "
-      "`torchlora::LoRALinear ",
+      "so the adapter would never be used. Declare the member as `",
+      kind.lora_name,
+      " ",
       registration.name,
       "{nullptr};` (same constructor arguments, same checkpoint keys), or "
       "hold the layer only in a Sequential, ModuleList or ModuleDict. "
@@ -120,21 +131,23 @@ inline std::vector<PlannedLayer> plan_injection(
     if (!matcher.is_target(path)) {
       continue;
     }
+    const auto* kind = kind_of(*entry.module);
     if (matcher.targets_all_linear() &&
-        (!is_linear_like(*entry.module) ||
+        (kind == nullptr || !kind->linear ||
          TargetMatcher::is_output_head(path))) {
       continue;
     }
     TORCH_CHECK(
-        is_linear_like(*entry.module),
+        kind != nullptr,
         "torchlora: ",
         matcher.describe_targets(),
         " matched '",
         path,
         "', a ",
         entry.module->name(),
-        "; only torch::nn::Linear and torchlora::LoRALinear layers can be "
-        "adapted. Name the Linear layers inside it instead.");
+        "; only ",
+        adaptable_kinds_text(),
+        " can be adapted. Name the layers inside it instead.");
     if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
       TORCH_CHECK(
           !layer->merged(),
@@ -150,15 +163,15 @@ inline std::vector<PlannedLayer> plan_injection(
           config.adapter_name(),
           "\"; give the new one another adapter_name");
     }
-    planned.push_back(PlannedLayer{&entry, matcher.options_for(path)});
+    planned.push_back(PlannedLayer{&entry, kind, matcher.options_for(path)});
   }
 
   TORCH_CHECK(
       !planned.empty(),
       "torchlora: no module matched ",
       matcher.describe_targets(),
-      " (after exclusions and layer filters). The model's Linear layers: ",
-      list_linear_paths(index, 8));
+      " (after exclusions and layer filters). The model's adaptable layers: ",
+      list_adaptable_paths(index, 8));
   return planned;
 }
 
@@ -168,14 +181,16 @@ inline std::vector<PlannedLayer> plan_injection(
 /// returns their paths, in model order. `model` is an existing, loaded model
 /// (a reference, a `std::shared_ptr` or a holder).
 ///
-/// - A targeted `torch::nn::Linear` registered in any module, including
-///   inside `Sequential`, `ModuleList` and `ModuleDict` (whose storage is
-///   updated too, so their forward uses it), is replaced by a
-///   `torchlora::LoRALinear` that shares its tensors; a layer registered at
-///   several paths is adapted once and every path sees it.
-/// - A targeted `torchlora::LoRALinear` gets the adapter in place (another
+/// - A targeted `torch::nn::Linear`, `Embedding`, `Conv1d`, `Conv2d` or
+///   `Conv3d` registered in any module, including inside `Sequential`,
+///   `ModuleList` and `ModuleDict` (whose storage is updated too, so their
+///   forward uses it), is replaced by its LoRA layer (`torchlora::LoRALinear`,
+///   `LoRAEmbedding`, `LoRAConv2d`, ...) that shares its tensors; a layer
+///   registered at several paths is adapted once and every path sees it.
+///   `"all-linear"` takes Linear layers only, as in peft.
+/// - A targeted LoRA layer gets the adapter in place (another
 ///   `adapter_name` adds a second adapter, never a wrapper in a wrapper).
-/// - A targeted plain Linear that something else also holds (a typed member
+/// - A targeted plain layer that something else also holds (a typed member
 ///   such as `torch::nn::Linear fc{nullptr};`) would keep being called by
 ///   the model's forward: that is an error that says how to fix the model.
 /// - Afterwards only the adapters, `modules_to_save` and the biases of
@@ -187,7 +202,7 @@ inline std::vector<PlannedLayer> plan_injection(
 ///
 /// Limits: references that own nothing (a raw `LinearImpl*`, a `weak_ptr`)
 /// cannot be seen; `clone()` of a whole model whose own `reset()` creates
-/// plain Linear children fails after injection (the child types differ).
+/// plain children fails after injection (the child types differ).
 ///
 /// Example:
 /// ```
@@ -206,9 +221,9 @@ inline std::vector<std::string> inject_lora(
   std::vector<std::shared_ptr<torch::nn::Module>> held(planned.size());
   for (size_t i = 0; i < planned.size(); ++i) {
     const auto& entry = *planned[i].entry;
-    if (detail::is_plain_linear(*entry.module)) {
+    if (planned[i].kind->is_plain(*entry.module)) {
       held[i] = detail::share(entry);
-      detail::check_only_held_by_model(entry, held[i]);
+      detail::check_only_held_by_model(entry, held[i], *planned[i].kind);
     }
   }
 
@@ -217,7 +232,7 @@ inline std::vector<std::string> inject_lora(
   const auto& name = config.adapter_name();
   const detail::TrainableFlags flags(model);
   std::vector<LoRALayer*> extended;
-  std::vector<std::pair<size_t, std::shared_ptr<LoRALinearImpl>>> swapped;
+  std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
   try {
     for (size_t i = 0; i < planned.size(); ++i) {
       const auto& entry = *planned[i].entry;
@@ -225,12 +240,11 @@ inline std::vector<std::string> inject_lora(
         layer->add_adapter(name, planned[i].options);
         extended.push_back(layer);
       } else {
-        auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(held[i]);
-        auto wrapped =
-            std::make_shared<LoRALinearImpl>(torch::nn::Linear(linear));
-        wrapped->add_adapter(name, planned[i].options);
+        auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
+        dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
+            name, planned[i].options);
         swapped.emplace_back(i, wrapped);
-        detail::replace_everywhere(entry, entry.module, wrapped);
+        detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
       }
     }
     mark_only_lora_as_trainable(model, config.bias());
@@ -246,8 +260,11 @@ inline std::vector<std::string> inject_lora(
       layer->delete_adapter(name);
     }
     for (const auto& [i, wrapped] : swapped) {
-      auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(held[i]);
-      detail::replace_everywhere(*planned[i].entry, wrapped.get(), linear);
+      detail::replace_everywhere(
+          *planned[i].entry,
+          wrapped.get(),
+          held[i],
+          planned[i].kind->plain_any(held[i]));
     }
     flags.restore();
     throw;
@@ -282,6 +299,52 @@ inline torch::Tensor linear_forward(
       "torchlora::LoRALinear, got a ",
       layer.name());
   return linear->forward(input);
+}
+
+/// Runs a layer of any kind torchlora adapts, plain or LoRA (Linear,
+/// Embedding, Conv1d/2d/3d), for forwards that reach a layer through the
+/// registry or a `ModuleList`/`ModuleDict`, which `inject_lora` may have
+/// swapped.
+///
+/// Example:
+/// ```
+/// x = torchlora::layer_forward(*named_children()["embed"], tokens);
+/// ```
+inline torch::Tensor layer_forward(
+    torch::nn::Module& layer,
+    const torch::Tensor& input) {
+  if (auto* lora = layer.as<LoRAEmbeddingImpl>()) {
+    return lora->forward(input);
+  }
+  if (auto* plain = layer.as<torch::nn::EmbeddingImpl>()) {
+    return plain->forward(input);
+  }
+  if (auto* lora = layer.as<LoRAConv1dImpl>()) {
+    return lora->forward(input);
+  }
+  if (auto* plain = layer.as<torch::nn::Conv1dImpl>()) {
+    return plain->forward(input);
+  }
+  if (auto* lora = layer.as<LoRAConv2dImpl>()) {
+    return lora->forward(input);
+  }
+  if (auto* plain = layer.as<torch::nn::Conv2dImpl>()) {
+    return plain->forward(input);
+  }
+  if (auto* lora = layer.as<LoRAConv3dImpl>()) {
+    return lora->forward(input);
+  }
+  if (auto* plain = layer.as<torch::nn::Conv3dImpl>()) {
+    return plain->forward(input);
+  }
+  TORCH_CHECK(
+      layer.as<LoRALinearImpl>() != nullptr ||
+          layer.as<torch::nn::LinearImpl>() != nullptr,
+      "torchlora: layer_forward needs a layer torchlora adapts (",
+      detail::adaptable_kinds_text(),
+      "), got a ",
+      layer.name());
+  return linear_forward(layer, input);
 }
 
 } // namespace torchlora

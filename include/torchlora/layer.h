@@ -57,6 +57,9 @@ class LoRALayer {
   /// The run-time multiplier of adapter `name`.
   virtual double scale(const std::string& name) const = 0;
 
+  /// The options adapter `name` was created with.
+  virtual const LoRAOptions& adapter_options(const std::string& name) const = 0;
+
   /// Switches all adapters off (the base output, bit for bit) or back on.
   virtual void set_adapters_enabled(bool enabled) = 0;
 
@@ -90,6 +93,15 @@ class LoRALayer {
 
   /// True if merging now would give only finite weights.
   virtual bool merge_is_finite() const = 0;
+
+  /// Throws the `torchlora:` error that `merge` would throw (adapters
+  /// disabled, a delta the base weight cannot hold, a merged weight gone
+  /// stale), without changing anything.
+  virtual void check_mergeable() const = 0;
+
+  /// Throws the `torchlora:` error that `unmerge` would throw (a merged
+  /// weight changed in place since `merge`), without changing anything.
+  virtual void check_unmergeable() const = 0;
 
   /// Removes every adapter: after merging them into the base weight for good
   /// (`merge_first`), or after restoring the base weight if merged.

@@ -8,6 +8,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace torchlora {
 
 /// Options of `merge` and `merge_and_unload`.
@@ -24,32 +26,63 @@ struct MergeOptions {
 
 namespace detail {
 
-/// Throws, naming the layer, if some unmerged LoRA layer of `index` cannot
-/// be merged: its adapters are disabled, or (when `safe`) merging would give
-/// NaN or Inf weights. Runs before any layer is merged.
+/// `message` without its "torchlora: " prefix.
+inline std::string without_prefix(const std::string& message) {
+  const std::string prefix = "torchlora: ";
+  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size())
+                                       : message;
+}
+
+/// Throws, naming the layer, if merging the model would fail on any layer:
+/// adapters disabled, a delta the base weight cannot hold, a merged weight
+/// gone stale, or (when `safe`) NaN or Inf weights. Runs before any layer
+/// is merged.
 inline void check_mergeable(const ModelIndex& index, bool safe) {
   for (const auto& [entry, layer] : index.lora_layers()) {
-    if (layer->merged() || layer->active_adapters().empty()) {
-      continue;
+    const auto& path = entry->paths.front();
+    if (!layer->merged() && !layer->active_adapters().empty()) {
+      TORCH_CHECK(
+          layer->adapters_enabled(),
+          "torchlora: cannot merge '",
+          path,
+          "': its adapters are disabled (DisableAdapters); merge after the "
+          "guard's scope. Nothing was merged");
+    }
+    try {
+      layer->check_mergeable();
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(
+          false,
+          "torchlora: cannot merge '",
+          path,
+          "': ",
+          without_prefix(error.what_without_backtrace()));
     }
     TORCH_CHECK(
-        layer->adapters_enabled(),
-        "torchlora: cannot merge '",
-        entry->paths.front(),
-        "': its adapters are disabled (DisableAdapters); merge after the "
-        "guard's scope. Nothing was merged");
-    TORCH_CHECK(
-        !safe || layer->merge_is_finite(),
+        !safe || layer->merged() || layer->active_adapters().empty() ||
+            layer->merge_is_finite(),
         "torchlora: safe merge refused: merging the active adapters of '",
-        entry->paths.front(),
+        path,
         "' gives NaN or Inf weights; no weight was changed");
   }
 }
 
-/// Removes every adapter of the LoRA layers of `model` (merging them into
-/// the base weights for good when `merge_first`). Where nothing outside the
-/// model holds a LoRA layer, its base layer takes its place again (a LoRA
-/// layer that is the model itself stays, without adapters).
+/// Throws, naming the layer, if unmerging the model would fail on any layer.
+inline void check_unmergeable(const ModelIndex& index) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    try {
+      layer->check_unmergeable();
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(
+          false,
+          "torchlora: cannot unmerge '",
+          entry->paths.front(),
+          "': ",
+          without_prefix(error.what_without_backtrace()));
+    }
+  }
+}
+
 inline void unload_layers(const ModelIndex& index, bool merge_first) {
   for (const auto& [entry, layer] : index.lora_layers()) {
     const auto held = share(*entry);
@@ -91,6 +124,7 @@ inline void merge(ModuleRef model, const MergeOptions& options = {}) {
 /// unmerged layers are left as they are.
 inline void unmerge(ModuleRef model) {
   const detail::ModelIndex index(model.get());
+  detail::check_unmergeable(index);
   for (const auto& [entry, layer] : index.lora_layers()) {
     layer->unmerge();
   }
@@ -114,6 +148,7 @@ inline void merge_and_unload(
 /// put back as `merge_and_unload` does.
 inline void unload(ModuleRef model) {
   const detail::ModelIndex index(model.get());
+  detail::check_unmergeable(index);
   detail::unload_layers(index, /*merge_first=*/false);
 }
 

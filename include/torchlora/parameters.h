@@ -6,6 +6,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -146,7 +147,8 @@ void mark_only_lora_as_trainable(
 }
 
 /// A deep copy of `model` (`model.clone(device)`) whose parameters are
-/// trainable exactly where `model`'s are.
+/// trainable exactly where `model`'s are, and whose modules are in
+/// training or eval mode as `model`'s are.
 ///
 /// LibTorch's `Module::clone()` re-creates every parameter in `reset()` and
 /// copies only its values, so a plain clone of an adapted model has its
@@ -161,11 +163,33 @@ void mark_only_lora_as_trainable(
 inline std::shared_ptr<torch::nn::Module> clone_keeping_trainable(
     const torch::nn::Module& model,
     const c10::optional<torch::Device>& device = c10::nullopt) {
-  auto copy = model.clone(device);
+  std::shared_ptr<torch::nn::Module> copy;
+  try {
+    copy = model.clone(device);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(
+        false,
+        "torchlora: clone_keeping_trainable: LibTorch could not clone the "
+        "model (",
+        error.what_without_backtrace(),
+        "). A model whose reset() builds plain torch::nn::Linear children "
+        "cannot be cloned after inject_lora replaced them; declare them as "
+        "torchlora::LoRALinear, or clone before injecting");
+  }
   auto copied = copy->named_parameters(/*recurse=*/true);
   for (const auto& item : model.named_parameters(/*recurse=*/true)) {
     if (auto* tensor = copied.find(item.key())) {
       tensor->set_requires_grad(item.value().requires_grad());
+    }
+  }
+  // Training modes too: a clone may come back in training mode (containers
+  // do), whatever the original's. Outer modules first, so each module ends
+  // with its own mode.
+  copy->train(model.is_training());
+  auto copied_modules = copy->named_modules("", /*include_self=*/false);
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    if (auto* module = copied_modules.find(item.key())) {
+      (*module)->train(item.value()->is_training());
     }
   }
   return copy;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <regex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,6 +44,7 @@ class TargetMatcher {
     // finds it: a greedy prefix. Unlike peft's, the prefix is optional, so
     // that a list at the top of the model (`blocks.0.fc`) has an index too.
     for (const auto& pattern : config.layers_pattern()) {
+      compile(pattern, "layers_pattern"); // reports a bad pattern by itself
       layer_regexes_.push_back(compile(
           "(?:.*\\.)?(?:" + pattern + ")\\.(\\d+)\\..*", "layers_pattern"));
     }
@@ -140,7 +142,12 @@ class TargetMatcher {
     std::smatch match;
     for (const auto& regex : layer_regexes_) {
       if (std::regex_match(path, match, regex)) {
-        return std::stoll(match[1].str());
+        try {
+          return std::stoll(match[1].str());
+        } catch (const std::out_of_range&) {
+          // Beyond int64: equal to no index anyone can list.
+          return std::nullopt;
+        }
       }
     }
     return std::nullopt;

@@ -16,8 +16,11 @@
 #include <torchlora/adapter_io.h>
 #include <torchlora/adapters.h>
 #include <torchlora/config.h>
+#include <torchlora/conv.h>
+#include <torchlora/embedding.h>
 #include <torchlora/inject.h>
 #include <torchlora/layer.h>
+#include <torchlora/layer_base.h>
 #include <torchlora/linear.h>
 #include <torchlora/merge.h>
 #include <torchlora/module_ref.h>

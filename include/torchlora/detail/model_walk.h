@@ -10,7 +10,6 @@
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
-#include <torch/nn/modules/linear.h>
 
 #include <algorithm>
 #include <memory>
@@ -98,15 +97,6 @@ class ModelIndex {
   std::vector<ModelEntry> entries_;
   std::unordered_map<const torch::nn::Module*, size_t> index_;
 };
-
-inline bool is_plain_linear(const torch::nn::Module& module) {
-  return dynamic_cast<const torch::nn::LinearImpl*>(&module) != nullptr;
-}
-
-inline bool is_linear_like(const torch::nn::Module& module) {
-  return is_plain_linear(module) ||
-      dynamic_cast<const LoRALayer*>(&module) != nullptr;
-}
 
 inline bool is_container(const torch::nn::Module& module) {
   return dynamic_cast<const torch::nn::SequentialImpl*>(&module) != nullptr ||

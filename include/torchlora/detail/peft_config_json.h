@@ -1,7 +1,8 @@
 #pragma once
 
-// peft's adapter_config.json read into a LoRAConfig, every field checked
-// for its JSON type and range. Not part of the API.
+// peft's adapter_config.json both ways: read into a LoRAConfig, every field
+// checked for its JSON type and range, and written from what save_adapter
+// saves. Not part of the API.
 
 #include <torchlora/config.h>
 #include <torchlora/detail/read_file.h>
@@ -10,14 +11,38 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
+
+/// `reader.fail(parts...)` unless `ok`: the message is built only on failure
+/// (dumping a large or deep JSON value when nothing is wrong would cost
+/// time, and stack).
+#define TORCHLORA_CONFIG_CHECK(reader, ok, ...) \
+  do {                                          \
+    if (!(ok)) {                                \
+      (reader).fail(__VA_ARGS__);               \
+    }                                           \
+  } while (false)
 
 namespace torchlora {
 namespace detail {
+
+/// How deep adapter_config.json may nest (peft's configs nest 2 levels).
+constexpr int kMaxConfigDepth = 32;
+
+/// A JSON value for a message, cut to a readable length.
+inline std::string shown_value(const nlohmann::ordered_json& value) {
+  auto text = value.dump();
+  return text.size() <= 80 ? text : text.substr(0, 77) + "...";
+}
 
 /// Reads the fields of one adapter_config.json; every error names the
 /// field, the value found and the file. A field that is absent or null
@@ -26,7 +51,11 @@ class PeftConfigReader {
  public:
   PeftConfigReader(const nlohmann::ordered_json& json, std::string file)
       : json_(json), file_(std::move(file)) {
-    check(json_.is_object(), "must hold a JSON object, got ", json_.dump());
+    TORCHLORA_CONFIG_CHECK(
+        *this,
+        json_.is_object(),
+        "must hold a JSON object, got ",
+        shown_value(json_));
   }
 
   /// The value of `key`, or nullptr when it is absent or null.
@@ -111,53 +140,60 @@ class PeftConfigReader {
     return list;
   }
 
-  /// An object (`{}` when absent or null); its values are read by the caller
-  /// with `integer_value` or `number_value`.
-  nlohmann::ordered_json object(const char* key) const {
+  /// An object, or nullptr when absent or null; its values are read by the
+  /// caller with `integer_value` or `number_value`.
+  const nlohmann::ordered_json* object(const char* key) const {
     const auto* value = find(key);
-    if (value == nullptr) {
-      return nlohmann::ordered_json::object();
+    if (value != nullptr) {
+      check_field(value->is_object(), key, "an object", *value);
     }
-    check_field(value->is_object(), key, "an object", *value);
-    return *value;
+    return value;
   }
 
   /// `value` as an int64 integer; `what` names it in the error.
   int64_t integer_value(
       const nlohmann::ordered_json& value,
       const std::string& what) const {
-    check(
+    TORCHLORA_CONFIG_CHECK(
+        *this,
         value.is_number_integer(),
         what,
         " must be an integer, got ",
-        value.dump());
-    check(
+        shown_value(value));
+    TORCHLORA_CONFIG_CHECK(
+        *this,
         !value.is_number_unsigned() ||
             value.get<uint64_t>() <=
                 static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
         what,
         " must fit in a 64-bit integer, got ",
-        value.dump());
+        shown_value(value));
     return value.get<int64_t>();
   }
 
   double number_value(
       const nlohmann::ordered_json& value,
       const std::string& what) const {
-    check(value.is_number(), what, " must be a number, got ", value.dump());
+    TORCHLORA_CONFIG_CHECK(
+        *this,
+        value.is_number(),
+        what,
+        " must be a number, got ",
+        shown_value(value));
     return value.get<double>();
   }
 
-  /// A `torchlora:` error naming the file unless `ok`.
+  /// Throws a `torchlora:` error made of `parts`, naming the file.
   template <typename... Parts>
-  void check(bool ok, const Parts&... parts) const {
-    TORCH_CHECK(
-        ok,
-        "torchlora: adapter_config.json: ",
-        parts...,
-        " (in '",
-        file_,
-        "')");
+  [[noreturn]] void fail(const Parts&... parts) const {
+    throw c10::Error(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        c10::str(
+            "torchlora: adapter_config.json: ",
+            parts...,
+            " (in '",
+            file_,
+            "')"));
   }
 
  private:
@@ -166,7 +202,15 @@ class PeftConfigReader {
       const char* key,
       const char* expected,
       const nlohmann::ordered_json& value) const {
-    check(ok, "\"", key, "\" must be ", expected, ", got ", value.dump());
+    TORCHLORA_CONFIG_CHECK(
+        *this,
+        ok,
+        "\"",
+        key,
+        "\" must be ",
+        expected,
+        ", got ",
+        shown_value(value));
   }
 
   const nlohmann::ordered_json& json_;
@@ -190,7 +234,8 @@ inline bool asks_for(const nlohmann::ordered_json& value) {
 
 /// The `LoRAConfig` that the adapter_config.json `json` (read from `file`)
 /// describes, as adapter `adapter_name`; peft features torchlora does not
-/// implement are refused by name.
+/// implement are refused by name, and every value is checked for its type
+/// and range before it is used.
 inline LoRAConfig config_from_json(
     const nlohmann::ordered_json& json,
     const std::string& adapter_name,
@@ -199,8 +244,9 @@ inline LoRAConfig config_from_json(
   const auto* peft_type = read.find("peft_type");
   const auto type = peft_type == nullptr ? std::string("null")
       : peft_type->is_string()           ? peft_type->get<std::string>()
-                                         : peft_type->dump();
-  read.check(
+                                         : shown_value(*peft_type);
+  TORCHLORA_CONFIG_CHECK(
+      read,
       type == "LORA",
       "peft_type is ",
       type,
@@ -217,23 +263,26 @@ inline LoRAConfig config_from_json(
         "megatron_config",
         "arrow_config"}) {
     const auto* value = read.find(feature);
-    read.check(
+    TORCHLORA_CONFIG_CHECK(
+        read,
         value == nullptr || !asks_for(*value),
         "the adapter uses peft's \"",
         feature,
         "\" (",
-        value == nullptr ? std::string() : value->dump(),
+        shown_value(*value),
         "), which torchlora does not support");
   }
   if (const auto* init = read.find("init_lora_weights")) {
-    read.check(
+    TORCHLORA_CONFIG_CHECK(
+        read,
         init->is_boolean() || init->is_string(),
         "\"init_lora_weights\" must be true, false or a string, got ",
-        init->dump());
+        shown_value(*init));
     if (init->is_string()) {
       const auto name = init->get<std::string>();
       for (const char* changes_base : {"pissa", "olora", "corda", "loftq"}) {
-        read.check(
+        TORCHLORA_CONFIG_CHECK(
+            read,
             name.rfind(changes_base, 0) != 0,
             "the adapter was initialised with peft's \"",
             name,
@@ -243,21 +292,39 @@ inline LoRAConfig config_from_json(
     }
   }
 
-  LoRAConfig config(read.integer("r").value_or(8));
-  config.alpha(read.number("lora_alpha").value_or(8.0))
-      .dropout(read.number("lora_dropout").value_or(0.0))
+  const auto rank = read.integer("r").value_or(8);
+  TORCHLORA_CONFIG_CHECK(read, rank > 0, "\"r\" must be > 0, got ", rank);
+  const auto alpha = read.number("lora_alpha").value_or(8.0);
+  TORCHLORA_CONFIG_CHECK(
+      read,
+      std::isfinite(alpha) && alpha > 0,
+      "\"lora_alpha\" must be > 0, got ",
+      alpha);
+  const auto dropout = read.number("lora_dropout").value_or(0.0);
+  TORCHLORA_CONFIG_CHECK(
+      read,
+      dropout >= 0 && dropout < 1,
+      "\"lora_dropout\" must be in [0, 1), got ",
+      dropout);
+  LoRAConfig config(rank);
+  config.alpha(alpha)
+      .dropout(dropout)
       .use_rslora(read.boolean("use_rslora").value_or(false))
       .adapter_name(adapter_name);
 
   const auto* targets = read.find("target_modules");
-  read.check(
+  TORCHLORA_CONFIG_CHECK(
+      read,
       targets != nullptr,
       "it has no target_modules (peft would pick them by model type; "
       "torchlora needs them written)");
   if (targets->is_string() && targets->get<std::string>() != "all-linear") {
     config.target_regex(targets->get<std::string>());
   } else {
-    config.target_modules(read.string_list("target_modules"));
+    const auto list = read.string_list("target_modules");
+    TORCHLORA_CONFIG_CHECK(
+        read, !list.empty(), "\"target_modules\" is an empty list");
+    config.target_modules(list);
   }
   const auto* excludes = read.find("exclude_modules");
   if (excludes != nullptr && excludes->is_string()) {
@@ -268,25 +335,37 @@ inline LoRAConfig config_from_json(
   config.layers_to_transform(read.integer_list("layers_to_transform"));
   config.layers_pattern(read.string_list("layers_pattern"));
 
-  // Kept alive while iterating: items() refers into the object.
-  const auto rank_json = read.object("rank_pattern");
-  const auto alpha_json = read.object("alpha_pattern");
   LoRAConfig::RankPattern ranks;
-  for (const auto& [key, value] : rank_json.items()) {
-    ranks.emplace_back(
-        key, read.integer_value(value, "rank_pattern \"" + key + "\""));
+  if (const auto* pattern = read.object("rank_pattern")) {
+    for (const auto& [key, value] : pattern->items()) {
+      const auto what = "rank_pattern \"" + key + "\"";
+      const auto pattern_rank = read.integer_value(value, what);
+      TORCHLORA_CONFIG_CHECK(
+          read, pattern_rank > 0, what, " must be > 0, got ", pattern_rank);
+      ranks.emplace_back(key, pattern_rank);
+    }
   }
   config.rank_pattern(ranks);
   LoRAConfig::AlphaPattern alphas;
-  for (const auto& [key, value] : alpha_json.items()) {
-    alphas.emplace_back(
-        key, read.number_value(value, "alpha_pattern \"" + key + "\""));
+  if (const auto* pattern = read.object("alpha_pattern")) {
+    for (const auto& [key, value] : pattern->items()) {
+      const auto what = "alpha_pattern \"" + key + "\"";
+      const auto pattern_alpha = read.number_value(value, what);
+      TORCHLORA_CONFIG_CHECK(
+          read,
+          std::isfinite(pattern_alpha) && pattern_alpha > 0,
+          what,
+          " must be > 0, got ",
+          pattern_alpha);
+      alphas.emplace_back(key, pattern_alpha);
+    }
   }
   config.alpha_pattern(alphas);
   config.modules_to_save(read.string_list("modules_to_save"));
 
   const auto bias = read.string("bias").value_or("none");
-  read.check(
+  TORCHLORA_CONFIG_CHECK(
+      read,
       bias == "none" || bias == "all" || bias == "lora_only",
       "\"bias\" must be \"none\", \"all\" or \"lora_only\", got \"",
       bias,
@@ -298,12 +377,33 @@ inline LoRAConfig config_from_json(
   return config;
 }
 
-/// The JSON document in the file at `path`.
+/// The JSON document in the file at `path`, nested at most
+/// `kMaxConfigDepth` levels (deeper documents are refused before anything
+/// recurses over them).
 inline nlohmann::ordered_json read_json_file(const std::string& path) {
   const auto bytes = read_regular_file(path, "JSON file");
+  bool too_deep = false;
+  const nlohmann::ordered_json::parser_callback_t limit_depth =
+      [&](int depth, nlohmann::ordered_json::parse_event_t event, auto&) {
+        using Event = nlohmann::ordered_json::parse_event_t;
+        if ((event == Event::object_start || event == Event::array_start) &&
+            depth >= kMaxConfigDepth) {
+          too_deep = true;
+          throw std::runtime_error("too deep");
+        }
+        return true;
+      };
   try {
-    return nlohmann::ordered_json::parse(bytes.begin(), bytes.end());
-  } catch (const nlohmann::json::exception& error) {
+    return nlohmann::ordered_json::parse(
+        bytes.data(), bytes.data() + bytes.size(), limit_depth);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        !too_deep,
+        "torchlora: '",
+        path,
+        "' nests JSON deeper than ",
+        kMaxConfigDepth,
+        " levels; no adapter config does");
     TORCH_CHECK(
         false, "torchlora: '", path, "' is not valid JSON: ", error.what());
   }
@@ -328,6 +428,133 @@ inline LoRAConfig read_peft_config(
         "')");
   }
   return LoRAConfig(1);
+}
+
+// ---------------------------------------------------------------- writing
+
+/// `text` with every regex special character escaped.
+inline std::string regex_escape(const std::string& text) {
+  std::string escaped;
+  for (const char c : text) {
+    if (std::strchr(".^$|()[]{}*+?\\", c) != nullptr) {
+      escaped += '\\';
+    }
+    escaped += c;
+  }
+  return escaped;
+}
+
+/// The most frequent value of `values` (the first one on a tie).
+template <typename T>
+T most_common(const std::vector<T>& values) {
+  T best = values.front();
+  size_t best_count = 0;
+  for (const auto& value : values) {
+    const auto count =
+        static_cast<size_t>(std::count(values.begin(), values.end(), value));
+    if (count > best_count) {
+      best = value;
+      best_count = count;
+    }
+  }
+  return best;
+}
+
+/// What `save_adapter` writes into adapter_config.json.
+struct PeftConfigContents {
+  std::string adapter_name;
+  /// The adapted layers' paths and their adapter's options, in model order.
+  std::vector<std::pair<std::string, LoRAOptions>> layers;
+  /// False when a list of the paths would also match other layers (a list
+  /// entry matches every path that ends with "." + entry): then the paths
+  /// are written as one full-match regex.
+  bool list_is_exact = true;
+  std::vector<std::string> modules_to_save;
+  LoRABias bias = LoRABias::none;
+  std::string task_type;
+  std::string base_model_name_or_path;
+};
+
+/// peft's adapter_config.json for `contents`: the most common rank and
+/// alpha as `r` and `lora_alpha`, the others in `rank_pattern` and
+/// `alpha_pattern` keyed by their anchored paths. Layers that disagree on
+/// rsLoRA are an error (peft holds one `use_rslora`); differing dropouts are
+/// a warning (peft holds one `lora_dropout`, the first layer's is written).
+inline nlohmann::ordered_json config_to_json(
+    const PeftConfigContents& contents) {
+  std::vector<int64_t> ranks;
+  std::vector<double> alphas;
+  for (const auto& [path, lora] : contents.layers) {
+    ranks.push_back(lora.rank());
+    alphas.push_back(lora.alpha());
+  }
+  const auto& first = contents.layers.front().second;
+  for (const auto& [path, lora] : contents.layers) {
+    TORCH_CHECK(
+        lora.use_rslora() == first.use_rslora(),
+        "torchlora: save_adapter: some layers of adapter \"",
+        contents.adapter_name,
+        "\" use rsLoRA and some do not; peft's config holds one use_rslora");
+  }
+  for (const auto& [path, lora] : contents.layers) {
+    if (lora.dropout() != first.dropout()) {
+      TORCH_WARN(
+          "torchlora: save_adapter: the layers' dropouts differ; peft's config "
+          "holds one lora_dropout, written as ",
+          first.dropout());
+      break;
+    }
+  }
+  const auto rank = most_common(ranks);
+  const auto alpha = most_common(alphas);
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
+  nlohmann::ordered_json alpha_pattern = nlohmann::ordered_json::object();
+  std::vector<std::string> targets;
+  std::string targets_regex;
+  for (size_t i = 0; i < contents.layers.size(); ++i) {
+    const auto& path = contents.layers[i].first;
+    targets.push_back(path);
+    targets_regex += (i ? "|" : "") + regex_escape(path);
+    // peft matches pattern keys on the path or a dotted suffix of it: the
+    // anchor keeps the key to this very path.
+    if (ranks[i] != rank) {
+      rank_pattern["^" + regex_escape(path)] = ranks[i];
+    }
+    if (alphas[i] != alpha) {
+      alpha_pattern["^" + regex_escape(path)] = alphas[i];
+    }
+  }
+  auto null_if_empty = [](const std::string& text) {
+    return text.empty() ? nlohmann::ordered_json()
+                        : nlohmann::ordered_json(text);
+  };
+  return {
+      {"peft_type", "LORA"},
+      {"task_type", null_if_empty(contents.task_type)},
+      {"base_model_name_or_path",
+       null_if_empty(contents.base_model_name_or_path)},
+      {"revision", nullptr},
+      {"inference_mode", true},
+      {"r", rank},
+      {"lora_alpha", alpha},
+      {"lora_dropout", first.dropout()},
+      {"target_modules",
+       contents.list_is_exact ? nlohmann::ordered_json(targets)
+                              : nlohmann::ordered_json(targets_regex)},
+      {"exclude_modules", nullptr},
+      {"bias", to_string(contents.bias)},
+      {"use_rslora", first.use_rslora()},
+      {"init_lora_weights", true},
+      {"modules_to_save",
+       contents.modules_to_save.empty()
+           ? nlohmann::ordered_json()
+           : nlohmann::ordered_json(contents.modules_to_save)},
+      {"rank_pattern", rank_pattern},
+      {"alpha_pattern", alpha_pattern},
+      {"layers_to_transform", nullptr},
+      {"layers_pattern", nullptr},
+      {"fan_in_fan_out", false},
+      {"use_dora", false}};
 }
 
 } // namespace detail

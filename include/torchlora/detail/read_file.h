@@ -11,8 +11,11 @@
 #include <filesystem>
 #include <fstream>
 #include <istream>
+#include <limits>
+#include <memory>
+#include <new>
 #include <string>
-#include <vector>
+#include <utility>
 
 namespace torchlora {
 namespace detail {
@@ -37,17 +40,50 @@ inline const char* file_kind(const std::filesystem::file_status& status) {
   }
 }
 
+/// The bytes of a file, not zero-filled before they are read.
+class FileBytes {
+ public:
+  FileBytes() = default;
+  FileBytes(std::unique_ptr<char[]> bytes, size_t size)
+      : bytes_(std::move(bytes)), size_(size) {}
+  const char* data() const {
+    return bytes_.get();
+  }
+  size_t size() const {
+    return size_;
+  }
+
+ private:
+  std::unique_ptr<char[]> bytes_;
+  size_t size_ = 0;
+};
+
 /// Reads `in` to its end, expecting `expected` bytes (the file's size when
 /// it was opened): a file that shrank or grew meanwhile is an error rather
 /// than half of one file and half of another. Nothing is allocated beyond
-/// `expected`, which the caller took from the file system.
-inline std::vector<char> read_expected_bytes(
+/// `expected`, which the caller took from the file system; too little
+/// memory for it is an error too.
+inline FileBytes read_expected_bytes(
     std::istream& in,
     std::uintmax_t expected,
     const std::string& path,
     const char* what) {
-  std::vector<char> bytes(static_cast<size_t>(expected));
-  in.read(bytes.data(), static_cast<std::streamsize>(expected));
+  std::unique_ptr<char[]> bytes;
+  if (expected <= std::numeric_limits<size_t>::max() &&
+      expected <= static_cast<std::uintmax_t>(
+                      std::numeric_limits<std::streamsize>::max())) {
+    bytes.reset(new (std::nothrow) char[static_cast<size_t>(expected) + 1]);
+  }
+  TORCH_CHECK(
+      bytes != nullptr,
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': not enough memory for its ",
+      expected,
+      " bytes");
+  in.read(bytes.get(), static_cast<std::streamsize>(expected));
   const auto got = static_cast<std::uintmax_t>(in.gcount());
   TORCH_CHECK(
       !in.bad(),
@@ -63,6 +99,14 @@ inline std::vector<char> read_expected_bytes(
     grew = static_cast<bool>(in.get(extra));
   }
   TORCH_CHECK(
+      !(grew && expected == 0),
+      "torchlora: cannot read ",
+      what,
+      " '",
+      path,
+      "': it says it holds 0 bytes but has content (a file under /proc or "
+      "/sys?); copy it to a regular file first");
+  TORCH_CHECK(
       got == expected && !grew,
       "torchlora: ",
       what,
@@ -73,16 +117,14 @@ inline std::vector<char> read_expected_bytes(
       " bytes when opened, ",
       grew ? "more" : std::to_string(got),
       " read); read it again once nothing writes to it");
-  return bytes;
+  return FileBytes(std::move(bytes), static_cast<size_t>(expected));
 }
 
 /// The bytes of the regular file at `path`; `what` names it in errors
 /// ("safetensors file"). A missing or unreadable path, a directory, a FIFO
 /// or a device, and a file that changes size while it is read are
 /// `torchlora:` errors that name the path and the reason.
-inline std::vector<char> read_regular_file(
-    const std::string& path,
-    const char* what) {
+inline FileBytes read_regular_file(const std::string& path, const char* what) {
   namespace fs = std::filesystem;
   std::error_code error;
   const auto status = fs::status(path, error);

@@ -1,0 +1,195 @@
+#pragma once
+
+// What a peft adapter file holds besides the LoRA matrices, and under which
+// keys: the `base_model.model.` prefix, the matrices' keys of each layer
+// kind, `modules_to_save`, biases in peft's `base_layer` layout, and a
+// warning about trainable parameters a file would leave out. Not part of the
+// API.
+
+#include <torchlora/detail/layer_kinds.h>
+#include <torchlora/detail/model_walk.h>
+#include <torchlora/parameters.h>
+#include <torchlora/safetensors.h>
+#include <torchlora/targeting.h>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+
+#include <filesystem>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// The peft key prefix of every tensor in an adapter file.
+constexpr const char* kPeftPrefix = "base_model.model.";
+
+/// peft's file key of matrix `matrix` ("A" or "B") of the `kind` layer at
+/// `path`: `base_model.model.<path>.lora_A.weight`, or
+/// `...<path>.lora_embedding_A` for an Embedding.
+inline std::string peft_matrix_key(
+    const std::string& path,
+    const LayerKind& kind,
+    const char* matrix) {
+  return kPeftPrefix + path + "." + kind.file_suffix(matrix);
+}
+
+/// The folder of adapter `name` under `dir`: `dir` itself for "default", as
+/// peft's `save_pretrained` does.
+inline std::string adapter_folder(
+    const std::string& dir,
+    const std::string& name) {
+  return name == "default" ? dir : (std::filesystem::path(dir) / name).string();
+}
+
+/// The parameters and buffers (as peft saves a module's state dict) of the
+/// modules `names` selects (matched like target_modules), by their paths in
+/// the model; `paths`, if given, receives the selected modules' paths.
+inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
+    const ModelIndex& index,
+    const std::vector<std::string>& names,
+    const char* operation,
+    std::vector<std::string>* paths = nullptr) {
+  std::vector<std::pair<std::string, torch::Tensor>> state;
+  for (const auto& name : names) {
+    bool found = false;
+    for (const auto& entry : index.entries()) {
+      const auto& path = entry.paths.front();
+      if (!TargetMatcher::matches_name(path, {name})) {
+        continue;
+      }
+      found = true;
+      if (paths != nullptr) {
+        paths->push_back(path);
+      }
+      for (const auto& item : entry.module->named_parameters()) {
+        state.emplace_back(path + "." + item.key(), item.value());
+      }
+      for (const auto& item : entry.module->named_buffers()) {
+        state.emplace_back(path + "." + item.key(), item.value());
+      }
+    }
+    TORCH_CHECK(
+        found,
+        "torchlora: ",
+        operation,
+        ": modules_to_save entry \"",
+        name,
+        "\" matches no module of the model");
+  }
+  return state;
+}
+
+/// The key of the bias of the module at `path`: in peft an adapted layer
+/// holds its base layer as `base_layer`, so its bias is
+/// `<path>.base_layer.bias`.
+inline std::string bias_key(const std::string& path, bool adapted) {
+  const auto prefix = path.empty() ? std::string() : path + ".";
+  return prefix + (adapted ? "base_layer.bias" : "bias");
+}
+
+/// A bias to save or load: its key in peft's layout, and for an adapted
+/// layer the plain `<path>.bias` key, which load_adapter also accepts.
+struct BiasEntry {
+  std::string key;
+  torch::Tensor tensor;
+  std::string plain_key; // empty unless the layer is adapted
+};
+
+/// The biases `bias` names: every bias of the model, or those of the
+/// layers in `with_adapter`. `adapted` are the paths of layers that carry
+/// any adapter (their biases are keyed as peft keys them).
+inline std::vector<BiasEntry> biases_of(
+    torch::nn::Module& model,
+    const ModelIndex& index,
+    LoRABias bias,
+    const std::set<std::string>& adapted,
+    const std::set<std::string>& with_adapter) {
+  std::vector<BiasEntry> biases;
+  const auto entry_for = [&](const std::string& path,
+                             bool is_adapted,
+                             const torch::Tensor& tensor) {
+    return BiasEntry{
+        bias_key(path, is_adapted),
+        tensor,
+        is_adapted ? bias_key(path, false) : std::string()};
+  };
+  std::set<const void*> seen;
+  if (bias == LoRABias::all) {
+    for (const auto& item : model.named_parameters()) {
+      const auto& key = item.key();
+      if (!is_bias_name(key) ||
+          !seen.insert(item.value().unsafeGetTensorImpl()).second) {
+        continue;
+      }
+      const auto path =
+          key == "bias" ? std::string() : key.substr(0, key.size() - 5);
+      biases.push_back(entry_for(path, adapted.count(path) > 0, item.value()));
+    }
+  } else if (bias == LoRABias::lora_only) {
+    for (const auto& entry : index.entries()) {
+      const auto& path = entry.paths.front();
+      if (with_adapter.count(path) == 0) {
+        continue;
+      }
+      const auto own = entry.module->named_parameters(/*recurse=*/false);
+      const auto* tensor = own.find("bias");
+      if (tensor != nullptr && tensor->defined()) {
+        biases.push_back(entry_for(path, true, *tensor));
+      }
+    }
+  }
+  return biases;
+}
+
+/// Warns, naming a few, about the trainable parameters of `model` that are
+/// not among `saved` and are not adapter weights (other adapters are saved
+/// on their own): training them and then losing them is rarely meant.
+inline void warn_about_unsaved_trainables(
+    const torch::nn::Module& model,
+    const ModelIndex& index,
+    const safetensors::Tensors& saved) {
+  std::set<const void*> saved_data;
+  for (const auto& item : saved) {
+    saved_data.insert(item.value().data_ptr());
+  }
+  std::set<const void*> adapter_data;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    for (const auto& tensor : layer->adapter_parameters()) {
+      adapter_data.insert(tensor.data_ptr());
+    }
+  }
+  std::vector<std::string> unsaved;
+  for (const auto& item : model.named_parameters()) {
+    const auto* data = item.value().data_ptr();
+    if (item.value().requires_grad() && adapter_data.count(data) == 0 &&
+        saved_data.count(data) == 0) {
+      unsaved.push_back(item.key());
+    }
+  }
+  if (unsaved.empty()) {
+    return;
+  }
+  std::string names;
+  for (size_t i = 0; i < unsaved.size() && i < 3; ++i) {
+    names += (i ? ", " : "") + unsaved[i];
+  }
+  if (unsaved.size() > 3) {
+    names += ", ...";
+  }
+  TORCH_WARN(
+      "torchlora: save_adapter: ",
+      unsaved.size(),
+      " trainable parameter(s) are not saved (",
+      names,
+      "); name their modules in modules_to_save, or pass the LoRAConfig "
+      "the model was injected with");
+}
+
+} // namespace detail
+} // namespace torchlora

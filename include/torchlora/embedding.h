@@ -1,0 +1,239 @@
+#pragma once
+
+#include <torchlora/layer_base.h>
+#include <torchlora/options.h>
+
+#include <torch/nn/functional/embedding.h>
+#include <torch/nn/init.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/parameterdict.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+namespace torchlora {
+
+/// An Embedding with LoRA adapters: `y = W[x] + sum over adapters of
+/// scaling * A^T[x] B^T`, W the frozen base table `[num_embeddings,
+/// embedding_dim]`, A `[r, num_embeddings]`, B `[embedding_dim, r]`.
+///
+/// As in peft: the tensors are registered directly, as
+/// `lora_embedding_A.<name>` and `lora_embedding_B.<name>` (no `.weight`);
+/// A starts at zero and B normal, so a fresh adapter changes nothing; there
+/// is no dropout (dropping an index would drop the whole row: an adapter's
+/// dropout option is ignored here, with a warning); the base's
+/// `padding_idx` holds for the adapter too (that column of A gets no
+/// gradient), and so does `scale_grad_by_freq`. Bases with `max_norm`
+/// (which renormalises the table in place in every forward) or `sparse`
+/// gradients are refused.
+///
+/// Built from `EmbeddingOptions` it is a plain, trainable Embedding until
+/// `add_adapter` attaches an adapter: declare typed members this way to make
+/// them adaptable by `inject_lora`.
+///
+/// Example:
+/// ```
+/// torchlora::LoRAEmbedding emb(torch::nn::Embedding(32000, 512),
+///                              torchlora::LoRAOptions(8).alpha(16));
+/// torch::Tensor y = emb(torch::tensor({{1, 2, 3}}));  // [1, 3, 512]
+/// ```
+class LoRAEmbeddingImpl final
+    : public LoRALayerImpl<LoRAEmbeddingImpl, torch::nn::EmbeddingImpl> {
+  using Base = LoRALayerImpl<LoRAEmbeddingImpl, torch::nn::EmbeddingImpl>;
+  friend Base;
+
+ public:
+  static constexpr const char* kName = "LoRAEmbedding";
+  static constexpr const char* kBaseName = "Embedding";
+
+  /// A plain, trainable Embedding of `num_embeddings` rows of
+  /// `embedding_dim`.
+  LoRAEmbeddingImpl(int64_t num_embeddings, int64_t embedding_dim)
+      : LoRAEmbeddingImpl(
+            torch::nn::EmbeddingOptions(num_embeddings, embedding_dim)) {}
+
+  /// A plain, trainable Embedding; attach adapters with `add_adapter`.
+  explicit LoRAEmbeddingImpl(const torch::nn::EmbeddingOptions& options_)
+      : torch::nn::Module("torchlora::LoRAEmbedding"),
+        Base(BaseHolder(std::make_shared<torch::nn::EmbeddingImpl>(options_))) {
+  }
+
+  /// Adopts `base` (sharing its table) with no adapter and without changing
+  /// whether it is trainable.
+  explicit LoRAEmbeddingImpl(const BaseHolder& base)
+      : torch::nn::Module("torchlora::LoRAEmbedding"), Base(base) {}
+
+  /// Wraps `base` (sharing its table), freezes it and attaches the adapter
+  /// "default". With rank 0 it is the frozen base with no adapter.
+  LoRAEmbeddingImpl(const BaseHolder& base, const LoRAOptions& lora)
+      : torch::nn::Module("torchlora::LoRAEmbedding"), Base(base) {
+    this->wrap_with(lora);
+  }
+
+  /// The rows of `indices` (integers in `[0, num_embeddings)`, any shape)
+  /// plus each active adapter's scaled `A^T[indices] B^T`:
+  /// `[*indices.shape, embedding_dim]`.
+  torch::Tensor forward(const torch::Tensor& indices) {
+    check_indices(indices);
+    auto y = base_->forward(indices);
+    if (this->adapters_in_use()) {
+      this->add_adapter_outputs(indices, y);
+    }
+    return y;
+  }
+
+  /// The A tables by adapter name; empty holder until the first adapter.
+  torch::nn::ParameterDict lora_embedding_A{nullptr};
+
+  /// The B tables by adapter name; empty holder until the first adapter.
+  torch::nn::ParameterDict lora_embedding_B{nullptr};
+
+ private:
+  static torch::Tensor bias_of(const torch::nn::EmbeddingImpl&) {
+    return torch::Tensor();
+  }
+
+  void check_adapter_options(const std::string& name, const LoRAOptions& lora)
+      const {
+    TORCH_CHECK(
+        !options.max_norm(),
+        "torchlora: cannot add adapter \"",
+        name,
+        "\" to an Embedding with max_norm = ",
+        options.max_norm().value_or(0),
+        ": its forward renormalises the frozen table in place; use an "
+        "Embedding without max_norm");
+    TORCH_CHECK(
+        !options.sparse(),
+        "torchlora: cannot add adapter \"",
+        name,
+        "\" to an Embedding with sparse = true: the adapter's gradients are "
+        "dense; use an Embedding with sparse = false");
+    if (lora.dropout() > 0) {
+      TORCH_WARN_ONCE(
+          "torchlora: an Embedding adapter applies no dropout (as in peft: "
+          "dropping an index drops its whole row); dropout = ",
+          lora.dropout(),
+          " is ignored there");
+    }
+  }
+
+  /// Indices, not dropped out.
+  static const torch::Tensor& adapter_input(
+      const detail::Adapter&,
+      const torch::Tensor& indices) {
+    return indices;
+  }
+
+  void check_indices(const torch::Tensor& indices) const {
+    const auto dtype = indices.scalar_type();
+    TORCH_CHECK(
+        dtype == torch::kLong || dtype == torch::kInt,
+        "torchlora: LoRAEmbedding expects integer indices (int64 or int32), "
+        "got ",
+        dtype);
+    if (indices.numel() == 0) {
+      return;
+    }
+    const auto low = indices.min().item<int64_t>();
+    const auto high = indices.max().item<int64_t>();
+    TORCH_CHECK(
+        low >= 0 && high < options.num_embeddings(),
+        "torchlora: LoRAEmbedding expects indices in [0, ",
+        options.num_embeddings(),
+        "), got indices from ",
+        low,
+        " to ",
+        high,
+        " (input of shape ",
+        indices.sizes(),
+        ")");
+  }
+
+  std::pair<torch::Tensor, torch::Tensor> create_matrices(
+      const std::string& name,
+      int64_t rank,
+      torch::Device device,
+      torch::Dtype dtype) {
+    const auto make = [&](int64_t rows, int64_t columns) {
+      return torch::empty(
+                 {rows, columns},
+                 torch::TensorOptions().device(device).dtype(dtype))
+          .set_requires_grad(true);
+    };
+    if (lora_embedding_A.is_empty()) {
+      lora_embedding_A =
+          this->register_module("lora_embedding_A", torch::nn::ParameterDict());
+      lora_embedding_B =
+          this->register_module("lora_embedding_B", torch::nn::ParameterDict());
+    }
+    const auto A =
+        lora_embedding_A->insert(name, make(rank, options.num_embeddings()));
+    const auto B =
+        lora_embedding_B->insert(name, make(options.embedding_dim(), rank));
+    return {A, B};
+  }
+
+  void remove_matrices(const std::string& name, bool last) {
+    lora_embedding_A->pop(name);
+    lora_embedding_B->pop(name);
+    if (last) {
+      this->unregister_module("lora_embedding_A");
+      this->unregister_module("lora_embedding_B");
+      lora_embedding_A = nullptr;
+      lora_embedding_B = nullptr;
+    }
+  }
+
+  /// peft's init for embeddings: A zeros and B standard normal, so a fresh
+  /// adapter changes nothing; `random` makes both normal.
+  static void init_matrices(
+      LoRAInit init,
+      int64_t /*rank*/,
+      const torch::Tensor& A,
+      const torch::Tensor& B) {
+    torch::NoGradGuard no_grad;
+    if (init == LoRAInit::random) {
+      torch::nn::init::normal_(A);
+    } else {
+      A.zero_();
+    }
+    torch::nn::init::normal_(B);
+  }
+
+  /// `weight += s (B A)^T = s A^T B^T`.
+  static void add_delta_weight(
+      torch::Tensor& weight,
+      const torch::Tensor& A,
+      const torch::Tensor& B,
+      double s) {
+    weight.addmm_(A.t(), B.t(), /*beta=*/1, /*alpha=*/s);
+  }
+
+  /// `A^T[indices] B^T`, the lookup with the base's padding_idx and
+  /// scale_grad_by_freq.
+  torch::Tensor adapter_product(
+      const detail::Adapter& adapter,
+      const torch::Tensor& indices) const {
+    namespace F = torch::nn::functional;
+    auto lookup = F::EmbeddingFuncOptions().scale_grad_by_freq(
+        options.scale_grad_by_freq());
+    if (options.padding_idx()) {
+      lookup.padding_idx(*options.padding_idx());
+    }
+    return F::embedding(indices, adapter.A.t(), lookup).matmul(adapter.B.t());
+  }
+};
+
+/// A `ModuleHolder` for `LoRAEmbeddingImpl`, used like
+/// `torch::nn::Embedding`.
+TORCH_MODULE(LoRAEmbedding);
+
+} // namespace torchlora

@@ -1,0 +1,785 @@
+#pragma once
+
+#include <torchlora/detail/text.h>
+#include <torchlora/layer.h>
+#include <torchlora/options.h>
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/functional/dropout.h>
+#include <torch/nn/init.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/pimpl.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <memory>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace torchlora {
+namespace detail {
+
+/// One adapter of a LoRA layer: its options, its scales and its matrices.
+struct Adapter {
+  std::string name;
+  LoRAOptions options;
+  /// `alpha / r` (`alpha / sqrt(r)` with rsLoRA), fixed by the options.
+  double scaling;
+  /// The down-projection A, `[r, ...]` (its layout depends on the kind).
+  torch::Tensor A;
+  /// The up-projection B, `[..., r]` (its layout depends on the kind).
+  torch::Tensor B;
+  /// Run-time multiplier of the contribution (`set_scale`), default 1.
+  double scale = 1.0;
+  /// Whether the forward uses this adapter (`set_active_adapters`).
+  bool active = true;
+
+  /// What the adapter's product is multiplied by: `scaling * scale`.
+  double effective_scaling() const {
+    return scaling * scale;
+  }
+};
+
+/// Fills A and B as `init` asks (A down, B up: Linear and Conv layers).
+inline void init_lora_matrices(
+    LoRAInit init,
+    int64_t rank,
+    const torch::Tensor& A,
+    const torch::Tensor& B) {
+  torch::NoGradGuard no_grad;
+  switch (init) {
+    case LoRAInit::kaiming_uniform:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      B.zero_();
+      break;
+    case LoRAInit::gaussian:
+      torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(rank));
+      B.zero_();
+      break;
+    case LoRAInit::random:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+      break;
+  }
+}
+
+} // namespace detail
+
+/// Everything LoRA layers share, written once: the base layer and its
+/// shared `weight`/`bias`, several adapters with an active set, run-time
+/// scales and a switch, exact merging, unloading, `clone`, `to`,
+/// `save`/`load` and printing (the `LoRALayer` interface). Each layer kind
+/// (`LoRALinear`, `LoRAEmbedding`, `LoRAConv1d/2d/3d`) derives from it and
+/// adds only its shapes, its forward and its delta weight, the way
+/// LibTorch's `ConvNdImpl` leaves little to `Conv1dImpl`...`Conv3dImpl`.
+///
+/// A kind `Derived` provides (privately, befriending this class):
+/// - `static constexpr const char* kName`: e.g. "LoRALinear";
+/// - `std::pair<Tensor, Tensor> create_matrices(name, rank, device, dtype)`:
+///   A and B, registered under the kind's names;
+/// - `void remove_matrices(name, bool last)`: unregisters them;
+/// - `void add_delta_weight(Tensor& weight, A, B, double s)`: adds
+///   `s * delta(A, B)` to a weight of the base's shape, or throws a
+///   `torchlora:` error when the delta has no such form;
+/// - `Tensor adapter_product(const Adapter&, const Tensor& input)`: the
+///   adapter's unscaled output for the (dropped-out) input, in A's dtype;
+/// - `static constexpr const char* kBaseName`: e.g. "torch::nn::Linear";
+/// and may replace `init_matrices`, `check_adapter_options`,
+/// `check_delta_fits`, `bias_of`, `adapter_input` (dropout) and
+/// `add_adapter_output` (y += s * product, fused where it can be).
+template <typename Derived, typename BaseImpl>
+class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
+ public:
+  using BaseHolder = torch::nn::ModuleHolder<BaseImpl>;
+  using BaseOptions = std::decay_t<decltype(std::declval<BaseImpl&>().options)>;
+
+  /// Registers `weight` and `bias` (the base layer's tensors) and takes its
+  /// options. Adapters are not created here:
+  /// `add_adapter` attaches them and `clone()`, overridden, copies them.
+  void reset() override {
+    options = base_->options;
+    weight = this->register_parameter(
+        "weight", base_->weight, base_->weight.requires_grad());
+    const auto base_bias = Derived::bias_of(*base_);
+    bias = this->register_parameter(
+        "bias", base_bias, base_bias.defined() && base_bias.requires_grad());
+  }
+
+  /// Re-initializes the base layer and every adapter.
+  void reset_parameters() {
+    check_not_merged("reset_parameters");
+    base_->reset_parameters();
+    for (const auto& adapter : adapters_) {
+      derived().init_matrices(
+          adapter.options.init(), adapter.options.rank(), adapter.A, adapter.B);
+    }
+  }
+
+  /// Attaches a new adapter and freezes the base layer.
+  ///
+  /// The adapter is created on the base weight's device, in `lora.dtype()`
+  /// or else the base weight's dtype.
+  void add_adapter(const std::string& name, const LoRAOptions& lora) override {
+    check_not_merged("add_adapter");
+    check_new_adapter_name(name);
+    TORCH_CHECK(
+        lora.rank() > 0,
+        "torchlora: add_adapter(\"",
+        name,
+        "\") needs a rank > 0, got ",
+        lora.rank());
+    detail::check_lora_options(lora);
+    derived().check_adapter_options(name, lora);
+
+    const auto dtype = lora.dtype().value_or(weight.scalar_type());
+    auto [A, B] =
+        derived().create_matrices(name, lora.rank(), weight.device(), dtype);
+    detail::Adapter adapter{name, lora, lora_scaling(lora), A, B};
+    derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
+    adapters_.push_back(std::move(adapter));
+    freeze_base();
+  }
+
+  /// Removes adapter `name`; its tensors leave `named_parameters()`. Without
+  /// adapters the layer has exactly its base layer's parameters again. When
+  /// the last active adapter goes, the first remaining one becomes active
+  /// (as in peft).
+  void delete_adapter(const std::string& name) override {
+    check_not_merged("delete_adapter");
+    const auto& adapter = find_adapter(name);
+    const auto index = static_cast<size_t>(&adapter - adapters_.data());
+    const bool was_active = adapter.active;
+    derived().remove_matrices(name, /*last=*/adapters_.size() == 1);
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(index));
+    if (was_active && !adapters_.empty() && !has_active_adapter()) {
+      set_active_adapters({adapters_.front().name});
+    }
+  }
+
+  void set_active_adapters(const std::vector<std::string>& names) override {
+    check_not_merged("set_active_adapters");
+    for (auto& adapter : adapters_) {
+      adapter.active =
+          std::find(names.begin(), names.end(), adapter.name) != names.end();
+      adapter.A.set_requires_grad(adapter.active);
+      adapter.B.set_requires_grad(adapter.active);
+    }
+  }
+
+  std::vector<std::string> active_adapters() const override {
+    std::vector<std::string> names;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        names.push_back(adapter.name);
+      }
+    }
+    return names;
+  }
+
+  void set_scale(const std::string& name, double scale) override {
+    check_not_merged("set_scale");
+    TORCH_CHECK(
+        std::isfinite(scale),
+        "torchlora: set_scale(\"",
+        name,
+        "\") needs a finite scale, got ",
+        scale);
+    find_adapter(name).scale = scale;
+  }
+
+  double scale(const std::string& name) const override {
+    return find_adapter(name).scale;
+  }
+
+  void set_adapters_enabled(bool enabled) override {
+    TORCH_CHECK(
+        enabled || !merged_,
+        "torchlora: cannot disable the adapters of a merged layer; unmerge() "
+        "it first (torchlora::DisableAdapters does both)");
+    enabled_ = enabled;
+  }
+
+  bool adapters_enabled() const override {
+    return enabled_;
+  }
+
+  /// The factor adapter `name`'s product is multiplied by (`alpha / r`, or
+  /// `alpha / sqrt(r)` with rsLoRA), before its run-time `scale`.
+  double scaling(const std::string& name) const {
+    return find_adapter(name).scaling;
+  }
+
+  const LoRAOptions& adapter_options(const std::string& name) const override {
+    return find_adapter(name).options;
+  }
+
+  std::vector<std::string> adapter_names() const override {
+    std::vector<std::string> names;
+    for (const auto& adapter : adapters_) {
+      names.push_back(adapter.name);
+    }
+    return names;
+  }
+
+  bool has_adapter(const std::string& name) const override {
+    return std::any_of(adapters_.begin(), adapters_.end(), [&](const auto& a) {
+      return a.name == name;
+    });
+  }
+
+  std::vector<torch::Tensor> adapter_parameters() const override {
+    std::vector<torch::Tensor> tensors;
+    for (const auto& adapter : adapters_) {
+      tensors.push_back(adapter.A);
+      tensors.push_back(adapter.B);
+    }
+    return tensors;
+  }
+
+  std::vector<torch::Tensor> active_adapter_parameters() const override {
+    std::vector<torch::Tensor> tensors;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        tensors.push_back(adapter.A);
+        tensors.push_back(adapter.B);
+      }
+    }
+    return tensors;
+  }
+
+  torch::Tensor base_bias() const override {
+    return bias;
+  }
+
+  /// Merges the active adapters into `weight`: the forward becomes the base
+  /// layer's. The weight before merging is kept (one more copy of it, same
+  /// device and dtype) so that `unmerge` restores it bit for bit. The delta
+  /// is computed in fp32 for fp16/bf16 weights. Merging a merged layer, or
+  /// one without active adapters, changes nothing.
+  void merge(bool safe = false) override {
+    if (merged_) {
+      check_merged_weight_is_current();
+      return;
+    }
+    if (!has_active_adapter()) {
+      return;
+    }
+    check_enabled_for_merge();
+    auto merged_weight = weight_with_adapters();
+    TORCH_CHECK(
+        !safe || torch::isfinite(merged_weight).all().item().toBool(),
+        "torchlora: safe merge refused: merging the active adapters (",
+        detail::quoted_list(active_adapters()),
+        ") gives NaN or Inf weights; nothing was changed");
+    torch::NoGradGuard no_grad;
+    original_weight_ = weight.detach();
+    weight.set_data(merged_weight);
+    merged_ = true;
+    merged_stamps_ = adapter_stamps();
+    merged_weight_version_ = weight._version();
+  }
+
+  /// Restores the weight from before `merge`, bit for bit. A merged weight
+  /// changed in place since (an optimizer step on it) is an error here, as
+  /// restoring would silently drop that change.
+  void unmerge() override {
+    if (!merged_) {
+      return;
+    }
+    check_weight_unchanged_since_merge("unmerge()");
+    torch::NoGradGuard no_grad;
+    weight.set_data(original_weight_);
+    original_weight_ = torch::Tensor();
+    merged_ = false;
+  }
+
+  bool merged() const override {
+    return merged_;
+  }
+
+  bool merge_is_finite() const override {
+    return torch::isfinite(weight_with_adapters()).all().item().toBool();
+  }
+
+  void check_mergeable() const override {
+    if (merged_) {
+      check_merged_weight_is_current();
+      return;
+    }
+    if (!has_active_adapter()) {
+      return;
+    }
+    check_enabled_for_merge();
+    derived().check_delta_fits();
+  }
+
+  void check_unmergeable() const override {
+    if (merged_) {
+      check_weight_unchanged_since_merge("unmerge()");
+    }
+  }
+
+  void unload(bool merge_first) override {
+    if (merge_first) {
+      check_mergeable();
+    } else if (merged_) {
+      check_weight_unchanged_since_merge("unload()");
+    }
+    torch::NoGradGuard no_grad;
+    if (merge_first && !merged_) {
+      weight.set_data(weight_with_adapters());
+    } else if (!merge_first && merged_) {
+      weight.set_data(original_weight_);
+    }
+    original_weight_ = torch::Tensor();
+    merged_ = false;
+    enabled_ = true;
+    while (!adapters_.empty()) {
+      delete_adapter(adapters_.back().name);
+    }
+  }
+
+  std::shared_ptr<torch::nn::Module> base_module() const override {
+    return base_;
+  }
+
+  torch::nn::AnyModule base_any_module() const override {
+    return torch::nn::AnyModule(base_);
+  }
+
+  /// The wrapped base layer; its tensors are this layer's `weight`/`bias`.
+  std::shared_ptr<BaseImpl> base_layer() const {
+    return base_;
+  }
+
+  /// Moves or casts everything, the weight kept for `unmerge` included.
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false)
+      override {
+    torch::nn::Module::to(device, dtype, non_blocking);
+    follow_weight();
+  }
+
+  void to(torch::Dtype dtype, bool non_blocking = false) override {
+    torch::nn::Module::to(dtype, non_blocking);
+    follow_weight();
+  }
+
+  void to(torch::Device device, bool non_blocking = false) override {
+    torch::nn::Module::to(device, non_blocking);
+    follow_weight();
+  }
+
+  /// Saves like any module; a merged layer saves its unmerged weight, so a
+  /// checkpoint always holds base weights next to the adapters.
+  void save(torch::serialize::OutputArchive& archive) const override {
+    if (merged_) {
+      check_weight_unchanged_since_merge("saving it");
+    }
+    for (const auto& item : this->named_parameters(/*recurse=*/false)) {
+      const bool unmerged = merged_ && item.key() == "weight";
+      archive.write(item.key(), unmerged ? original_weight_ : item.value());
+    }
+    for (const auto& item : this->named_buffers(/*recurse=*/false)) {
+      archive.write(item.key(), item.value(), /*is_buffer=*/true);
+    }
+    for (const auto& child : this->named_children()) {
+      if (child.value()->is_serializable()) {
+        torch::serialize::OutputArchive child_archive(
+            archive.compilation_unit());
+        child.value()->save(child_archive);
+        archive.write(child.key(), child_archive);
+      }
+    }
+  }
+
+  /// Loads like any module; a merged layer is merged again with what was
+  /// loaded.
+  void load(torch::serialize::InputArchive& archive) override {
+    const bool was_merged = merged_;
+    unmerge();
+    torch::nn::Module::load(archive);
+    if (was_merged) {
+      merge();
+    }
+  }
+
+  /// Deep copy: new base tensors and adapters with equal values, the same
+  /// trainable flags and training mode; nothing is shared with `*this`.
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<torch::Device>& device =
+          c10::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    auto base_copy = std::dynamic_pointer_cast<BaseImpl>(base_->clone(device));
+    TORCH_INTERNAL_ASSERT(base_copy, "torchlora: base layer clone failed");
+    auto copy = std::make_shared<Derived>(BaseHolder(base_copy));
+    for (const auto& adapter : adapters_) {
+      copy->add_adapter(adapter.name, adapter.options);
+      auto& target = copy->adapters_.back();
+      target.scale = adapter.scale;
+      target.active = adapter.active;
+      copy_tensor(adapter.A, target.A, device);
+      copy_tensor(adapter.B, target.B, device);
+    }
+    copy->enabled_ = enabled_;
+    copy->merged_ = merged_;
+    if (merged_) {
+      copy->original_weight_ = device && original_weight_.device() != *device
+          ? original_weight_.to(*device)
+          : original_weight_.clone();
+      copy->merged_stamps_ = copy->adapter_stamps();
+      copy->merged_weight_version_ = copy->weight._version();
+    }
+    copy->weight.set_requires_grad(weight.requires_grad());
+    if (bias.defined()) {
+      copy->bias.set_requires_grad(bias.requires_grad());
+    }
+    copy->train(this->is_training());
+    return copy;
+  }
+
+  /// Prints the kind, its base options and each adapter, e.g.
+  /// `torchlora::LoRALinear(in_features=64, out_features=32, bias=true,
+  /// rank=8, alpha=16, dropout=0.1)`.
+  void pretty_print(std::ostream& stream) const override {
+    // The base's own printing, e.g. "torch::nn::Linear(in_features=64,
+    // out_features=32, bias=true)", between its parentheses.
+    std::ostringstream base_text;
+    base_->pretty_print(base_text);
+    const auto text = base_text.str();
+    const auto open = text.find('(');
+    const auto close = text.rfind(')');
+    stream << std::boolalpha << "torchlora::" << Derived::kName << "("
+           << (open != std::string::npos && close > open
+                   ? text.substr(open + 1, close - open - 1)
+                   : std::string());
+    const bool single_default =
+        adapters_.size() == 1 && adapters_.front().name == "default";
+    for (const auto& adapter : adapters_) {
+      stream << ", ";
+      if (!single_default) {
+        stream << adapter.name << "=(";
+      }
+      stream << "rank=" << adapter.options.rank()
+             << ", alpha=" << adapter.options.alpha()
+             << ", dropout=" << adapter.options.dropout();
+      if (adapter.options.use_rslora()) {
+        stream << ", use_rslora=true";
+      }
+      if (!single_default) {
+        stream << ")";
+      }
+    }
+    stream << ")";
+  }
+
+  /// The options of the base layer.
+  BaseOptions options;
+
+  /// The base layer's weight (shared, frozen once an adapter is attached).
+  torch::Tensor weight;
+
+  /// The base layer's bias; undefined when the base has none.
+  torch::Tensor bias;
+
+ protected:
+  /// Adopts `base` (sharing its tensors), with no adapter and without
+  /// changing which of its tensors are trainable. (The kind's constructor
+  /// names the module: `torch::nn::Module` is a virtual base.)
+  explicit LoRALayerImpl(const BaseHolder& base)
+      : options(checked_base(base)->options), base_(base.ptr()) {
+    reset();
+  }
+
+  /// For the wrapping constructor of a kind, once the kind's own members
+  /// exist: checks `lora`, then freezes the base and attaches `lora` as
+  /// "default" (rank 0: no adapter, the frozen base). A bad `lora` leaves
+  /// the base as it was.
+  void wrap_with(const LoRAOptions& lora) {
+    detail::check_lora_options(lora);
+    if (lora.rank() > 0) {
+      derived().check_adapter_options("default", lora);
+    }
+    freeze_base();
+    if (lora.rank() > 0) {
+      add_adapter("default", lora);
+    }
+  }
+
+  /// The base's bias (undefined when it has none); kinds whose base has no
+  /// `bias` member replace it.
+  static torch::Tensor bias_of(const BaseImpl& base) {
+    return base.bias;
+  }
+
+  /// A-then-B init of Linear and Conv layers; kinds may replace it.
+  void init_matrices(
+      LoRAInit init,
+      int64_t rank,
+      const torch::Tensor& A,
+      const torch::Tensor& B) const {
+    detail::init_lora_matrices(init, rank, A, B);
+  }
+
+  /// Extra checks of a new adapter's options; kinds may replace it.
+  void check_adapter_options(const std::string&, const LoRAOptions&) const {}
+
+  /// Throws when the active adapters' delta has no form of the base's
+  /// weight; kinds whose delta always fits keep this one.
+  void check_delta_fits() const {}
+
+  /// `y += s * product`, in y's dtype; kinds may fuse it.
+  void add_adapter_output(
+      const detail::Adapter& adapter,
+      const torch::Tensor& input,
+      torch::Tensor& y) const {
+    const auto product = derived().adapter_product(adapter, input);
+    if (product.scalar_type() == y.scalar_type()) {
+      y.add_(product, adapter.effective_scaling());
+    } else {
+      y.add_(product.mul(adapter.effective_scaling()).to(y.scalar_type()));
+    }
+  }
+
+  /// True when the forward must add adapter outputs: not merged (a merged
+  /// layer whose adapters changed since is an error), enabled, one active.
+  bool adapters_in_use() const {
+    if (merged_) {
+      check_merged_weight_is_current();
+      return false;
+    }
+    return enabled_ && has_active_adapter();
+  }
+
+  /// `y` plus each active adapter's scaled output for `x` (dropout applied
+  /// to the adapter's input in training).
+  void add_adapter_outputs(const torch::Tensor& x, torch::Tensor& y) const {
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        derived().add_adapter_output(
+            adapter, derived().adapter_input(adapter, x), y);
+      }
+    }
+  }
+
+  /// `x` with the adapter's dropout applied when it does something now.
+  torch::Tensor adapter_input(
+      const detail::Adapter& adapter,
+      const torch::Tensor& x) const {
+    const double p = adapter.options.dropout();
+    if (p > 0 && this->is_training()) {
+      return torch::nn::functional::dropout(
+          x, torch::nn::functional::DropoutFuncOptions().p(p).training(true));
+    }
+    return x;
+  }
+
+  const std::vector<detail::Adapter>& adapters() const {
+    return adapters_;
+  }
+
+  bool has_active_adapter() const {
+    return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
+      return a.active;
+    });
+  }
+
+  void check_not_merged(const char* operation) const {
+    TORCH_CHECK(
+        !merged_,
+        "torchlora: ",
+        operation,
+        " on a merged layer; unmerge() it first");
+  }
+
+  /// `weight` plus every active adapter's scaled delta, computed in fp32 for
+  /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
+  /// weight's dtype. `weight` itself is not changed.
+  torch::Tensor weight_with_adapters() const {
+    torch::NoGradGuard no_grad;
+    const auto dtype = weight.scalar_type();
+    const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
+    const auto compute = half ? torch::kFloat : dtype;
+    auto result =
+        weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        derived().add_delta_weight(
+            result,
+            adapter.A.detach().to(compute),
+            adapter.B.detach().to(compute),
+            adapter.effective_scaling());
+      }
+    }
+    return result.to(dtype);
+  }
+
+  std::shared_ptr<BaseImpl> base_;
+
+ private:
+  Derived& derived() {
+    return static_cast<Derived&>(*this);
+  }
+
+  const Derived& derived() const {
+    return static_cast<const Derived&>(*this);
+  }
+
+  static const BaseHolder& checked_base(const BaseHolder& base) {
+    TORCH_CHECK(
+        !base.is_empty(),
+        "torchlora: cannot wrap an empty (nullptr) ",
+        Derived::kBaseName,
+        "; got a holder that holds no module");
+    return base;
+  }
+
+  void check_new_adapter_name(const std::string& name) const {
+    TORCH_CHECK(
+        !name.empty(),
+        "torchlora: an adapter name must not be empty, got \"\"");
+    TORCH_CHECK(
+        name.find('.') == std::string::npos,
+        "torchlora: an adapter name must not contain '.', got \"",
+        name,
+        "\"");
+    TORCH_CHECK(
+        !has_adapter(name),
+        "torchlora: this layer already has an adapter named \"",
+        name,
+        "\"");
+  }
+
+  const detail::Adapter& find_adapter(const std::string& name) const {
+    const auto found = std::find_if(
+        adapters_.begin(), adapters_.end(), [&](const auto& adapter) {
+          return adapter.name == name;
+        });
+    TORCH_CHECK(
+        found != adapters_.end(),
+        "torchlora: this layer has no adapter named \"",
+        name,
+        "\" (it has: ",
+        detail::quoted_list(adapter_names()),
+        ")");
+    return *found;
+  }
+
+  detail::Adapter& find_adapter(const std::string& name) {
+    const auto& found =
+        static_cast<const LoRALayerImpl&>(*this).find_adapter(name);
+    return const_cast<detail::Adapter&>(found);
+  }
+
+  void check_enabled_for_merge() const {
+    TORCH_CHECK(
+        enabled_,
+        "torchlora: cannot merge a layer whose adapters are disabled "
+        "(DisableAdapters); merge after the guard's scope");
+  }
+
+  /// What tells that a tensor changed: its version counter (bumped by
+  /// in-place ops: an optimizer step, `copy_`) and its data pointer
+  /// (`set_data`).
+  struct Stamp {
+    int64_t version;
+    const void* data;
+    bool operator==(const Stamp& other) const {
+      return version == other.version && data == other.data;
+    }
+  };
+
+  /// The stamps of the active adapters' matrices.
+  std::vector<Stamp> adapter_stamps() const {
+    std::vector<Stamp> stamps;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        for (const auto* tensor : {&adapter.A, &adapter.B}) {
+          stamps.push_back(Stamp{tensor->_version(), tensor->data_ptr()});
+        }
+      }
+    }
+    return stamps;
+  }
+
+  /// A merged weight holds the adapters as they were at `merge`: if they
+  /// changed since, using it would silently ignore the change. (A change
+  /// through `.data()`, which has a version counter of its own, cannot be
+  /// seen.)
+  void check_merged_weight_is_current() const {
+    TORCH_CHECK(
+        adapter_stamps() == merged_stamps_,
+        "torchlora: an adapter of this merged layer (",
+        detail::quoted_list(active_adapters()),
+        ") was changed after merge(), so the merged weight is stale; "
+        "unmerge() before changing adapters and merge() again after");
+  }
+
+  /// Refuses `what` on a merged layer whose weight was changed in place
+  /// since `merge`: the weight from before `merge` would drop the change.
+  void check_weight_unchanged_since_merge(const char* what) const {
+    TORCH_CHECK(
+        weight._version() == merged_weight_version_,
+        "torchlora: the weight of this merged layer was changed after "
+        "merge() (an optimizer step or an in-place op on it), so ",
+        what,
+        " would restore the weight from before merge() and lose that change; "
+        "keep it with merge_and_unload(), or train adapters unmerged");
+  }
+
+  /// Keeps the weight saved for `unmerge` on the weight's device and dtype,
+  /// and the stamps of a merge on the adapters' new memory (a move is not a
+  /// change; a change made before the move still shows in the versions).
+  void follow_weight() {
+    if (merged_) {
+      original_weight_ =
+          original_weight_.to(weight.device(), weight.scalar_type());
+      const auto moved = adapter_stamps();
+      for (size_t i = 0; i < moved.size() && i < merged_stamps_.size(); ++i) {
+        merged_stamps_[i].data = moved[i].data;
+      }
+    }
+  }
+
+  void freeze_base() {
+    weight.set_requires_grad(false);
+    if (bias.defined()) {
+      bias.set_requires_grad(false);
+    }
+  }
+
+  /// Gives `to` a copy of `from`'s values and its trainable flag.
+  static void copy_tensor(
+      const torch::Tensor& from,
+      const torch::Tensor& to,
+      const c10::optional<torch::Device>& device) {
+    to.set_data(
+        device && from.device() != *device ? from.to(*device) : from.clone());
+    to.set_requires_grad(from.requires_grad());
+  }
+
+  std::vector<detail::Adapter> adapters_;
+  bool enabled_ = true;
+  bool merged_ = false;
+  /// The weight before `merge`, kept for an exact `unmerge`.
+  torch::Tensor original_weight_;
+  /// `adapter_stamps()` at `merge`.
+  std::vector<Stamp> merged_stamps_;
+  /// The weight's version right after `merge`.
+  int64_t merged_weight_version_ = 0;
+};
+
+} // namespace torchlora
