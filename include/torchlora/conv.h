@@ -61,8 +61,8 @@ class LoRAConvImplT final
 
   /// A plain, trainable convolution; attach adapters with `add_adapter`.
   explicit LoRAConvImplT(const torch::nn::ConvOptions<D>& options_)
-      : torch::nn::Module(std::string("torchlora::") + kName),
-        Base(BaseHolder(std::make_shared<BaseImpl>(options_))) {}
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name())
+            Base(BaseHolder(std::make_shared<BaseImpl>(options_))) {}
 
   /// A plain, trainable convolution of `in -> out` channels.
   LoRAConvImplT(
@@ -76,12 +76,12 @@ class LoRAConvImplT final
   /// Adopts `base` (sharing its tensors) with no adapter and without changing
   /// which of its tensors are trainable.
   explicit LoRAConvImplT(const BaseHolder& base)
-      : torch::nn::Module(std::string("torchlora::") + kName), Base(base) {}
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {}
 
   /// Wraps `base` (sharing its tensors), freezes it and attaches the adapter
   /// "default". With rank 0 it is the frozen base with no adapter.
   LoRAConvImplT(const BaseHolder& base, const LoRAOptions& lora)
-      : torch::nn::Module(std::string("torchlora::") + kName), Base(base) {
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {
     this->wrap_with(lora);
   }
 

@@ -30,7 +30,8 @@ namespace torchlora {
 /// is no dropout (dropping an index would drop the whole row: an adapter's
 /// dropout option is ignored here, with a warning); the base's
 /// `padding_idx` holds for the adapter too (that column of A gets no
-/// gradient), and so does `scale_grad_by_freq`. Bases with `max_norm`
+/// gradient), and so does `scale_grad_by_freq` (to every order of
+/// gradient: see `lookup`). Bases with `max_norm`
 /// (which renormalises the table in place in every forward) or `sparse`
 /// gradients are refused.
 ///
@@ -61,19 +62,18 @@ class LoRAEmbeddingImpl final
 
   /// A plain, trainable Embedding; attach adapters with `add_adapter`.
   explicit LoRAEmbeddingImpl(const torch::nn::EmbeddingOptions& options_)
-      : torch::nn::Module("torchlora::LoRAEmbedding"),
-        Base(BaseHolder(std::make_shared<torch::nn::EmbeddingImpl>(options_))) {
-  }
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(
+            BaseHolder(std::make_shared<torch::nn::EmbeddingImpl>(options_))) {}
 
   /// Adopts `base` (sharing its table) with no adapter and without changing
   /// whether it is trainable.
   explicit LoRAEmbeddingImpl(const BaseHolder& base)
-      : torch::nn::Module("torchlora::LoRAEmbedding"), Base(base) {}
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {}
 
   /// Wraps `base` (sharing its table), freezes it and attaches the adapter
   /// "default". With rank 0 it is the frozen base with no adapter.
   LoRAEmbeddingImpl(const BaseHolder& base, const LoRAOptions& lora)
-      : torch::nn::Module("torchlora::LoRAEmbedding"), Base(base) {
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {
     this->wrap_with(lora);
   }
 
@@ -82,7 +82,7 @@ class LoRAEmbeddingImpl final
   /// `[*indices.shape, embedding_dim]`.
   torch::Tensor forward(const torch::Tensor& indices) {
     check_indices(indices);
-    auto y = base_->forward(indices);
+    auto y = lookup(weight, indices);
     if (this->adapters_in_use()) {
       this->add_adapter_outputs(indices, y);
     }
@@ -222,13 +222,51 @@ class LoRAEmbeddingImpl final
   torch::Tensor adapter_product(
       const detail::Adapter& adapter,
       const torch::Tensor& indices) const {
+    return lookup(adapter.A.t(), indices).matmul(adapter.B.t());
+  }
+
+  /// `table[indices]` with the base's padding_idx and scale_grad_by_freq.
+  /// LibTorch's embedding backward is not differentiable in its
+  /// scale_grad_by_freq factor (its double backward leaves it out), so when
+  /// a gradient may be taken of `table`'s gradient the factor is applied with
+  /// plain differentiable ops on the gathered rows instead: same values, same
+  /// first-order gradient, exact higher orders.
+  torch::Tensor lookup(const torch::Tensor& table, const torch::Tensor& indices)
+      const {
     namespace F = torch::nn::functional;
-    auto lookup = F::EmbeddingFuncOptions().scale_grad_by_freq(
-        options.scale_grad_by_freq());
-    if (options.padding_idx()) {
-      lookup.padding_idx(*options.padding_idx());
+    if (options.scale_grad_by_freq() && table.requires_grad() &&
+        torch::GradMode::is_enabled()) {
+      if (options.max_norm()) { // a plain layer (adapters refuse max_norm)
+        torch::NoGradGuard no_grad;
+        auto renormed = table; // 1.x takes a non-const reference
+        torch::embedding_renorm_(
+            renormed,
+            indices.contiguous(),
+            *options.max_norm(),
+            options.norm_type());
+      }
+      const auto flat = indices.reshape({-1}).to(torch::kLong);
+      const auto counts = torch::bincount(flat, /*weights=*/{}, table.size(0));
+      auto factor = counts.index_select(0, flat).to(table.scalar_type());
+      factor = factor.reciprocal();
+      if (options.padding_idx()) {
+        factor.masked_fill_(flat == *options.padding_idx(), 0);
+      }
+      const auto rows = table.index_select(0, flat);
+      const auto values = rows.detach();
+      auto shape = indices.sizes().vec();
+      shape.push_back(table.size(1));
+      return (values + (rows - values) * factor.unsqueeze(1)).view(shape);
     }
-    return F::embedding(indices, adapter.A.t(), lookup).matmul(adapter.B.t());
+    auto lookup_options = F::EmbeddingFuncOptions()
+                              .max_norm(options.max_norm())
+                              .norm_type(options.norm_type())
+                              .scale_grad_by_freq(options.scale_grad_by_freq())
+                              .sparse(options.sparse());
+    if (options.padding_idx()) {
+      lookup_options.padding_idx(*options.padding_idx());
+    }
+    return F::embedding(indices, table, lookup_options);
   }
 };
 

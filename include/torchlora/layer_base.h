@@ -14,6 +14,7 @@
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 #include <torch/utils.h>
+#include <torch/version.h>
 
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -30,8 +31,32 @@
 #include <utility>
 #include <vector>
 
+/// LibTorch before 2.2 derives `torch::nn::Cloneable` from
+/// `torch::nn::Module` virtually: there the most-derived class constructs
+/// `Module`, so a LoRA kind's constructor names it too. From 2.2 on `Module`
+/// is an ordinary base, constructed (and named) by `LoRALayerImpl`, and
+/// naming it in the kind would not compile.
+#if TORCH_VERSION_MAJOR < 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 2)
+#define TORCHLORA_MODULE_IS_VIRTUAL_BASE 1
+#define TORCHLORA_NAME_VIRTUAL_MODULE(name) torch::nn::Module(name),
+#else
+#define TORCHLORA_MODULE_IS_VIRTUAL_BASE 0
+#define TORCHLORA_NAME_VIRTUAL_MODULE(name)
+#endif
+
 namespace torchlora {
 namespace detail {
+
+/// True when `torch::nn::Module` is a virtual base of `T` (a downcast from a
+/// virtual base is ill-formed, so the specialization drops out).
+template <typename T, typename = void>
+struct module_is_virtual_base : std::true_type {};
+template <typename T>
+struct module_is_virtual_base<
+    T,
+    std::void_t<decltype(static_cast<T*>(std::declval<torch::nn::Module*>()))>>
+    : std::false_type {};
 
 /// One adapter of a LoRA layer: its options, its scales and its matrices.
 struct Adapter {
@@ -496,11 +521,25 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   torch::Tensor bias;
 
  protected:
+  /// "torchlora::" and the kind's name: what `name()` returns.
+  static std::string module_name() {
+    return std::string("torchlora::") + Derived::kName;
+  }
+
   /// Adopts `base` (sharing its tensors), with no adapter and without
-  /// changing which of its tensors are trainable. (The kind's constructor
-  /// names the module: `torch::nn::Module` is a virtual base.)
+  /// changing which of its tensors are trainable. (Before LibTorch 2.2 the
+  /// kind's constructor names the module, see
+  /// TORCHLORA_MODULE_IS_VIRTUAL_BASE.)
   explicit LoRALayerImpl(const BaseHolder& base)
-      : options(checked_base(base)->options), base_(base.ptr()) {
+      : torch::nn::Cloneable<Derived>(module_name()),
+        options(checked_base(base)->options),
+        base_(base.ptr()) {
+    static_assert(
+        detail::module_is_virtual_base<torch::nn::Cloneable<Derived>>::value ==
+            static_cast<bool>(TORCHLORA_MODULE_IS_VIRTUAL_BASE),
+        "torchlora: this LibTorch's torch::nn::Cloneable does not derive from "
+        "torch::nn::Module as its version says; "
+        "TORCHLORA_MODULE_IS_VIRTUAL_BASE needs updating");
     reset();
   }
 

@@ -76,18 +76,18 @@ class LoRALinearImplT final
 
   /// A plain, trainable Linear; attach adapters with `add_adapter`.
   explicit LoRALinearImplT(const BaseOptions& options_)
-      : torch::nn::Module("torchlora::LoRALinear"),
-        Base(BaseHolder(std::make_shared<BaseImpl>(options_))) {}
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name())
+            Base(BaseHolder(std::make_shared<BaseImpl>(options_))) {}
 
   /// Adopts `base` (sharing its tensors) with no adapter and without changing
   /// which of its tensors are trainable.
   explicit LoRALinearImplT(const BaseHolder& base)
-      : torch::nn::Module("torchlora::LoRALinear"), Base(base) {}
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {}
 
   /// Wraps `base` (sharing its tensors), freezes it and attaches the adapter
   /// "default". With rank 0 it is the frozen base with no adapter.
   LoRALinearImplT(const BaseHolder& base, const LoRAOptions& lora)
-      : torch::nn::Module("torchlora::LoRALinear"), Base(base) {
+      : TORCHLORA_NAME_VIRTUAL_MODULE(Base::module_name()) Base(base) {
     this->wrap_with(lora);
   }
 
