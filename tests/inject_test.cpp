@@ -13,6 +13,7 @@ using torchlora::inject_lora;
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
+using torchlora_test::base_tensors;
 using torchlora_test::expect_unchanged;
 using torchlora_test::module_tree;
 using torchlora_test::snapshot;
@@ -107,18 +108,6 @@ TORCH_MODULE(TypedLinearNet);
 
 torch::Tensor input() {
   return torch::randn({3, 5, kWidth});
-}
-
-/// Parameters that belong to the base model (not adapters), cloned.
-std::map<std::string, torch::Tensor> base_tensors(
-    const torch::nn::Module& model) {
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& item : model.named_parameters()) {
-    if (item.key().find("lora_") == std::string::npos) {
-      tensors[item.key()] = item.value().detach().clone();
-    }
-  }
-  return tensors;
 }
 
 /// Injects with a non-zero B and proves it takes effect: the output changes,

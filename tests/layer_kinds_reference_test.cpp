@@ -138,6 +138,21 @@ std::vector<torch::Tensor> float64_leaves(
   return leaves;
 }
 
+/// Whether two gradients agree; undefined and zero are the same gradient
+/// (a path unused here).
+bool same_gradient(
+    const torch::Tensor& got,
+    const torch::Tensor& expected,
+    double tolerance) {
+  if (!got.defined() && !expected.defined()) {
+    return true;
+  }
+  return close(
+      got.defined() ? got : torch::zeros_like(expected),
+      expected.defined() ? expected : torch::zeros_like(got),
+      tolerance);
+}
+
 /// Compares gradients of torchlora's output with the reference's.
 void expect_same_gradients(
     const Gradients& got,
@@ -146,21 +161,9 @@ void expect_same_gradients(
     double tolerance,
     const std::string& description) {
   for (size_t i = 0; i < names.size(); ++i) {
-    // Undefined and zero are the same gradient (a path unused here).
-    const auto zero_if_undefined = [&](const torch::Tensor& grad,
-                                       const torch::Tensor& other) {
-      return grad.defined() || !other.defined() ? grad
-                                                : torch::zeros_like(other);
-    };
-    EXPECT_TRUE(close(
-        zero_if_undefined(got.first[i], expected.first[i]),
-        zero_if_undefined(expected.first[i], got.first[i]),
-        tolerance))
+    EXPECT_TRUE(same_gradient(got.first[i], expected.first[i], tolerance))
         << "first-order gradient of " << names[i] << ": " << description;
-    EXPECT_TRUE(close(
-        zero_if_undefined(got.second[i], expected.second[i]),
-        zero_if_undefined(expected.second[i], got.second[i]),
-        tolerance))
+    EXPECT_TRUE(same_gradient(got.second[i], expected.second[i], tolerance))
         << "second-order gradient of " << names[i] << ": " << description;
   }
 }
@@ -440,6 +443,47 @@ torch::Tensor reference_conv(
       groups);
 }
 
+/// Whether LibTorch's own convolution gets this case's gradients right in
+/// the case's dtype, for `base` = {input, weight, bias if any}. Debian's
+/// LibTorch 2.6 (oneDNN) returns wrong float32 input gradients for some
+/// strided, padded convolutions (Conv1d, kernel 2, stride 2, padding 1 on a
+/// length of 3 gives 0 where w[1] is due). torchlora's gradients go through
+/// the same kernels, so such a case cannot test them.
+bool libtorch_conv_gradients_are_sound(
+    const ConvCase& c,
+    const std::vector<torch::Tensor>& base,
+    double tolerance) {
+  if (c.dtype == torch::kFloat64) {
+    return true;
+  }
+  std::vector<torch::Tensor> narrow, wide;
+  for (const auto& tensor : base) {
+    narrow.push_back(tensor.detach().clone().requires_grad_(true));
+    wide.push_back(tensor.detach().to(torch::kFloat64).requires_grad_(true));
+  }
+  const auto convolve = [&](const std::vector<torch::Tensor>& t) {
+    return reference_conv(
+        c,
+        c.batched ? t[0] : t[0].unsqueeze(0),
+        t[1],
+        c.bias ? t[2] : torch::Tensor(),
+        c.groups);
+  };
+  const auto wide_output = convolve(wide);
+  const auto w = torch::randn(wide_output.sizes(), torch::kFloat64);
+  const auto v = torch::randn_like(wide[0]);
+  const auto got =
+      gradients_of(convolve(narrow), w.to(c.dtype), narrow, v.to(c.dtype));
+  const auto want = gradients_of(wide_output, w, wide, v);
+  for (size_t i = 0; i < base.size(); ++i) {
+    if (!same_gradient(got.first[i], want.first[i], tolerance) ||
+        !same_gradient(got.second[i], want.second[i], tolerance)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 /// The dense weight `[out, in, k...]` of an adapter: output o of group g
 /// sums `B[o, j] A[g * r / groups + j]` over j.
 torch::Tensor dense_delta(
@@ -460,8 +504,10 @@ torch::Tensor dense_delta(
   return torch::cat(rows).view(shape);
 }
 
+/// Checks one random case; false when its gradients were not compared
+/// because LibTorch's own convolution gets them wrong.
 template <size_t D, typename BaseImpl, typename LoRAImpl>
-void check_conv_case(std::mt19937& rng, int seed) {
+bool check_conv_case(std::mt19937& rng, int seed) {
   const auto c = random_conv_case(rng, D);
   SCOPED_TRACE("seed " + std::to_string(seed) + ": " + c.describe());
   auto options =
@@ -531,11 +577,21 @@ void check_conv_case(std::mt19937& rng, int seed) {
   }
 
   const double tolerance = c.dtype == torch::kFloat64 ? 1e-10 : 2e-5;
-  ASSERT_EQ(y.scalar_type(), c.dtype);
-  ASSERT_EQ(y.sizes(), expected.sizes());
+  EXPECT_EQ(y.scalar_type(), c.dtype);
+  EXPECT_EQ(y.sizes(), expected.sizes());
+  if (::testing::Test::HasFailure()) {
+    return true;
+  }
   EXPECT_TRUE(close(y, expected, tolerance)) << "forward";
   if (c.merged) {
-    return;
+    return true;
+  }
+  std::vector<torch::Tensor> base{x, layer->weight};
+  if (c.bias) {
+    base.push_back(layer->bias);
+  }
+  if (!libtorch_conv_gradients_are_sound(c, base, tolerance * 10)) {
+    return false;
   }
   std::vector<torch::Tensor> inputs;
   std::vector<torch::Tensor> reference_inputs;
@@ -552,6 +608,7 @@ void check_conv_case(std::mt19937& rng, int seed) {
   const auto got = gradients_of(y, w.to(c.dtype), inputs, v.to(c.dtype));
   const auto want = gradients_of(expected, w, reference_inputs, v);
   expect_same_gradients(got, want, input_names, tolerance * 10, c.describe());
+  return true;
 }
 
 } // namespace
@@ -572,25 +629,36 @@ TEST(LayerKindsReferenceTest, ConvolutionsMatchTheirFormulaOnRandomCases) {
   std::mt19937 rng(4122026);
   torch::manual_seed(2);
   int counts[3] = {0, 0, 0};
-  for (int seed = 0; seed < 240; ++seed) {
+  int unsound = 0; // cases LibTorch itself differentiates wrongly
+  const int cases = 240;
+  for (int seed = 0; seed < cases; ++seed) {
     const auto dims = seed % 8 == 7 ? 3 : 1 + seed % 2;
+    bool compared = true;
     if (dims == 1) {
-      check_conv_case<1, torch::nn::Conv1dImpl, torchlora::LoRAConv1dImpl>(
-          rng, seed);
+      compared =
+          check_conv_case<1, torch::nn::Conv1dImpl, torchlora::LoRAConv1dImpl>(
+              rng, seed);
     } else if (dims == 2) {
-      check_conv_case<2, torch::nn::Conv2dImpl, torchlora::LoRAConv2dImpl>(
-          rng, seed);
+      compared =
+          check_conv_case<2, torch::nn::Conv2dImpl, torchlora::LoRAConv2dImpl>(
+              rng, seed);
     } else {
-      check_conv_case<3, torch::nn::Conv3dImpl, torchlora::LoRAConv3dImpl>(
-          rng, seed);
+      compared =
+          check_conv_case<3, torch::nn::Conv3dImpl, torchlora::LoRAConv3dImpl>(
+              rng, seed);
     }
     ++counts[dims - 1];
+    unsound += compared ? 0 : 1;
     if (HasFailure()) {
       return;
     }
   }
   std::cout << "[          ] conv cases: 1d " << counts[0] << ", 2d "
-            << counts[1] << ", 3d " << counts[2] << "\n";
+            << counts[1] << ", 3d " << counts[2] << "; gradients not compared"
+            << " where LibTorch's own float32 convolution is wrong: " << unsound
+            << "\n";
+  // A LibTorch defect may excuse a few cases, never the test.
+  EXPECT_LE(unsound, cases / 10);
 }
 
 TEST(LayerKindsReferenceTest, ConvolutionDropoutActsOnTheAdapterInputOnly) {

@@ -17,6 +17,7 @@
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRAOptions;
+using torchlora_test::base_tensors;
 using torchlora_test::expect_unchanged;
 using torchlora_test::snapshot;
 namespace fs = std::filesystem;
@@ -98,18 +99,6 @@ void randomize_adapters(torch::nn::Module& model) {
       item.value().normal_(0, 0.5);
     }
   }
-}
-
-/// The model's parameters whose names hold no "lora_", cloned.
-std::map<std::string, torch::Tensor> base_tensors(
-    const torch::nn::Module& model) {
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& item : model.named_parameters()) {
-    if (item.key().find("lora_") == std::string::npos) {
-      tensors[item.key()] = item.value().detach().clone();
-    }
-  }
-  return tensors;
 }
 
 /// The LoRA layer at `index` of a Sequential, or null.
@@ -313,7 +302,9 @@ TEST_F(LayerKindsTest, GroupedConvolutionsRefuseAMergeThatCrossesGroups) {
       "(groups = 2)");
   EXPECT_FALSE(layer->merged());
   expect_unchanged(before, *layer);
-  EXPECT_TRUE(torch::equal(layer(x), adapted));
+  // Not bit for bit: LibTorch 2.6's first grouped convolution on the CPU
+  // may differ in the last bit from later ones.
+  EXPECT_TRUE(torch::allclose(layer(x), adapted, 1e-6, 1e-6));
   // At model level too, before any layer changes.
   auto model = torch::nn::Sequential(
       torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 1)), layer);

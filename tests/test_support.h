@@ -67,6 +67,18 @@ inline void expect_unchanged(
   }
 }
 
+/// The base model's parameters (names without "lora_"), by name, cloned.
+inline std::map<std::string, torch::Tensor> base_tensors(
+    const torch::nn::Module& model) {
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& item : model.named_parameters()) {
+    if (item.key().find("lora_") == std::string::npos) {
+      tensors[item.key()] = item.value().detach().clone();
+    }
+  }
+  return tensors;
+}
+
 /// "path:type" of every module of `model`, to compare module trees.
 inline std::vector<std::string> module_tree(const torch::nn::Module& model) {
   std::vector<std::string> tree;
