@@ -11,6 +11,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -127,7 +128,69 @@ void check_merge_cycle(Layer& layer, const Input& x) {
   EXPECT_TRUE(torch::equal(layer(x), adapted));
 }
 
+/// `layer` with random adapters, moved to the GPU: the output and the
+/// gradients match the CPU's, merging matches, unmerging is bit-exact.
+template <typename Layer>
+void check_on_the_gpu(Layer& layer, const torch::Tensor& x) {
+  randomize_adapters(*layer);
+  const auto cpu_output = layer(x);
+  cpu_output.square().sum().backward();
+  std::map<std::string, torch::Tensor> cpu_gradients;
+  for (auto& item : layer->named_parameters()) {
+    if (item.value().grad().defined()) {
+      cpu_gradients[item.key()] = item.value().grad().clone();
+      item.value().mutable_grad() = torch::Tensor();
+    }
+  }
+  EXPECT_FALSE(cpu_gradients.empty());
+  layer->to(torch::kCUDA);
+  const auto gpu_x = x.to(torch::kCUDA);
+  const auto gpu_output = layer(gpu_x);
+  ASSERT_TRUE(gpu_output.is_cuda());
+  EXPECT_TRUE(torch::allclose(gpu_output.cpu(), cpu_output, 1e-4, 1e-4));
+  gpu_output.square().sum().backward();
+  for (auto& item : layer->named_parameters()) {
+    const auto& grad = item.value().grad();
+    const auto expected = cpu_gradients.find(item.key());
+    ASSERT_EQ(grad.defined(), expected != cpu_gradients.end()) << item.key();
+    if (grad.defined()) {
+      EXPECT_TRUE(torch::allclose(grad.cpu(), expected->second, 1e-3, 1e-4))
+          << item.key();
+    }
+  }
+  torch::NoGradGuard no_grad;
+  const auto weight_before = layer->weight.clone();
+  const auto adapted = layer(gpu_x);
+  layer->merge();
+  EXPECT_TRUE(layer->weight.is_cuda());
+  EXPECT_TRUE(torch::allclose(layer(gpu_x), adapted, 1e-4, 1e-4));
+  layer->unmerge();
+  EXPECT_TRUE(torch::equal(layer->weight, weight_before));
+}
+
 } // namespace
+
+TEST_F(LayerKindsTest, EveryKindRunsOnTheGpu_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  torchlora::LoRAEmbedding emb(
+      torch::nn::Embedding(torch::nn::EmbeddingOptions(12, 5).padding_idx(3)),
+      LoRAOptions(3).alpha(6));
+  check_on_the_gpu(emb, torch::tensor({{0, 3, 11}, {3, 5, 7}}, torch::kLong));
+  torchlora::LoRAConv1d conv1(
+      torch::nn::Conv1d(torch::nn::Conv1dOptions(3, 5, 3).stride(2)),
+      LoRAOptions(2));
+  check_on_the_gpu(conv1, torch::randn({2, 3, 11}));
+  torchlora::LoRAConv2d conv2(
+      torch::nn::Conv2d(
+          torch::nn::Conv2dOptions(3, 4, 3).padding(1).padding_mode(
+              torch::kReflect)),
+      LoRAOptions(4).alpha(8));
+  check_on_the_gpu(conv2, torch::randn({2, 3, 6, 5}));
+  torchlora::LoRAConv3d conv3(
+      torch::nn::Conv3d(torch::nn::Conv3dOptions(2, 3, 2).padding(1)),
+      LoRAOptions(2));
+  check_on_the_gpu(conv3, torch::randn({1, 2, 3, 4, 5}));
+}
 
 TEST_F(LayerKindsTest, TheIssueSnippetsCompileAndHold) {
   torchlora::LoRAEmbedding emb(
@@ -510,4 +573,138 @@ TEST_F(LayerKindsTest, SavedAdaptersHavePeftsKeysAndLoadIntoAFreshModel) {
   EXPECT_TORCHLORA_ERROR(
       torchlora::load_adapter(*other, dir), "features.0.lora_A.weight");
   expect_unchanged(before, *other);
+}
+
+TEST_F(LayerKindsTest, LoadingIntoAnExistingAdapterNeedsTheFilesScaling) {
+  Cnn saved;
+  torch::save(saved, dir + ".base.pt");
+  const auto config = LoRAConfig(2).alpha(5).use_rslora(true).target_modules(
+      {"features.0", "embed"});
+  torchlora::inject_lora(*saved, config);
+  randomize_adapters(*saved);
+  torchlora::save_adapter(*saved, dir, config);
+  // Only tensors are copied into an existing adapter, so its scaling must
+  // be the file's.
+  Cnn other;
+  torch::load(other, dir + ".base.pt");
+  torchlora::inject_lora(
+      *other, LoRAConfig(2).alpha(1).target_modules({"features.0", "embed"}));
+  const auto before = snapshot(*other);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*other, dir),
+      "load_adapter: 'features.0' already has adapter \"default\" with "
+      "alpha = 1, use_rslora = 0, but the file's config gives it alpha = 5, "
+      "use_rslora = 1");
+  expect_unchanged(before, *other);
+  // Into an adapter of the same scaling it loads, with the same output.
+  Cnn same;
+  torch::load(same, dir + ".base.pt");
+  torchlora::inject_lora(*same, config);
+  torchlora::load_adapter(*same, dir);
+  const auto x = images();
+  EXPECT_TRUE(torch::equal(same(x, tags()), saved(x, tags())));
+}
+
+TEST_F(LayerKindsTest, AFailedLoadLeavesAMergedLayerMerged) {
+  torchlora::LoRAConv2d layer(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3)),
+      LoRAOptions(2).init(LoRAInit::random));
+  const auto x = torch::randn({1, 3, 5, 5});
+  layer->merge();
+  const auto merged_output = layer(x);
+  const auto before = snapshot(*layer);
+  // A checkpoint of the plain convolution has no adapters.
+  torch::nn::Conv2d plain(torch::nn::Conv2dOptions(3, 4, 3));
+  std::stringstream stream;
+  torch::save(plain, stream);
+  EXPECT_THROW(torch::load(layer, stream), c10::Error);
+  EXPECT_TRUE(layer->merged());
+  expect_unchanged(before, *layer);
+  EXPECT_TRUE(torch::equal(layer(x), merged_output));
+  layer->unmerge(); // the weight from before merge() is still there
+  EXPECT_FALSE(torch::allclose(layer->weight, before.at("weight").values));
+}
+
+TEST_F(LayerKindsTest, ChannelsLastWeightsMergeAsContiguousOnes) {
+  torchlora::LoRAConv2d layer(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3).padding(1)),
+      LoRAOptions(2).init(LoRAInit::random));
+  torchlora::LoRAConv2d contiguous(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3).padding(1)),
+      LoRAOptions(2));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& item : contiguous->named_parameters()) {
+      item.value().copy_(layer->named_parameters()[item.key()]);
+    }
+  }
+  layer->weight.set_data(
+      layer->weight.contiguous(at::MemoryFormat::ChannelsLast));
+  const auto before = layer->weight.detach().clone(at::MemoryFormat::Preserve);
+  const auto x = torch::randn({2, 3, 6, 6});
+  const auto adapted = layer(x);
+  layer->merge();
+  contiguous->merge();
+  EXPECT_TRUE(torch::allclose(layer(x), adapted, 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(layer->weight, contiguous->weight, 1e-6, 1e-6));
+  layer->unmerge();
+  EXPECT_TRUE(torch::equal(layer->weight, before));
+}
+
+TEST_F(LayerKindsTest, InjectionErrorsOfALayerKindNameTheLayer) {
+  auto blocks = torch::nn::Sequential(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 1)),
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 6, 3).groups(2)));
+  const auto before = snapshot(*blocks);
+  const auto tree = torchlora_test::module_tree(*blocks);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::inject_lora(blocks, LoRAConfig(3).target_modules({"0", "1"})),
+      "cannot adapt '1': adapter \"default\" on a grouped convolution "
+      "(groups = 2) needs a rank divisible by the groups, got rank 3");
+  expect_unchanged(before, *blocks);
+  EXPECT_EQ(torchlora_test::module_tree(*blocks), tree);
+  torch::nn::ModuleDict tables(
+      std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
+          {"tok", std::make_shared<torch::nn::EmbeddingImpl>(10, 4)},
+          {"pos",
+           std::make_shared<torch::nn::EmbeddingImpl>(
+               torch::nn::EmbeddingOptions(8, 4).max_norm(1.0))}});
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::inject_lora(
+          tables, LoRAConfig(2).target_modules({"tok", "pos"})),
+      "cannot adapt 'pos': cannot add adapter \"default\" to an Embedding "
+      "with max_norm = 1");
+  EXPECT_TRUE(tables["tok"]->as<torch::nn::EmbeddingImpl>());
+}
+
+TEST_F(LayerKindsTest, GroupedMergesTellNonFiniteAndZeroScaledAdapters) {
+  torchlora::LoRAConv2d layer(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 6, 3).groups(2)),
+      LoRAOptions(2).init(LoRAInit::random));
+  const auto x = torch::randn({1, 4, 5, 5});
+  // Scaled by 0, an adapter across groups changes nothing: it merges.
+  layer->set_scale("default", 0.0);
+  const auto base_output = layer(x);
+  layer->merge();
+  EXPECT_TRUE(torch::allclose(layer(x), base_output, 1e-6, 1e-6));
+  layer->unmerge();
+  layer->set_scale("default", 1.0);
+  {
+    torch::NoGradGuard no_grad;
+    layer->named_parameters()["lora_B.default.weight"].fill_(NAN);
+  }
+  const auto before = snapshot(*layer);
+  EXPECT_TORCHLORA_ERROR(
+      layer->merge(), "the adapter's weights are not finite (");
+  expect_unchanged(before, *layer);
+}
+
+TEST_F(LayerKindsTest, APlainSparseEmbeddingRefusesFrequencyScalingAsLibTorch) {
+  const auto options =
+      torch::nn::EmbeddingOptions(6, 3).sparse(true).scale_grad_by_freq(true);
+  torchlora::LoRAEmbedding layer(options);
+  torch::nn::Embedding plain(options);
+  const auto t = torch::tensor({1, 1, 4}, torch::kLong);
+  EXPECT_THROW(plain(t).sum().backward(), c10::Error);
+  EXPECT_THROW(layer(t).sum().backward(), c10::Error);
 }

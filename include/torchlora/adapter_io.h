@@ -245,6 +245,7 @@ inline void load_adapter(
   std::set<std::string> adapted; // layers that will carry any adapter
   std::set<std::string> with_adapter; // layers that will carry this one
   bool inject = true;
+  const TargetMatcher matcher(config);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());
@@ -254,6 +255,27 @@ inline void load_adapter(
     }
     inject = false;
     with_adapter.insert(entry->paths.front());
+    // Only tensors are copied into an existing adapter: its scaling must
+    // already be the file's.
+    const auto& have = layer->adapter_options(adapter_name);
+    const auto want = matcher.options_for(entry->paths.front());
+    TORCH_CHECK(
+        !matcher.is_target(entry->paths.front()) ||
+            (have.alpha() == want.alpha() &&
+             have.use_rslora() == want.use_rslora()),
+        "torchlora: load_adapter: '",
+        entry->paths.front(),
+        "' already has adapter \"",
+        adapter_name,
+        "\" with alpha = ",
+        have.alpha(),
+        ", use_rslora = ",
+        have.use_rslora(),
+        ", but the file's config gives it alpha = ",
+        want.alpha(),
+        ", use_rslora = ",
+        want.use_rslora(),
+        "; delete_adapter first, or load under another name");
     const auto& kind = *detail::kind_of(*entry->module);
     const auto params = entry->module->named_parameters();
     for (const char* matrix : {"A", "B"}) {
@@ -263,7 +285,6 @@ inline void load_adapter(
     }
   }
   if (inject) {
-    const TargetMatcher matcher(config);
     for (const auto& planned : detail::plan_injection(index, matcher)) {
       const auto& path = planned.entry->paths.front();
       adapted.insert(planned.entry->paths.begin(), planned.entry->paths.end());

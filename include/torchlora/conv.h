@@ -12,6 +12,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -229,12 +230,17 @@ class LoRAConvImplT final
     if (this->options.groups() == 1) {
       const auto out = weight.size(0);
       const auto rank = A.size(0);
-      weight.view({out, -1}).addmm_(
-          B.reshape({out, rank}), A.reshape({rank, -1}), 1, s);
+      const auto B_matrix = B.reshape({out, rank});
+      const auto A_matrix = A.reshape({rank, -1});
+      if (weight.is_contiguous()) {
+        weight.view({out, -1}).addmm_(B_matrix, A_matrix, 1, s);
+      } else { // channels_last and other layouts: not viewable as a matrix
+        weight.add_(B_matrix.mm(A_matrix).view(weight.sizes()), s);
+      }
       return;
     }
     const auto [within, across] = grouped_delta(A, B);
-    check_within_groups(across);
+    check_within_groups(across, s);
     weight.add_(within, s);
   }
 
@@ -245,14 +251,27 @@ class LoRAConvImplT final
     for (const auto& adapter : this->adapters()) {
       if (adapter.active) {
         check_within_groups(
-            grouped_delta(adapter.A.detach(), adapter.B.detach()).second);
+            grouped_delta(adapter.A.detach(), adapter.B.detach()).second,
+            adapter.effective_scaling());
       }
     }
   }
 
-  void check_within_groups(double across) const {
+  /// `across`: the largest magnitude the adapter puts across groups, before
+  /// its scale `s`.
+  void check_within_groups(double across, double s) const {
     TORCH_CHECK(
-        across == 0,
+        std::isfinite(across),
+        "torchlora: cannot merge this ",
+        kName,
+        ": its base is a grouped convolution (groups = ",
+        this->options.groups(),
+        ") and the adapter's weights are not finite (",
+        across,
+        "), so whether it stays within the groups cannot be told; keep it "
+        "unmerged. Nothing was changed");
+    TORCH_CHECK(
+        across * s == 0,
         "torchlora: cannot merge this ",
         kName,
         ": its base is a grouped convolution (groups = ",
@@ -260,7 +279,7 @@ class LoRAConvImplT final
         "), whose weight [out_channels, in_channels / groups, k...] joins "
         "channels of the same group only, but the adapter joins channels "
         "across groups (weights up to ",
-        across,
+        across * std::abs(s),
         "); keep it unmerged. Nothing was changed");
   }
 };

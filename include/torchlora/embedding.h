@@ -142,8 +142,11 @@ class LoRAEmbeddingImpl final
     if (indices.numel() == 0) {
       return;
     }
-    const auto low = indices.min().item<int64_t>();
-    const auto high = indices.max().item<int64_t>();
+    // One pass and one copy to the host, also for CUDA indices.
+    const auto [min, max] = torch::aminmax(indices);
+    const auto bounds = torch::stack({min, max}).to(torch::kCPU, torch::kLong);
+    const auto low = bounds[0].item<int64_t>();
+    const auto high = bounds[1].item<int64_t>();
     TORCH_CHECK(
         low >= 0 && high < options.num_embeddings(),
         "torchlora: LoRAEmbedding expects indices in [0, ",
@@ -234,8 +237,10 @@ class LoRAEmbeddingImpl final
   torch::Tensor lookup(const torch::Tensor& table, const torch::Tensor& indices)
       const {
     namespace F = torch::nn::functional;
-    if (options.scale_grad_by_freq() && table.requires_grad() &&
-        torch::GradMode::is_enabled()) {
+    // A sparse (so plain) layer keeps LibTorch's path and its refusal of
+    // scale_grad_by_freq with sparse gradients.
+    if (options.scale_grad_by_freq() && !options.sparse() &&
+        table.requires_grad() && torch::GradMode::is_enabled()) {
       if (options.max_norm()) { // a plain layer (adapters refuse max_norm)
         torch::NoGradGuard no_grad;
         auto renormed = table; // 1.x takes a non-const reference

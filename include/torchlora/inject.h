@@ -4,6 +4,7 @@
 #include <torchlora/conv.h>
 #include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
+#include <torchlora/detail/text.h>
 #include <torchlora/embedding.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
@@ -236,15 +237,25 @@ inline std::vector<std::string> inject_lora(
   try {
     for (size_t i = 0; i < planned.size(); ++i) {
       const auto& entry = *planned[i].entry;
-      if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
-        layer->add_adapter(name, planned[i].options);
-        extended.push_back(layer);
-      } else {
-        auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
-        dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
-            name, planned[i].options);
-        swapped.emplace_back(i, wrapped);
-        detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
+      try {
+        if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
+          layer->add_adapter(name, planned[i].options);
+          extended.push_back(layer);
+        } else {
+          auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
+          dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
+              name, planned[i].options);
+          swapped.emplace_back(i, wrapped);
+          detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
+        }
+      } catch (const c10::Error& error) { // a layer kind's own refusal
+        TORCH_CHECK(
+            false,
+            "torchlora: cannot adapt '",
+            entry.paths.front(),
+            "': ",
+            detail::without_prefix(error.what_without_backtrace()),
+            ". Nothing was changed");
       }
     }
     mark_only_lora_as_trainable(model, config.bias());

@@ -432,14 +432,38 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   /// Loads like any module; a merged layer is merged again with what was
-  /// loaded.
+  /// loaded. If loading fails (a missing key), a merged layer is put back as
+  /// it was, merged, before the error goes on.
   void load(torch::serialize::InputArchive& archive) override {
-    const bool was_merged = merged_;
-    unmerge();
-    torch::nn::Module::load(archive);
-    if (was_merged) {
-      merge();
+    if (!merged_) {
+      torch::nn::Module::load(archive);
+      return;
     }
+    // LibTorch's load gives each tensor new storage (`set_`), so views taken
+    // now keep the values to put back.
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> kept;
+    for (const auto& tensor : this->parameters()) {
+      kept.emplace_back(tensor, tensor.detach());
+    }
+    for (const auto& tensor : this->buffers()) {
+      kept.emplace_back(tensor, tensor.detach());
+    }
+    const auto kept_original = original_weight_;
+    unmerge();
+    try {
+      torch::nn::Module::load(archive);
+    } catch (...) {
+      torch::NoGradGuard no_grad;
+      for (auto& [tensor, values] : kept) {
+        tensor.set_data(values);
+      }
+      original_weight_ = kept_original;
+      merged_ = true;
+      merged_stamps_ = adapter_stamps();
+      merged_weight_version_ = weight._version();
+      throw;
+    }
+    merge();
   }
 
   /// Deep copy: new base tensors and adapters with equal values, the same

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/detail/model_walk.h>
+#include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
 #include <torchlora/module_ref.h>
 
@@ -25,13 +26,6 @@ struct MergeOptions {
 };
 
 namespace detail {
-
-/// `message` without its "torchlora: " prefix.
-inline std::string without_prefix(const std::string& message) {
-  const std::string prefix = "torchlora: ";
-  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size())
-                                       : message;
-}
 
 /// Throws, naming the layer, if merging the model would fail on any layer:
 /// adapters disabled, a delta the base weight cannot hold, a merged weight

@@ -20,5 +20,12 @@ inline std::string quoted_list(const std::vector<std::string>& names) {
   return text;
 }
 
+/// `message` without its "torchlora: " prefix.
+inline std::string without_prefix(const std::string& message) {
+  const std::string prefix = "torchlora: ";
+  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size())
+                                       : message;
+}
+
 } // namespace detail
 } // namespace torchlora
