@@ -15,8 +15,15 @@
 namespace {
 
 /// The test model; tests/interop/peft_interop.py builds its Python twin.
+/// Its typed members are torchlora layers built from plain options, so that
+/// inject_lora can adapt them: Linear, Embedding and Conv2d layers.
 struct TinyNetImpl : torch::nn::Module {
   TinyNetImpl() {
+    embed = register_module(
+        "embed", torchlora::LoRAEmbedding(torch::nn::EmbeddingOptions(10, 16)));
+    conv = register_module(
+        "conv",
+        torchlora::LoRAConv2d(torch::nn::Conv2dOptions(3, 4, 3).padding(1)));
     q_proj = register_module("q_proj", torchlora::LoRALinear(16, 16));
     v_proj = register_module("v_proj", torchlora::LoRALinear(16, 16));
     mlp = register_module(
@@ -27,9 +34,16 @@ struct TinyNetImpl : torch::nn::Module {
             torch::nn::Linear(32, 16)));
     head = register_module("head", torchlora::LoRALinear(16, 4));
   }
-  torch::Tensor forward(const torch::Tensor& x) {
-    return head(mlp->forward(q_proj(x) + v_proj(x)));
+  /// `x` `[N, 16]`, `tokens` `[N]` (0..9), `image` `[N, 3, H, W]`.
+  torch::Tensor forward(
+      const torch::Tensor& x,
+      const torch::Tensor& tokens,
+      const torch::Tensor& image) {
+    return head(mlp->forward(q_proj(x) + v_proj(x) + embed(tokens))) +
+        conv(image).mean({2, 3});
   }
+  torchlora::LoRAEmbedding embed{nullptr};
+  torchlora::LoRAConv2d conv{nullptr};
   torchlora::LoRALinear q_proj{nullptr}, v_proj{nullptr}, head{nullptr};
   torch::nn::Sequential mlp{nullptr};
 };
@@ -47,6 +61,14 @@ torch::Tensor single(const std::string& path, const std::string& name) {
   return torchlora::safetensors::load(path)[name];
 }
 
+/// The model's output on the inputs in DIR/input.safetensors.
+torch::Tensor output_on_inputs(TinyNet& model, const std::string& dir) {
+  const auto inputs = torchlora::safetensors::load(dir + "/input.safetensors");
+  model->eval();
+  torch::NoGradGuard no_grad;
+  return model(inputs["x"], inputs["tokens"], inputs["image"]);
+}
+
 int export_files(const std::string& dir) {
   torch::manual_seed(0);
   TinyNet model;
@@ -55,9 +77,10 @@ int export_files(const std::string& dir) {
     base.insert(item.key(), item.value().detach());
   }
   torchlora::safetensors::save(dir + "/base.safetensors", base);
-  const auto x = torch::randn({5, 16});
   torchlora::safetensors::Tensors input;
-  input.insert("x", x);
+  input.insert("x", torch::randn({5, 16}));
+  input.insert("tokens", torch::tensor({0, 3, 9, 3, 7}, torch::kInt64));
+  input.insert("image", torch::randn({5, 3, 6, 6}));
   torchlora::safetensors::save(dir + "/input.safetensors", input);
 
   torchlora::inject_lora(
@@ -65,14 +88,13 @@ int export_files(const std::string& dir) {
       torchlora::LoRAConfig(4)
           .alpha(8)
           .init(torchlora::LoRAInit::random)
-          .target_modules({"q_proj", "v_proj", "mlp.0", "head"})
+          .target_modules(
+              {"q_proj", "v_proj", "mlp.0", "head", "embed", "conv"})
           .rank_pattern({{"head", 2}})
           .alpha_pattern({{"mlp.0", 16.0}}));
   torchlora::save_adapter(*model, dir + "/cpp_adapter");
-  model->eval();
-  torch::NoGradGuard no_grad;
   torchlora::safetensors::Tensors output;
-  output.insert("y", model(x));
+  output.insert("y", output_on_inputs(model, dir));
   torchlora::safetensors::save(dir + "/cpp_output.safetensors", output);
   std::cout
       << "torchlora_interop: exported base weights, input, adapter and output to "
@@ -84,11 +106,9 @@ int check_files(const std::string& dir, double tolerance) {
   TinyNet model;
   load_base(model, dir);
   torchlora::load_adapter(*model, dir + "/peft_adapter");
-  model->eval();
-  torch::NoGradGuard no_grad;
-  const auto x = single(dir + "/input.safetensors", "x");
   const auto expected = single(dir + "/peft_output.safetensors", "y");
-  const auto difference = (model(x) - expected).abs().max().item<double>();
+  const auto difference =
+      (output_on_inputs(model, dir) - expected).abs().max().item<double>();
   std::cout
       << "torchlora_interop: peft adapter loaded in C++, largest output difference "
       << difference << "\n";

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Checks torchlora's adapter files against Python peft, both ways.
 
-1. The C++ side (torchlora_interop export) writes base weights, an input, an
+The model mixes Linear, Embedding and Conv2d layers, all adapted.
+
+1. The C++ side (torchlora_interop export) writes base weights, inputs, an
    adapter saved by torchlora::save_adapter and its output. Here the Python
    twin of the model loads the base weights, PeftModel.from_pretrained loads
    the adapter, and the outputs are compared.
@@ -44,13 +46,16 @@ def main():
 
         def __init__(self):
             super().__init__()
+            self.embed = nn.Embedding(10, 16)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
             self.q_proj = nn.Linear(16, 16)
             self.v_proj = nn.Linear(16, 16)
             self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
             self.head = nn.Linear(16, 4)
 
-        def forward(self, x):
-            return self.head(self.mlp(self.q_proj(x) + self.v_proj(x)))
+        def forward(self, x, tokens, image):
+            hidden = self.q_proj(x) + self.v_proj(x) + self.embed(tokens)
+            return self.head(self.mlp(hidden)) + self.conv(image).mean(dim=(2, 3))
 
     work = args.dir or tempfile.mkdtemp(prefix="torchlora_interop_")
     os.makedirs(work, exist_ok=True)
@@ -63,11 +68,12 @@ def main():
 
     # 1. C++ -> Python
     subprocess.run([args.cpp, "export", work], check=True)
-    x = load_file(os.path.join(work, "input.safetensors"))["x"]
+    inputs = load_file(os.path.join(work, "input.safetensors"))
+    model_inputs = (inputs["x"], inputs["tokens"], inputs["image"])
     cpp_output = load_file(os.path.join(work, "cpp_output.safetensors"))["y"]
     model = PeftModel.from_pretrained(base_model(), os.path.join(work, "cpp_adapter")).eval()
     with torch.no_grad():
-        python_output = model(x)
+        python_output = model(*model_inputs)
     cpp_to_python = (python_output - cpp_output).abs().max().item()
     print(f"torchlora adapter loaded by peft: largest output difference {cpp_to_python:.3g}")
 
@@ -76,14 +82,14 @@ def main():
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "mlp.0", "head"],
+        target_modules=["q_proj", "v_proj", "mlp.0", "head", "embed", "conv"],
         rank_pattern={"head": 2},
         init_lora_weights=False,
     )
     model = get_peft_model(base_model(), config).eval()
     model.save_pretrained(os.path.join(work, "peft_adapter"))
     with torch.no_grad():
-        save_file({"y": model(x).contiguous()}, os.path.join(work, "peft_output.safetensors"))
+        save_file({"y": model(*model_inputs).contiguous()}, os.path.join(work, "peft_output.safetensors"))
     python_to_cpp = subprocess.run([args.cpp, "check", work, str(args.tolerance)])
 
     ok = cpp_to_python <= args.tolerance and python_to_cpp.returncode == 0
