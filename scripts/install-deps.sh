@@ -15,6 +15,8 @@ packages=(
   clang libclang-rt-dev       # libFuzzer with ASan/UBSan, for the fuzz test
   libcli11-dev                # flags of the fine-tune example
   wamerican wfrench           # its English and French word lists
+  dataset-fashion-mnist       # the images of the vision example
+  zlib1g-dev                  # which it reads, gzipped, with zlib
 )
 
 missing=()

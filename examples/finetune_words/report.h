@@ -17,29 +17,34 @@
 namespace words {
 
 /// A live progress line on a terminal; a plain line every `every` steps
-/// otherwise.
+/// otherwise. `unit` names what `update` counts ("words", "images").
 class Progress {
  public:
-  Progress(std::string label, int64_t total, int64_t every)
+  Progress(
+      std::string label,
+      int64_t total,
+      int64_t every,
+      std::string unit = "words")
       : label_(std::move(label)),
+        unit_(std::move(unit)),
         total_(total),
         every_(every),
         live_(isatty(fileno(stdout)) != 0),
         start_(std::chrono::steady_clock::now()) {}
 
-  void update(int64_t step, double loss, int64_t words) {
-    words_ += words;
+  void update(int64_t step, double loss, int64_t items) {
+    items_ += items;
     const double seconds = elapsed();
     if (!live_ && step % every_ != 0 && step != total_) {
       return;
     }
-    const double rate = words_ / std::max(seconds, 1e-9);
+    const double rate = items_ / std::max(seconds, 1e-9);
     const double eta = seconds / static_cast<double>(step) *
         static_cast<double>(total_ - step);
     std::ostringstream line;
     line << label_ << " step " << step << "/" << total_ << "  loss "
          << std::fixed << std::setprecision(3) << loss << "  "
-         << std::setprecision(0) << rate << " words/s  ETA "
+         << std::setprecision(0) << rate << " " << unit_ << "/s  ETA "
          << std::setprecision(0) << eta << " s";
     if (live_) {
       std::cout << "\r" << std::left << std::setw(78) << line.str()
@@ -60,11 +65,12 @@ class Progress {
 
  private:
   std::string label_;
+  std::string unit_;
   int64_t total_;
   int64_t every_;
   bool live_;
   std::chrono::steady_clock::time_point start_;
-  double words_ = 0;
+  double items_ = 0;
 };
 
 /// One curve of the loss picture.
@@ -72,14 +78,16 @@ struct Curve {
   std::string label;
   std::string color;
   bool dashed = false;
-  std::vector<std::pair<double, double>> points; // (step, bits per char)
+  std::vector<std::pair<double, double>> points; // (step, value)
 };
 
 /// Writes an SVG line chart of `curves` that any browser opens.
 inline void write_svg(
     const std::string& path,
     const std::string& title,
-    const std::vector<Curve>& curves) {
+    const std::vector<Curve>& curves,
+    const std::string& y_label = "bits per character",
+    const std::string& x_label = "fine-tuning step") {
   double max_x = 1;
   double min_y = 1e9;
   double max_y = -1e9;
@@ -123,10 +131,10 @@ inline void write_svg(
       << "<line x1=\"" << left << "\" x2=\"" << left << "\" y1=\"" << top
       << "\" y2=\"" << bottom << "\" stroke=\"black\"/>\n"
       << "<text x=\"" << (left + right) / 2 << "\" y=\"" << bottom + 40
-      << "\" text-anchor=\"middle\">fine-tuning step</text>\n"
+      << "\" text-anchor=\"middle\">" << x_label << "</text>\n"
       << "<text x=\"18\" y=\"" << (top + bottom) / 2
       << "\" text-anchor=\"middle\" transform=\"rotate(-90 18 "
-      << (top + bottom) / 2 << ")\">bits per character</text>\n";
+      << (top + bottom) / 2 << ")\">" << y_label << "</text>\n";
   for (size_t c = 0; c < curves.size(); ++c) {
     const auto& curve = curves[c];
     svg << "<polyline fill=\"none\" stroke=\"" << curve.color
