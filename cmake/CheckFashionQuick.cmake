@@ -3,19 +3,9 @@
 # output file exists and that metrics.csv holds the curves of every run.
 # Variables: PROGRAM, OUT.
 cmake_minimum_required(VERSION 3.18)
-file(REMOVE_RECURSE "${OUT}")
-execute_process(COMMAND "${PROGRAM}" --quick --out "${OUT}"
-                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-message(STATUS "${out}")
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "finetune_fashion --quick failed (${rc})")
-endif()
-foreach(file metrics.csv accuracy.svg base_model.pt full_model.pt
-             adapter/adapter_model.safetensors adapter/adapter_config.json)
-  if(NOT EXISTS "${OUT}/${file}")
-    message(FATAL_ERROR "finetune_fashion --quick wrote no ${file}")
-  endif()
-endforeach()
+include("${CMAKE_CURRENT_LIST_DIR}/RunQuickExample.cmake")
+require_quick_outputs(metrics.csv accuracy.svg base_model.pt full_model.pt
+                      adapter/adapter_model.safetensors adapter/adapter_config.json)
 foreach(run base "head only" LoRA full)
   file(STRINGS "${OUT}/metrics.csv" rows REGEX "^${run},")
   list(LENGTH rows count)

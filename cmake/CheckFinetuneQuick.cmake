@@ -3,19 +3,11 @@
 # the bits/char split by kind of character adds up to the table's.
 # Variables: PROGRAM, OUT.
 cmake_minimum_required(VERSION 3.18)
-file(REMOVE_RECURSE "${OUT}")
-execute_process(COMMAND "${PROGRAM}" --quick --out "${OUT}"
-                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-message(STATUS "${out}")
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "finetune_words --quick failed (${rc})")
-endif()
-foreach(file metrics.csv loss.svg samples.txt base_model.pt merged_model.pt full_model.pt
-             adapter/adapter_model.safetensors adapter/adapter_config.json)
-  if(NOT EXISTS "${OUT}/${file}")
-    message(FATAL_ERROR "finetune_words --quick wrote no ${file}")
-  endif()
-endforeach()
+include("${CMAKE_CURRENT_LIST_DIR}/RunQuickExample.cmake")
+set(out "${quick_output}")
+require_quick_outputs(metrics.csv loss.svg samples.txt base_model.pt merged_model.pt
+                      full_model.pt adapter/adapter_model.safetensors
+                      adapter/adapter_config.json)
 file(STRINGS "${OUT}/metrics.csv" rows REGEX "^LoRA,")
 list(GET rows 0 first)
 list(GET rows -1 last)
