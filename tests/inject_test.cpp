@@ -150,8 +150,9 @@ void expect_injection_takes_effect(
   const auto trained = forward(x).detach();
   EXPECT_FALSE(torch::allclose(trained, injected))
       << "training did not reach the output";
+  const auto parameters = model.named_parameters();
   for (const auto& [name, tensor] : base_before) {
-    const auto after = model.named_parameters().find(name);
+    const auto* after = parameters.find(name);
     ASSERT_NE(after, nullptr) << name;
     EXPECT_TRUE(torch::equal(*after, tensor)) << name << " changed";
   }

@@ -114,7 +114,9 @@ LayerKind make_layer_kind(
 /// The base weight of a plain or LoRA layer (LoRA layers register their
 /// base's weight as `weight`).
 inline torch::Tensor weight_of(const torch::nn::Module& layer) {
-  const auto* weight = layer.named_parameters(/*recurse=*/false).find("weight");
+  // The dict is kept: `find` points into it.
+  const auto parameters = layer.named_parameters(/*recurse=*/false);
+  const auto* weight = parameters.find("weight");
   TORCH_INTERNAL_ASSERT(weight != nullptr, "torchlora: a layer without weight");
   return *weight;
 }
