@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/conv_input_gradient.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
 
@@ -112,7 +113,7 @@ class LoRAConvImplT final
         o.in_channels(),
         "), got an input of shape ",
         input.sizes());
-    auto y = this->base_->forward(input);
+    auto y = detail::convolve<D>(*this->base_, input);
     if (this->adapters_in_use()) {
       this->add_adapter_outputs(input, y);
     }
@@ -189,8 +190,8 @@ class LoRAConvImplT final
       const torch::Tensor& input) const {
     const auto& A = (*lora_A)[adapter.name];
     const auto& B = (*lora_B)[adapter.name];
-    return B->as<BaseImpl>()->forward(
-        A->as<BaseImpl>()->forward(input.to(adapter.A.scalar_type())));
+    return B->as<BaseImpl>()->forward(detail::convolve<D>(
+        *A->as<BaseImpl>(), input.to(adapter.A.scalar_type())));
   }
 
   /// For groups > 1: the delta as the base's weight `[out, in / groups,
