@@ -46,6 +46,36 @@ inline bool fold_adapter_into_weight(
 /// gradients are exact. Without a bias, `b`
 /// is an empty tensor (autograd Functions take no undefined inputs).
 struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
+  /// The forward's values, without autograd (what `forward` computes; also
+  /// called directly where no gradient is needed). Optionally hands out the
+  /// folded weight or `(x A^T)^T`, whichever the formulation made.
+  static torch::Tensor compute(
+      const torch::Tensor& x,
+      const torch::Tensor& W,
+      const torch::Tensor& b,
+      const torch::Tensor& A,
+      const torch::Tensor& B,
+      double scaling,
+      bool fold,
+      torch::Tensor* folded_out = nullptr,
+      torch::Tensor* xA_t_out = nullptr) {
+    const bool has_bias = b.numel() > 0;
+    if (fold) {
+      const auto folded = torch::addmm(W, B, A, /*beta=*/1, /*alpha=*/scaling);
+      if (folded_out != nullptr) {
+        *folded_out = folded;
+      }
+      return has_bias ? torch::addmm(b, x, folded.t()) : x.mm(folded.t());
+    }
+    auto y = has_bias ? torch::addmm(b, x, W.t()) : x.mm(W.t());
+    const auto xA_t = A.mm(x.t());
+    y.addmm_(xA_t.t(), B.t(), /*beta=*/1, /*alpha=*/scaling);
+    if (xA_t_out != nullptr) {
+      *xA_t_out = xA_t;
+    }
+    return y;
+  }
+
   static torch::Tensor forward(
       torch::autograd::AutogradContext* ctx,
       const torch::Tensor& x,
@@ -55,21 +85,13 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
       const torch::Tensor& B,
       double scaling,
       bool fold) {
-    const bool has_bias = b.numel() > 0;
-    torch::Tensor y;
-    torch::Tensor saved_weight;
+    torch::Tensor folded;
     torch::Tensor xA_t; // (x A^T)^T, [r, rows]
-    if (fold) {
-      const auto folded = torch::addmm(W, B, A, /*beta=*/1, /*alpha=*/scaling);
-      y = has_bias ? torch::addmm(b, x, folded.t()) : x.mm(folded.t());
-      // Kept for dx only, and only when no larger than x.
-      if (x.requires_grad() && W.size(0) <= x.size(0)) {
-        saved_weight = folded;
-      }
-    } else {
-      y = has_bias ? torch::addmm(b, x, W.t()) : x.mm(W.t());
-      xA_t = A.mm(x.t());
-      y.addmm_(xA_t.t(), B.t(), /*beta=*/1, /*alpha=*/scaling);
+    auto y = compute(x, W, b, A, B, scaling, fold, &folded, &xA_t);
+    // The folded weight is kept for dx only, and only when no larger than x.
+    torch::Tensor saved_weight;
+    if (fold && x.requires_grad() && W.size(0) <= x.size(0)) {
+      saved_weight = folded;
     }
     ctx->save_for_backward({x, W, A, B, saved_weight, xA_t});
     ctx->saved_data["scaling"] = scaling;
