@@ -235,7 +235,11 @@ inline void load_adapter(
       "'");
   const auto config = detail::read_peft_config(config_path, adapter_name);
   // Loading into a merged layer would leave its merged weight stale.
-  detail::check_not_merged(detail::ModelIndex(model), "", "load_adapter");
+  {
+    const detail::ModelIndex index(model);
+    detail::check_not_merged(index, "", "load_adapter");
+    detail::check_no_forward_running(index, "load_adapter");
+  }
   const auto tensors = safetensors::load(
       (fs::path(folder) / "adapter_model.safetensors").string());
 

@@ -91,6 +91,7 @@ inline void set_adapter(
     detail::check_adapter_exists(index, name, "set_adapter");
   }
   detail::check_not_merged(index, "", "set_adapter");
+  detail::check_no_forward_running(index, "set_adapter");
   for (const auto& [entry, layer] : index.lora_layers()) {
     layer->set_active_adapters(names);
   }
@@ -120,6 +121,7 @@ inline void delete_adapter(ModuleRef model, const std::string& name) {
   const detail::ModelIndex index(model.get());
   detail::check_adapter_exists(index, name, "delete_adapter");
   detail::check_not_merged(index, name, "delete_adapter");
+  detail::check_no_forward_running(index, "delete_adapter");
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->has_adapter(name)) {
       continue;
@@ -146,6 +148,7 @@ inline void set_scale(ModuleRef model, const std::string& name, double scale) {
   const detail::ModelIndex index(model.get());
   detail::check_adapter_exists(index, name, "set_scale");
   detail::check_not_merged(index, name, "set_scale");
+  detail::check_no_forward_running(index, "set_scale");
   // Each layer checks that the scale is finite before it stores it, so a
   // bad scale stops at the first layer with nothing changed.
   for (const auto& [entry, layer] : index.lora_layers()) {
@@ -180,7 +183,8 @@ class DisableAdapters {
             detail::share(*entry),
             layer,
             layer->adapters_enabled(),
-            layer->merged()});
+            layer->merged(),
+            layer->merged_in_place()});
         layer->unmerge();
         layer->set_adapters_enabled(false);
       }
@@ -203,13 +207,16 @@ class DisableAdapters {
     LoRALayer* layer;
     bool enabled;
     bool merged;
+    bool merged_in_place;
   };
 
   void restore() noexcept {
     for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
       try {
         it->layer->set_adapters_enabled(it->enabled);
-        if (it->merged) {
+        if (it->merged_in_place) {
+          it->layer->merge_in_place(/*safe=*/false);
+        } else if (it->merged) {
           it->layer->merge(/*safe=*/false);
         }
       } catch (const std::exception& error) {

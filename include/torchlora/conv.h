@@ -90,6 +90,7 @@ class LoRAConvImplT final
   /// The base convolution of `input` (`[N, C_in, ...]`, or `[C_in, ...]`
   /// unbatched) plus each active adapter's scaled output.
   torch::Tensor forward(const torch::Tensor& input) {
+    const auto running = this->forward_scope();
     const auto& o = this->options;
     TORCH_CHECK(
         (input.dim() == D + 1 || input.dim() == D + 2) &&
@@ -114,7 +115,11 @@ class LoRAConvImplT final
         "), got an input of shape ",
         input.sizes());
     auto y = detail::convolve<D>(*this->base_, input);
-    if (this->adapters_in_use()) {
+    if (const auto* routing = this->row_routing()) {
+      this->check_routed_input(
+          *routing, input, D + 2, "a batched input [N, C, ...]");
+      this->add_routed_outputs(*routing, input, y, 1);
+    } else if (this->adapters_in_use()) {
       this->add_adapter_outputs(input, y);
     }
     return y;

@@ -81,9 +81,13 @@ class LoRAEmbeddingImpl final
   /// plus each active adapter's scaled `A^T[indices] B^T`:
   /// `[*indices.shape, embedding_dim]`.
   torch::Tensor forward(const torch::Tensor& indices) {
+    const auto running = this->forward_scope();
     check_indices(indices);
     auto y = lookup(weight, indices);
-    if (this->adapters_in_use()) {
+    if (const auto* routing = this->row_routing()) {
+      this->check_routed_input(*routing, indices, 1, "indices");
+      this->add_routed_outputs(*routing, indices, y, 1);
+    } else if (this->adapters_in_use()) {
       this->add_adapter_outputs(indices, y);
     }
     return y;

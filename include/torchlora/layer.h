@@ -6,6 +6,8 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/types.h>
 
+#include <c10/util/Exception.h>
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -84,12 +86,29 @@ class LoRALayer {
   /// result holds NaN or Inf. A merged layer stays as it is.
   virtual void merge(bool safe) = 0;
 
-  /// Restores the base weight exactly as it was before `merge`; no-op when
-  /// the layer is not merged.
+  /// `merge` into the weight itself, keeping no copy of the weight from
+  /// before; `unmerge` then subtracts the adapters' products again (exact
+  /// up to rounding: not bit for bit, least so in fp16/bf16). A layer type
+  /// that cannot refuses.
+  virtual void merge_in_place(bool /*safe*/) {
+    TORCH_CHECK(
+        false,
+        "torchlora: merge_in_place: this LoRA layer type cannot merge without "
+        "keeping a copy; use merge()");
+  }
+
+  /// Restores the base weight as it was before `merge` (bit for bit after
+  /// `merge`, up to rounding after `merge_in_place`); no-op when the layer
+  /// is not merged.
   virtual void unmerge() = 0;
 
-  /// True between `merge` and `unmerge`.
+  /// True between `merge` (or `merge_in_place`) and `unmerge`.
   virtual bool merged() const = 0;
+
+  /// True when merged by `merge_in_place` (no copy of the weight kept).
+  virtual bool merged_in_place() const {
+    return false;
+  }
 
   /// True if merging now would give only finite weights.
   virtual bool merge_is_finite() const = 0;
@@ -112,6 +131,15 @@ class LoRALayer {
 
   /// The base layer as an `AnyModule`, to put back into a `Sequential`.
   virtual torch::nn::AnyModule base_any_module() const = 0;
+
+  // ------------------------------------------------------------ threads
+
+  /// How many forwards run through this layer now, on any thread. Changing
+  /// the layer's adapters or weights is refused while one runs.
+  /// (0 for a layer type that does not count them.)
+  virtual int running_forwards() const {
+    return 0;
+  }
 };
 
 } // namespace torchlora

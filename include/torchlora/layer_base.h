@@ -1,5 +1,7 @@
 #pragma once
 
+#include <torchlora/detail/forward_count.h>
+#include <torchlora/detail/row_routing.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
 #include <torchlora/options.h>
@@ -160,6 +162,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// or else the base weight's dtype.
   void add_adapter(const std::string& name, const LoRAOptions& lora) override {
     check_not_merged("add_adapter");
+    check_no_forward_running("add_adapter");
     check_new_adapter_name(name);
     TORCH_CHECK(
         lora.rank() > 0,
@@ -185,6 +188,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// (as in peft).
   void delete_adapter(const std::string& name) override {
     check_not_merged("delete_adapter");
+    check_no_forward_running("delete_adapter");
     const auto& adapter = find_adapter(name);
     const auto index = static_cast<size_t>(&adapter - adapters_.data());
     const bool was_active = adapter.active;
@@ -197,6 +201,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
 
   void set_active_adapters(const std::vector<std::string>& names) override {
     check_not_merged("set_active_adapters");
+    check_no_forward_running("set_active_adapters");
     for (auto& adapter : adapters_) {
       adapter.active =
           std::find(names.begin(), names.end(), adapter.name) != names.end();
@@ -217,6 +222,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
 
   void set_scale(const std::string& name, double scale) override {
     check_not_merged("set_scale");
+    check_no_forward_running("set_scale");
     TORCH_CHECK(
         std::isfinite(scale),
         "torchlora: set_scale(\"",
@@ -235,6 +241,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         enabled || !merged_,
         "torchlora: cannot disable the adapters of a merged layer; unmerge() "
         "it first (torchlora::DisableAdapters does both)");
+    check_no_forward_running("set_adapters_enabled");
     enabled_ = enabled;
   }
 
@@ -296,44 +303,54 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// is computed in fp32 for fp16/bf16 weights. Merging a merged layer, or
   /// one without active adapters, changes nothing.
   void merge(bool safe = false) override {
-    if (merged_) {
-      check_merged_weight_is_current();
-      return;
-    }
-    if (!has_active_adapter()) {
-      return;
-    }
-    check_enabled_for_merge();
-    auto merged_weight = weight_with_adapters();
-    TORCH_CHECK(
-        !safe || torch::isfinite(merged_weight).all().item().toBool(),
-        "torchlora: safe merge refused: merging the active adapters (",
-        detail::quoted_list(active_adapters()),
-        ") gives NaN or Inf weights; nothing was changed");
-    torch::NoGradGuard no_grad;
-    original_weight_ = weight.detach();
-    weight.set_data(merged_weight);
-    merged_ = true;
-    merged_stamps_ = adapter_stamps();
-    merged_weight_version_ = weight._version();
+    merge_keeping_original(safe, /*keep_original=*/true);
+  }
+
+  /// Merges the active adapters into `weight` itself: no copy of the weight
+  /// is kept (the memory of a plain layer), and `unmerge` subtracts the
+  /// deltas again, equal up to rounding (not bit for bit; in fp16/bf16 the
+  /// rounding of the merged weight stays). Otherwise as `merge`.
+  void merge_in_place(bool safe = false) override {
+    merge_keeping_original(safe, /*keep_original=*/false);
   }
 
   /// Restores the weight from before `merge`, bit for bit. A merged weight
   /// changed in place since (an optimizer step on it) is an error here, as
-  /// restoring would silently drop that change.
+  /// restoring would silently drop that change. After `merge_in_place`, the
+  /// deltas are subtracted (a change made since stays).
   void unmerge() override {
     if (!merged_) {
       return;
     }
-    check_weight_unchanged_since_merge("unmerge()");
+    check_unmergeable();
+    check_no_forward_running("unmerge");
     torch::NoGradGuard no_grad;
-    weight.set_data(original_weight_);
+    if (keeps_original_) {
+      weight.set_data(original_weight_);
+    } else {
+      add_active_deltas_in_place(-1.0);
+    }
     original_weight_ = torch::Tensor();
     merged_ = false;
   }
 
   bool merged() const override {
     return merged_;
+  }
+
+  bool merged_in_place() const override {
+    return merged_ && !keeps_original_;
+  }
+
+  int running_forwards() const override {
+    return running_forwards_.running();
+  }
+
+  /// Counts as a running forward while it lives (each forward holds one),
+  /// so that changing the layer meanwhile is refused. Hold one where a
+  /// forward is made of several calls that must see the same adapters.
+  detail::ForwardCount::Scope forward_scope() const {
+    return detail::ForwardCount::Scope(running_forwards_);
   }
 
   bool merge_is_finite() const override {
@@ -353,22 +370,21 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void check_unmergeable() const override {
-    if (merged_) {
-      check_weight_unchanged_since_merge("unmerge()");
-    }
+    check_restorable("unmerge()");
   }
 
   void unload(bool merge_first) override {
     if (merge_first) {
       check_mergeable();
-    } else if (merged_) {
-      check_weight_unchanged_since_merge("unload()");
+    } else {
+      check_restorable("unload()");
     }
+    check_no_forward_running("unload");
     torch::NoGradGuard no_grad;
     if (merge_first && !merged_) {
       weight.set_data(weight_with_adapters());
     } else if (!merge_first && merged_) {
-      weight.set_data(original_weight_);
+      weight.set_data(weight_before_merge());
     }
     original_weight_ = torch::Tensor();
     merged_ = false;
@@ -412,11 +428,13 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// checkpoint always holds base weights next to the adapters.
   void save(torch::serialize::OutputArchive& archive) const override {
     if (merged_) {
-      check_weight_unchanged_since_merge("saving it");
+      // The weight written must be the one from before merge().
+      check_restorable("saving it");
     }
     for (const auto& item : this->named_parameters(/*recurse=*/false)) {
       const bool unmerged = merged_ && item.key() == "weight";
-      archive.write(item.key(), unmerged ? original_weight_ : item.value());
+      archive.write(
+          item.key(), unmerged ? weight_before_merge() : item.value());
     }
     for (const auto& item : this->named_buffers(/*recurse=*/false)) {
       archive.write(item.key(), item.value(), /*is_buffer=*/true);
@@ -449,6 +467,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       kept.emplace_back(tensor, tensor.detach());
     }
     const auto kept_original = original_weight_;
+    const bool keep_original = keeps_original_;
     unmerge();
     try {
       torch::nn::Module::load(archive);
@@ -457,13 +476,17 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       for (auto& [tensor, values] : kept) {
         tensor.set_data(values);
       }
-      original_weight_ = kept_original;
-      merged_ = true;
-      merged_stamps_ = adapter_stamps();
-      merged_weight_version_ = weight._version();
+      if (keep_original) {
+        original_weight_ = kept_original;
+        merged_ = true;
+        merged_stamps_ = adapter_stamps();
+        merged_weight_version_ = weight._version();
+      } else {
+        merge_keeping_original(/*safe=*/false, /*keep_original=*/false);
+      }
       throw;
     }
-    merge();
+    merge_keeping_original(/*safe=*/false, keep_original);
   }
 
   /// Deep copy: new base tensors and adapters with equal values, the same
@@ -471,6 +494,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   std::shared_ptr<torch::nn::Module> clone(
       const c10::optional<torch::Device>& device =
           c10::nullopt) const override {
+    if (merged_) {
+      // A copy of a stale merge would look current (its stamps are new).
+      check_merged_weight_is_current();
+    }
     torch::NoGradGuard no_grad;
     auto base_copy = std::dynamic_pointer_cast<BaseImpl>(base_->clone(device));
     TORCH_INTERNAL_ASSERT(base_copy, "torchlora: base layer clone failed");
@@ -485,10 +512,13 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     }
     copy->enabled_ = enabled_;
     copy->merged_ = merged_;
-    if (merged_) {
+    copy->keeps_original_ = keeps_original_;
+    if (merged_ && keeps_original_) {
       copy->original_weight_ = device && original_weight_.device() != *device
           ? original_weight_.to(*device)
           : original_weight_.clone();
+    }
+    if (merged_) {
       copy->merged_stamps_ = copy->adapter_stamps();
       copy->merged_weight_version_ = copy->weight._version();
     }
@@ -638,6 +668,102 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     }
   }
 
+  /// The routing of rows to adapters in force for this layer on this
+  /// thread (`AdapterRouting`), or null.
+  const detail::RowGroups* row_routing() const {
+    if (detail::current_routing() == nullptr) {
+      return nullptr;
+    }
+    return detail::routing_for(this);
+  }
+
+  /// Throws unless `input` has the routing's rows in its first dimension
+  /// and at least `min_dim` dimensions (`what` says which).
+  void check_routed_input(
+      const detail::RowGroups& routing,
+      const torch::Tensor& input,
+      int64_t min_dim,
+      const char* what) const {
+    TORCH_CHECK(
+        !merged_,
+        "torchlora: AdapterRouting: this ",
+        Derived::kName,
+        " is merged, so its adapters cannot be applied per row; unmerge() "
+        "the model first");
+    TORCH_CHECK(
+        enabled_,
+        "torchlora: AdapterRouting: the adapters of this ",
+        Derived::kName,
+        " are disabled (DisableAdapters); route rows outside that scope");
+    TORCH_CHECK(
+        input.dim() >= min_dim,
+        "torchlora: AdapterRouting: ",
+        Derived::kName,
+        " needs ",
+        what,
+        " (rows in the first dimension) to route rows, got an input of "
+        "shape ",
+        input.sizes());
+    TORCH_CHECK(
+        input.size(0) == routing.rows(),
+        "torchlora: AdapterRouting was made for ",
+        routing.rows(),
+        " rows, but this ",
+        Derived::kName,
+        "'s input has ",
+        input.size(0),
+        " in its first dimension (shape ",
+        input.sizes(),
+        ")");
+  }
+
+  /// `y` plus, for each routed row, its adapter's scaled output. `x` and
+  /// `y` hold the rows in their first dimension, each row
+  /// `positions_per_row` times in a row (a flattened `[batch, tokens, ...]`).
+  /// One gather of the routed rows, each adapter's product over its own
+  /// rows, one `index_add_` back; `"__base__"` rows and rows of adapters
+  /// this layer lacks cost nothing.
+  void add_routed_outputs(
+      const detail::RowGroups& routing,
+      const torch::Tensor& x,
+      torch::Tensor& y,
+      int64_t positions_per_row) const {
+    const auto& order = routing.order(x.device(), positions_per_row);
+    std::vector<std::pair<const detail::Adapter*, int64_t>> parts;
+    std::vector<torch::Tensor> indices;
+    bool every_group = true;
+    for (const auto& group : routing.groups()) {
+      const auto* adapter = adapter_or_null(group.adapter);
+      if (adapter == nullptr) {
+        every_group = false;
+        continue;
+      }
+      const auto length = static_cast<int64_t>(group.count) * positions_per_row;
+      parts.emplace_back(adapter, length);
+      indices.push_back(
+          order.narrow(0, group.offset * positions_per_row, length));
+    }
+    if (parts.empty()) {
+      return;
+    }
+    const auto index = every_group ? order : torch::cat(indices);
+    const auto rows = x.index_select(0, index);
+    std::vector<torch::Tensor> outputs;
+    outputs.reserve(parts.size());
+    int64_t start = 0;
+    for (const auto& [adapter, length] : parts) {
+      const auto input =
+          derived().adapter_input(*adapter, rows.narrow(0, start, length));
+      start += length;
+      outputs.push_back(derived()
+                            .adapter_product(*adapter, input)
+                            .mul(adapter->effective_scaling())
+                            .to(y.scalar_type()));
+    }
+    y.index_add_(
+        0, index, outputs.size() == 1 ? outputs.front() : torch::cat(outputs));
+  }
+
   /// `x` with the adapter's dropout applied when it does something now.
   torch::Tensor adapter_input(
       const detail::Adapter& adapter,
@@ -671,7 +797,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// `weight` plus every active adapter's scaled delta, computed in fp32 for
   /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
   /// weight's dtype. `weight` itself is not changed.
-  torch::Tensor weight_with_adapters() const {
+  torch::Tensor weight_with_adapters(double sign = 1.0) const {
     torch::NoGradGuard no_grad;
     const auto dtype = weight.scalar_type();
     const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
@@ -684,7 +810,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
             result,
             adapter.A.detach().to(compute),
             adapter.B.detach().to(compute),
-            adapter.effective_scaling());
+            sign * adapter.effective_scaling());
       }
     }
     return result.to(dtype);
@@ -724,6 +850,112 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         "torchlora: this layer already has an adapter named \"",
         name,
         "\"");
+  }
+
+  const detail::Adapter* adapter_or_null(const std::string& name) const {
+    for (const auto& adapter : adapters_) {
+      if (adapter.name == name) {
+        return &adapter;
+      }
+    }
+    return nullptr;
+  }
+
+  /// Refuses `operation` while a forward runs through this layer (on
+  /// another thread: changing adapters or weights under it would race).
+  void check_no_forward_running(const char* operation) const {
+    const int running = running_forwards_.running();
+    TORCH_CHECK(
+        running == 0,
+        "torchlora: ",
+        operation,
+        " while ",
+        running,
+        " forward(s) of this ",
+        Derived::kName,
+        " are running on other threads; change adapters or merge only while "
+        "no forward runs. Nothing was changed");
+  }
+
+  /// Throws when `what` cannot give back the weight from before `merge`:
+  /// the kept copy would drop a change made to the merged weight since;
+  /// after `merge_in_place`, adapters changed since would subtract a delta
+  /// that was never added.
+  void check_restorable(const char* what) const {
+    if (merged_ && keeps_original_) {
+      check_weight_unchanged_since_merge(what);
+    } else if (merged_) {
+      check_merged_weight_is_current();
+    }
+  }
+
+  /// `merge` (`keep_original`) or `merge_in_place`.
+  void merge_keeping_original(bool safe, bool keep_original) {
+    if (merged_) {
+      check_merged_weight_is_current();
+      return;
+    }
+    if (!has_active_adapter()) {
+      return;
+    }
+    check_enabled_for_merge();
+    check_no_forward_running(keep_original ? "merge" : "merge_in_place");
+    torch::NoGradGuard no_grad;
+    if (keep_original) {
+      auto merged_weight = weight_with_adapters();
+      check_safe_merge(safe, merged_weight);
+      original_weight_ = weight.detach();
+      weight.set_data(merged_weight);
+    } else {
+      derived().check_delta_fits();
+      if (safe) {
+        check_safe_merge(safe, weight_with_adapters());
+      }
+      add_active_deltas_in_place(1.0);
+    }
+    keeps_original_ = keep_original;
+    merged_ = true;
+    merged_stamps_ = adapter_stamps();
+    merged_weight_version_ = weight._version();
+  }
+
+  void check_safe_merge(bool safe, const torch::Tensor& merged_weight) const {
+    TORCH_CHECK(
+        !safe || torch::isfinite(merged_weight).all().item().toBool(),
+        "torchlora: safe merge refused: merging the active adapters (",
+        detail::quoted_list(active_adapters()),
+        ") gives NaN or Inf weights; nothing was changed");
+  }
+
+  /// `weight += sign * s * delta` for each active adapter, in the weight's
+  /// own memory. fp16/bf16 weights are computed in fp32 and rounded once
+  /// (a passing fp32 copy), as `merge` does, so both merges agree.
+  void add_active_deltas_in_place(double sign) {
+    torch::NoGradGuard no_grad;
+    auto target = weight.detach();
+    const auto dtype = target.scalar_type();
+    if (dtype == torch::kHalf || dtype == torch::kBFloat16) {
+      target.copy_(weight_with_adapters(sign));
+      return;
+    }
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        derived().add_delta_weight(
+            target,
+            adapter.A.detach().to(dtype),
+            adapter.B.detach().to(dtype),
+            sign * adapter.effective_scaling());
+      }
+    }
+  }
+
+  /// The weight as it was before `merge`: the kept copy, or (after
+  /// `merge_in_place`) the weight less the deltas, computed anew.
+  torch::Tensor weight_before_merge() const {
+    if (keeps_original_) {
+      return original_weight_;
+    }
+    return weight_with_adapters(-1.0);
   }
 
   const detail::Adapter& find_adapter(const std::string& name) const {
@@ -807,9 +1039,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// and the stamps of a merge on the adapters' new memory (a move is not a
   /// change; a change made before the move still shows in the versions).
   void follow_weight() {
-    if (merged_) {
+    if (merged_ && keeps_original_) {
       original_weight_ =
           original_weight_.to(weight.device(), weight.scalar_type());
+    }
+    if (merged_) {
       const auto moved = adapter_stamps();
       for (size_t i = 0; i < moved.size() && i < merged_stamps_.size(); ++i) {
         merged_stamps_[i].data = moved[i].data;
@@ -837,6 +1071,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   std::vector<detail::Adapter> adapters_;
   bool enabled_ = true;
   bool merged_ = false;
+  /// Whether the merge kept `original_weight_` (`merge`), or merged in
+  /// place (`merge_in_place`).
+  bool keeps_original_ = true;
+  /// The forwards running through this layer now.
+  detail::ForwardCount running_forwards_;
   /// The weight before `merge`, kept for an exact `unmerge`.
   torch::Tensor original_weight_;
   /// `adapter_stamps()` at `merge`.

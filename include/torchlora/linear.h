@@ -11,6 +11,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -96,6 +97,7 @@ class LoRALinearImplT final
   /// dimensions; its last one must be `in_features`. One active adapter
   /// without dropout work takes a fused path (see LoRALinearFunction).
   torch::Tensor forward(const torch::Tensor& input) {
+    const auto running = this->forward_scope();
     const auto& options = this->options;
     TORCH_CHECK(
         input.dim() >= 1 && input.size(-1) == options.in_features(),
@@ -106,30 +108,41 @@ class LoRALinearImplT final
         input.sizes());
     const auto& weight = this->weight;
     const auto& bias = this->bias;
+    auto sizes = input.sizes().vec();
+    sizes.back() = options.out_features();
+    if (const auto* routing = this->row_routing()) {
+      this->check_routed_input(*routing, input, 2, "a batched input");
+      const auto x = input.reshape({-1, options.in_features()});
+      auto y = torch::nn::functional::linear(x, weight, bias);
+      const auto rows = std::max<int64_t>(routing->rows(), 1);
+      this->add_routed_outputs(*routing, x, y, x.size(0) / rows);
+      return y.view(sizes);
+    }
     if (!this->adapters_in_use()) {
       return torch::nn::functional::linear(input, weight, bias);
     }
     const auto x = input.reshape({-1, options.in_features()});
     torch::Tensor y;
     if (const auto* adapter = fast_path_adapter(x)) {
-      y = detail::LoRALinearFunction::apply(
-          x,
-          weight,
-          bias.defined() ? bias : x.new_empty({0}),
-          adapter->A,
-          adapter->B,
-          adapter->effective_scaling(),
-          detail::fold_adapter_into_weight(
-              x.size(0),
-              options.in_features(),
-              options.out_features(),
-              x.scalar_type()));
+      const auto b = bias.defined() ? bias : x.new_empty({0});
+      const bool fold = detail::fold_adapter_into_weight(
+          x.size(0),
+          options.in_features(),
+          options.out_features(),
+          x.scalar_type());
+      const double s = adapter->effective_scaling();
+      if (needs_gradient(x, *adapter)) {
+        y = detail::LoRALinearFunction::apply(
+            x, weight, b, adapter->A, adapter->B, s, fold);
+      } else {
+        // Serving: the same values without the autograd Function's cost.
+        y = detail::LoRALinearFunction::compute(
+            x, weight, b, adapter->A, adapter->B, s, fold);
+      }
     } else {
       y = torch::nn::functional::linear(x, weight, bias);
       this->add_adapter_outputs(x, y);
     }
-    auto sizes = input.sizes().vec();
-    sizes.back() = options.out_features();
     return y.view(sizes);
   }
 
@@ -205,6 +218,16 @@ class LoRALinearImplT final
         adapter.B.t(),
         /*beta=*/1,
         /*alpha=*/adapter.effective_scaling());
+  }
+
+  /// True when autograd must record the forward: grad mode on and a
+  /// tensor it reads requires grad.
+  bool needs_gradient(const torch::Tensor& x, const detail::Adapter& adapter)
+      const {
+    return at::GradMode::is_enabled() &&
+        (x.requires_grad() || this->weight.requires_grad() ||
+         (this->bias.defined() && this->bias.requires_grad()) ||
+         adapter.A.requires_grad() || adapter.B.requires_grad());
   }
 
   /// The one active adapter when the fused path applies: a single active

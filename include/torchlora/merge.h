@@ -23,6 +23,13 @@ struct MergeOptions {
   /// Compute every merged weight first and refuse, changing nothing, if one
   /// holds NaN or Inf. Costs one more pass over the weights. Default: false.
   TORCH_ARG(bool, safe) = false;
+  /// Keep a copy of each merged weight from before, so that `unmerge`
+  /// restores it bit for bit (default). With false, `merge` adds the deltas
+  /// into the weights themselves and keeps no copy: the memory of the plain
+  /// model, for serving one adapter; `unmerge` then subtracts the deltas,
+  /// equal up to rounding (not bit for bit, least so in fp16/bf16).
+  /// `merge_and_unload` keeps no copy either way.
+  TORCH_ARG(bool, keep_original) = true;
 };
 
 namespace detail {
@@ -32,6 +39,7 @@ namespace detail {
 /// gone stale, or (when `safe`) NaN or Inf weights. Runs before any layer
 /// is merged.
 inline void check_mergeable(const ModelIndex& index, bool safe) {
+  check_no_forward_running(index, "merge");
   for (const auto& [entry, layer] : index.lora_layers()) {
     const auto& path = entry->paths.front();
     if (!layer->merged() && !layer->active_adapters().empty()) {
@@ -63,6 +71,7 @@ inline void check_mergeable(const ModelIndex& index, bool safe) {
 
 /// Throws, naming the layer, if unmerging the model would fail on any layer.
 inline void check_unmergeable(const ModelIndex& index) {
+  check_no_forward_running(index, "unmerge");
   for (const auto& [entry, layer] : index.lora_layers()) {
     try {
       layer->check_unmergeable();
@@ -98,8 +107,10 @@ inline void unload_layers(const ModelIndex& index, bool merge_first) {
 /// weights: the forward is then the plain model's, at its speed. Each merged
 /// layer keeps a copy of its weight from before (memory: one more copy of
 /// every merged weight) so that `unmerge` restores it bit for bit, in every
-/// dtype; the delta is computed in fp32 for fp16/bf16 weights. Layers already
-/// merged are left as they are, so merging twice never adds twice.
+/// dtype (with `MergeOptions().keep_original(false)`: no copy, and `unmerge`
+/// subtracts the deltas); the delta is computed in fp32 for fp16/bf16 weights.
+/// Layers already merged are left as they are, so merging twice never adds
+/// twice.
 ///
 /// Example:
 /// ```
@@ -110,7 +121,11 @@ inline void merge(ModuleRef model, const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
   detail::check_mergeable(index, options.safe());
   for (const auto& [entry, layer] : index.lora_layers()) {
-    layer->merge(/*safe=*/false);
+    if (options.keep_original()) {
+      layer->merge(/*safe=*/false);
+    } else {
+      layer->merge_in_place(/*safe=*/false);
+    }
   }
 }
 

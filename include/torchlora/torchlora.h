@@ -26,6 +26,7 @@
 #include <torchlora/module_ref.h>
 #include <torchlora/options.h>
 #include <torchlora/parameters.h>
+#include <torchlora/routing.h>
 #include <torchlora/safetensors.h>
 #include <torchlora/targeting.h>
 #include <torchlora/version.h>

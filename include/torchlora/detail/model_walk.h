@@ -11,6 +11,8 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -124,6 +126,27 @@ inline size_t container_slots(
     }
   }
   return slots;
+}
+
+/// Throws, naming the layer, while a forward runs through a LoRA layer of
+/// the model (on another thread): `operation` would change it under that
+/// forward. Checked before anything is changed.
+inline void check_no_forward_running(
+    const ModelIndex& index,
+    const char* operation) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    const int running = layer->running_forwards();
+    TORCH_CHECK(
+        running == 0,
+        "torchlora: ",
+        operation,
+        " while ",
+        running,
+        " forward(s) of '",
+        entry->paths.front(),
+        "' are running on other threads; change adapters or merge only "
+        "while no forward runs. Nothing was changed");
+  }
 }
 
 /// The module of `entry`, held once more by the returned pointer; null for

@@ -1,0 +1,46 @@
+#pragma once
+
+// How many forwards run through a LoRA layer right now, so that changing the
+// layer's adapters or weights meanwhile (from another thread) is refused
+// instead of racing.
+
+#include <atomic>
+
+namespace torchlora::detail {
+
+/// A count of running forwards. A copy starts at 0: a cloned layer runs no
+/// forward yet.
+class ForwardCount {
+ public:
+  ForwardCount() = default;
+  ForwardCount(const ForwardCount& /*other*/) {}
+  ForwardCount& operator=(const ForwardCount& /*other*/) {
+    return *this;
+  }
+
+  /// Counts one forward while it lives.
+  class Scope {
+   public:
+    explicit Scope(const ForwardCount& count) : count_(count) {
+      count_.running_.fetch_add(1, std::memory_order_relaxed);
+    }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+    ~Scope() {
+      count_.running_.fetch_sub(1, std::memory_order_relaxed);
+    }
+
+   private:
+    const ForwardCount& count_;
+  };
+
+  /// The forwards running now (on any thread).
+  int running() const {
+    return running_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  mutable std::atomic<int> running_{0};
+};
+
+} // namespace torchlora::detail
