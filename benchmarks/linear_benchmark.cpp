@@ -25,6 +25,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -133,6 +134,117 @@ void run(
   }
 }
 
+/// A LoRALinear with K adapters "t0".."t<K-1>" (r = the case's rank), and
+/// the adapter of each row: spread evenly, every other row "__base__" with
+/// `half_base`.
+struct MixedLayer {
+  torchlora::LoRALinear layer{nullptr};
+  std::vector<std::string> names;
+};
+
+MixedLayer make_mixed(const bench::MixedKey& key) {
+  torch::manual_seed(0);
+  const auto& c = key.c;
+  MixedLayer mixed;
+  mixed.layer = torchlora::LoRALinear(base_linear(c, false));
+  for (int k = 0; k < key.adapters; ++k) {
+    mixed.layer->add_adapter(
+        "t" + std::to_string(k),
+        torchlora::LoRAOptions(c.rank)
+            .alpha(2.0 * static_cast<double>(c.rank))
+            .init(torchlora::LoRAInit::random));
+  }
+  int64_t next = 0;
+  for (int64_t row = 0; row < c.rows; ++row) {
+    if (key.half_base && row % 2 == 1) {
+      mixed.names.emplace_back("__base__");
+    } else {
+      mixed.names.push_back("t" + std::to_string(next++ % key.adapters));
+    }
+  }
+  return mixed;
+}
+
+/// Forward of a mixed batch without grad: routed (one routing per batch,
+/// its construction timed) or naive (one forward per adapter's rows).
+void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
+  auto mixed = make_mixed(key);
+  auto& layer = mixed.layer;
+  const auto& c = key.c;
+  const auto options = torch::TensorOptions().device(c.device).dtype(c.dtype);
+  torch::manual_seed(1);
+  const auto x = torch::randn({c.rows, c.in}, options);
+  // The naive way's groups, made once.
+  std::map<std::string, torch::Tensor> groups;
+  for (const auto& name :
+       std::set<std::string>(mixed.names.begin(), mixed.names.end())) {
+    std::vector<int64_t> rows;
+    for (size_t row = 0; row < mixed.names.size(); ++row) {
+      if (mixed.names[row] == name) {
+        rows.push_back(static_cast<int64_t>(row));
+      }
+    }
+    groups[name] = torch::tensor(rows, torch::kLong).to(c.device);
+  }
+  torch::NoGradGuard no_grad;
+  auto call = [&] {
+    torch::Tensor y;
+    if (key.variant == "mixed") {
+      torchlora::AdapterRouting routing(*layer, mixed.names);
+      y = layer(x);
+    } else {
+      y = torch::empty({c.rows, c.out}, options);
+      for (const auto& [name, index] : groups) {
+        if (name == "__base__") {
+          layer->set_adapters_enabled(false);
+        } else {
+          layer->set_active_adapters({name});
+        }
+        y.index_copy_(0, index, layer(x.index_select(0, index)));
+        layer->set_adapters_enabled(true);
+      }
+    }
+    benchmark::DoNotOptimize(y.data_ptr());
+  };
+  const bool cuda = c.device.is_cuda();
+  for (auto _ : state) {
+    if (!cuda) {
+      call();
+      continue;
+    }
+    torch::cuda::synchronize();
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < kCudaCallsPerBlock; ++i) {
+      call();
+    }
+    torch::cuda::synchronize();
+    const std::chrono::duration<double> elapsed =
+        std::chrono::steady_clock::now() - start;
+    state.SetIterationTime(elapsed.count() / kCudaCallsPerBlock);
+  }
+}
+
+/// The mixed-batch measurements: K = 1, 4, 16, 64 adapters over the rows
+/// (up to the row count), and 16 adapters with half of the rows base only.
+std::vector<bench::MixedKey> mixed_keys(const std::vector<Case>& list) {
+  std::vector<bench::MixedKey> keys;
+  for (const auto& c : list) {
+    if (c.rank != 16 || (c.device.is_cuda() && c.dtype != torch::kBFloat16) ||
+        (c.device.is_cuda() && c.rows < 8192)) {
+      continue;
+    }
+    for (const auto* variant : {"mixed", "mixed_naive"}) {
+      for (const int k : {1, 4, 16, 64}) {
+        if (k <= c.rows) {
+          keys.push_back({c, variant, k, false});
+        }
+      }
+      keys.push_back({c, variant, 16, true});
+    }
+  }
+  return keys;
+}
+
 std::vector<Case> cases() {
   std::vector<Case> list = {
       {torch::kCPU, torch::kFloat32, 2048, 1024, 1024, 16},
@@ -163,6 +275,16 @@ void register_all() {
           benchmark->UseManualTime();
         }
       }
+    }
+  }
+  for (const auto& key : mixed_keys(cases())) {
+    const auto name = bench::mixed_benchmark_name(key);
+    auto* benchmark = benchmark::RegisterBenchmark(
+        name.c_str(),
+        [key](benchmark::State& state) { run_mixed(state, key); });
+    benchmark->Unit(benchmark::kMillisecond)->MinWarmUpTime(0.1);
+    if (key.c.device.is_cuda()) {
+      benchmark->UseManualTime();
     }
   }
 }
@@ -197,8 +319,11 @@ int main(int argc, char** argv) {
   if (!report.empty()) {
     const auto rows = bench::ratio_rows(reporter.times());
     const auto memory = bench::memory_rows();
+    const auto mixed = bench::mixed_rows(reporter.times(), rows);
+    const auto merge_memory = bench::merge_memory_rows();
     bench::print_tables(rows, memory, std::cout);
-    bench::write_report(report, rows, memory);
+    bench::print_serving_tables(mixed, merge_memory, std::cout);
+    bench::write_report(report, rows, memory, mixed, merge_memory);
   }
   return 0;
 }

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include <malloc.h>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,43 @@ inline std::vector<MemoryRow> memory_rows() {
     rows.push_back(train_and_measure(device, true));
   }
   return rows;
+}
+
+/// Bytes the heap has handed out now (malloc's own count).
+inline int64_t heap_in_use() {
+  const auto info = mallinfo2();
+  return static_cast<int64_t>(info.uordblks + info.hblkhd);
+}
+
+/// What `merge` holds beyond the model's tensors, with and without the copy
+/// of each weight that makes `unmerge` exact.
+inline MergeMemoryRow merge_and_measure(bool keep_original) {
+  torch::manual_seed(0);
+  torch::nn::Sequential model;
+  for (int i = 0; i < 8; ++i) {
+    model->push_back(torch::nn::Linear(1024, 1024));
+  }
+  torchlora::inject_lora(
+      model,
+      torchlora::LoRAConfig(8)
+          .alpha(16)
+          .init(torchlora::LoRAInit::random)
+          .target_modules({"all-linear"}));
+  MergeMemoryRow row;
+  row.method = keep_original ? "merge (copy kept, exact unmerge)"
+                             : "merge, keep_original(false)";
+  for (const auto& parameter : model->parameters()) {
+    row.parameter_bytes += bytes_of(parameter);
+  }
+  const auto before = heap_in_use();
+  torchlora::merge(
+      model, torchlora::MergeOptions().keep_original(keep_original));
+  row.extra_bytes = heap_in_use() - before;
+  return row;
+}
+
+inline std::vector<MergeMemoryRow> merge_memory_rows() {
+  return {merge_and_measure(true), merge_and_measure(false)};
 }
 
 } // namespace bench

@@ -72,6 +72,30 @@ inline std::string benchmark_name(
   return name;
 }
 
+/// A mixed batch: every row with its own adapter (`AdapterRouting`), or
+/// the naive way, one forward per adapter's rows (`set_adapter`).
+struct MixedKey {
+  Case c;
+  std::string variant; // "mixed" or "mixed_naive"
+  int adapters; // K distinct adapters, rows spread evenly
+  bool half_base; // every other row "__base__"
+};
+
+/// Every registered mixed-batch benchmark, by name.
+inline std::map<std::string, MixedKey>& mixed_registry() {
+  static std::map<std::string, MixedKey> keys;
+  return keys;
+}
+
+/// The mixed benchmark's name; remembers what it measures.
+inline std::string mixed_benchmark_name(const MixedKey& key) {
+  const auto name = case_name(key.c) + "/" + key.variant + "/k" +
+      std::to_string(key.adapters) + (key.half_base ? "/half_base" : "") +
+      "/fwd";
+  mixed_registry().emplace(name, key);
+  return name;
+}
+
 /// True when `run` failed. Google Benchmark 1.7 (Debian 12) says so in
 /// `error_occurred`; 1.8 replaced it with `skipped` (Debian 13 has 1.9).
 template <typename R>
@@ -182,6 +206,55 @@ inline std::vector<Row> ratio_rows(const std::map<std::string, double>& times) {
   return rows;
 }
 
+/// A mixed-batch forward with its ratios: against the plain frozen Linear
+/// and against one adapter over all rows (`torchlora`), same case and run.
+struct MixedRow {
+  MixedKey key;
+  double fwd_ms = 0;
+  double fwd_ratio = 0;
+  double fwd_ratio_to_single = 0;
+};
+
+inline std::vector<MixedRow> mixed_rows(
+    const std::map<std::string, double>& times,
+    const std::vector<Row>& rows) {
+  std::vector<MixedRow> mixed;
+  for (const auto& [name, key] : mixed_registry()) {
+    const auto found = times.find(name);
+    if (found == times.end()) {
+      continue;
+    }
+    MixedRow row{key, found->second};
+    for (const auto& reference : rows) {
+      if (case_name(reference.c) != case_name(key.c) || reference.fwd_ms <= 0) {
+        continue;
+      }
+      if (reference.variant == "plain") {
+        row.fwd_ratio = row.fwd_ms / reference.fwd_ms;
+      } else if (reference.variant == "torchlora") {
+        row.fwd_ratio_to_single = row.fwd_ms / reference.fwd_ms;
+      }
+    }
+    mixed.push_back(row);
+  }
+  std::stable_sort(
+      mixed.begin(), mixed.end(), [](const MixedRow& a, const MixedRow& b) {
+        const auto ca = case_name(a.key.c);
+        const auto cb = case_name(b.key.c);
+        if (ca != cb) {
+          return ca < cb;
+        }
+        if (a.key.variant != b.key.variant) {
+          return a.key.variant < b.key.variant;
+        }
+        if (a.key.half_base != b.key.half_base) {
+          return b.key.half_base;
+        }
+        return a.key.adapters < b.key.adapters;
+      });
+  return mixed;
+}
+
 /// Training memory of one method (see memory_benchmark.h).
 struct MemoryRow {
   std::string device;
@@ -192,11 +265,49 @@ struct MemoryRow {
   int64_t peak_bytes = -1; // CUDA peak allocated; -1 where not measured
 };
 
+/// What merging for serving holds beyond the model's own tensors.
+struct MergeMemoryRow {
+  std::string method;
+  int64_t parameter_bytes = 0;
+  int64_t extra_bytes = 0; // heap in use after merge() minus before
+};
+
 inline std::string mebibytes(int64_t bytes) {
   std::ostringstream text;
   text << std::fixed << std::setprecision(bytes < (1 << 20) ? 3 : 1)
        << static_cast<double>(bytes) / (1 << 20) << " MiB";
   return text.str();
+}
+
+/// Markdown tables of the mixed-batch rows and of merging's memory.
+inline void print_serving_tables(
+    const std::vector<MixedRow>& mixed,
+    const std::vector<MergeMemoryRow>& merge_memory,
+    std::ostream& out) {
+  std::string current;
+  for (const auto& row : mixed) {
+    const auto name = case_name(row.key.c);
+    if (name != current) {
+      current = name;
+      out << "\n"
+          << name << ", mixed batches"
+          << "\n\n| variant | adapters | base rows | forward ms | ratio to plain | ratio to one adapter |\n"
+          << "|---|---:|---:|---:|---:|---:|\n";
+    }
+    out << std::fixed << "| " << row.key.variant << " | " << row.key.adapters
+        << " | " << (row.key.half_base ? "half" : "none") << " | "
+        << std::setprecision(3) << row.fwd_ms << " | " << std::setprecision(2)
+        << row.fwd_ratio << "x | " << row.fwd_ratio_to_single << "x |\n";
+  }
+  if (!merge_memory.empty()) {
+    out << "\nmerging for serving, 8 x Linear(1024, 1024), LoRA r=8, fp32\n\n"
+        << "| method | parameters | held after merge beyond them |\n"
+        << "|---|---:|---:|\n";
+    for (const auto& m : merge_memory) {
+      out << "| " << m.method << " | " << mebibytes(m.parameter_bytes) << " | "
+          << mebibytes(m.extra_bytes) << " |\n";
+    }
+  }
 }
 
 /// Markdown tables of the rows and the memory measurements.
@@ -305,7 +416,9 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
 inline void write_report(
     const std::string& prefix,
     const std::vector<Row>& rows,
-    const std::vector<MemoryRow>& memory) {
+    const std::vector<MemoryRow>& memory,
+    const std::vector<MixedRow>& mixed,
+    const std::vector<MergeMemoryRow>& merge_memory) {
   nlohmann::ordered_json list = nlohmann::ordered_json::array();
   for (const auto& row : rows) {
     list.push_back(
@@ -321,6 +434,21 @@ inline void write_report(
          {"fwd_ratio", row.fwd_ratio},
          {"fwdbwd_ratio", row.fwdbwd_ratio}});
   }
+  for (const auto& row : mixed) {
+    list.push_back(
+        {{"device", device_name(row.key.c)},
+         {"dtype", dtype_name(row.key.c.dtype)},
+         {"n", row.key.c.rows},
+         {"d_in", row.key.c.in},
+         {"d_out", row.key.c.out},
+         {"rank", row.key.c.rank},
+         {"variant", row.key.variant},
+         {"adapters", row.key.adapters},
+         {"base_rows", row.key.half_base ? 0.5 : 0.0},
+         {"fwd_ms", row.fwd_ms},
+         {"fwd_ratio", row.fwd_ratio},
+         {"fwd_ratio_to_single", row.fwd_ratio_to_single}});
+  }
   std::ofstream(prefix + ".json") << list.dump(2) << "\n";
   nlohmann::ordered_json memory_list = nlohmann::ordered_json::array();
   for (const auto& m : memory) {
@@ -331,6 +459,13 @@ inline void write_report(
          {"gradient_bytes", m.gradient_bytes},
          {"optimizer_bytes", m.optimizer_bytes},
          {"cuda_peak_bytes", m.peak_bytes}});
+  }
+  for (const auto& m : merge_memory) {
+    memory_list.push_back(
+        {{"device", "cpu"},
+         {"method", m.method},
+         {"parameter_bytes", m.parameter_bytes},
+         {"merge_extra_bytes", m.extra_bytes}});
   }
   std::ofstream(prefix + "-memory.json") << memory_list.dump(2) << "\n";
   write_svg(prefix + ".svg", rows);
