@@ -114,12 +114,16 @@ class LoRAConvImplT final
         o.in_channels(),
         "), got an input of shape ",
         input.sizes());
-    auto y = detail::convolve<D>(*this->base_, input);
     if (const auto* routing = this->row_routing()) {
       this->check_routed_input(
           *routing, input, D + 2, "a batched input [N, C, ...]");
-      this->add_routed_outputs(*routing, input, y, 1);
-    } else if (this->adapters_in_use()) {
+      return this->routed_forward(
+          *routing, input, 1, [this](const torch::Tensor& grouped) {
+            return detail::convolve<D>(*this->base_, grouped);
+          });
+    }
+    auto y = detail::convolve<D>(*this->base_, input);
+    if (this->adapters_in_use()) {
       this->add_adapter_outputs(input, y);
     }
     return y;

@@ -83,11 +83,15 @@ class LoRAEmbeddingImpl final
   torch::Tensor forward(const torch::Tensor& indices) {
     const auto running = this->forward_scope();
     check_indices(indices);
-    auto y = lookup(weight, indices);
     if (const auto* routing = this->row_routing()) {
       this->check_routed_input(*routing, indices, 1, "indices");
-      this->add_routed_outputs(*routing, indices, y, 1);
-    } else if (this->adapters_in_use()) {
+      return this->routed_forward(
+          *routing, indices, 1, [this](const torch::Tensor& grouped) {
+            return lookup(weight, grouped);
+          });
+    }
+    auto y = lookup(weight, indices);
+    if (this->adapters_in_use()) {
       this->add_adapter_outputs(indices, y);
     }
     return y;

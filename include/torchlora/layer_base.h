@@ -717,51 +717,41 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         ")");
   }
 
-  /// `y` plus, for each routed row, its adapter's scaled output. `x` and
-  /// `y` hold the rows in their first dimension, each row
-  /// `positions_per_row` times in a row (a flattened `[batch, tokens, ...]`).
-  /// One gather of the routed rows, each adapter's product over its own
-  /// rows, one `index_add_` back; `"__base__"` rows and rows of adapters
-  /// this layer lacks cost nothing.
-  void add_routed_outputs(
+  /// The routed forward: `base` (the base layer's forward) over the rows
+  /// regrouped by adapter, each adapter's scaled output added to its own
+  /// run of rows (with its own rank; fused into one GEMM where the kind can),
+  /// then the rows put back in batch order. `x` holds the rows in its first
+  /// dimension, each row `positions_per_row` times in a row (a flattened
+  /// `[batch, tokens, ...]`). Two gathers (none when the batch is grouped
+  /// already); `"__base__"` rows and rows of adapters this layer lacks cost
+  /// nothing beyond the base product.
+  template <typename BaseForward>
+  torch::Tensor routed_forward(
       const detail::RowGroups& routing,
       const torch::Tensor& x,
-      torch::Tensor& y,
-      int64_t positions_per_row) const {
-    const auto& order = routing.order(x.device(), positions_per_row);
-    std::vector<std::pair<const detail::Adapter*, int64_t>> parts;
-    std::vector<torch::Tensor> indices;
-    bool every_group = true;
+      int64_t positions_per_row,
+      const BaseForward& base) const {
+    const bool grouped = routing.keeps_order();
+    const auto rows = grouped
+        ? x
+        : x.index_select(0, routing.permutation(x.device(), positions_per_row));
+    auto y = base(rows);
     for (const auto& group : routing.groups()) {
       const auto* adapter = adapter_or_null(group.adapter);
       if (adapter == nullptr) {
-        every_group = false;
         continue;
       }
+      const auto start = group.offset * positions_per_row;
       const auto length = static_cast<int64_t>(group.count) * positions_per_row;
-      parts.emplace_back(adapter, length);
-      indices.push_back(
-          order.narrow(0, group.offset * positions_per_row, length));
+      auto y_rows = y.narrow(0, start, length);
+      derived().add_adapter_output(
+          *adapter,
+          derived().adapter_input(*adapter, rows.narrow(0, start, length)),
+          y_rows);
     }
-    if (parts.empty()) {
-      return;
-    }
-    const auto index = every_group ? order : torch::cat(indices);
-    const auto rows = x.index_select(0, index);
-    std::vector<torch::Tensor> outputs;
-    outputs.reserve(parts.size());
-    int64_t start = 0;
-    for (const auto& [adapter, length] : parts) {
-      const auto input =
-          derived().adapter_input(*adapter, rows.narrow(0, start, length));
-      start += length;
-      outputs.push_back(derived()
-                            .adapter_product(*adapter, input)
-                            .mul(adapter->effective_scaling())
-                            .to(y.scalar_type()));
-    }
-    y.index_add_(
-        0, index, outputs.size() == 1 ? outputs.front() : torch::cat(outputs));
+    return grouped
+        ? y
+        : y.index_select(0, routing.inverse(y.device(), positions_per_row));
   }
 
   /// `x` with the adapter's dropout applied when it does something now.

@@ -113,10 +113,16 @@ class LoRALinearImplT final
     if (const auto* routing = this->row_routing()) {
       this->check_routed_input(*routing, input, 2, "a batched input");
       const auto x = input.reshape({-1, options.in_features()});
-      auto y = torch::nn::functional::linear(x, weight, bias);
       const auto rows = std::max<int64_t>(routing->rows(), 1);
-      this->add_routed_outputs(*routing, x, y, x.size(0) / rows);
-      return y.view(sizes);
+      return this
+          ->routed_forward(
+              *routing,
+              x,
+              x.size(0) / rows,
+              [&](const torch::Tensor& grouped) {
+                return torch::nn::functional::linear(grouped, weight, bias);
+              })
+          .view(sizes);
     }
     if (!this->adapters_in_use()) {
       return torch::nn::functional::linear(input, weight, bias);

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -27,16 +28,19 @@ inline const std::string& base_row_name() {
   return name;
 }
 
-/// Rows of a batch grouped by adapter: the routed rows (those not
-/// `"__base__"`) in one order, each adapter's rows one contiguous run of it,
-/// rows of an adapter in their batch order (a stable grouping).
+/// Rows of a batch grouped by adapter: a permutation of the rows that puts
+/// each adapter's rows in one contiguous run (in their batch order: a stable
+/// grouping), adapters by name, then the `"__base__"` rows.
 class RowGroups {
  public:
   explicit RowGroups(const std::vector<std::string>& names)
       : rows_(static_cast<int64_t>(names.size())) {
     std::map<std::string, std::vector<int64_t>> by_adapter;
+    std::vector<int64_t> base_rows;
     for (size_t row = 0; row < names.size(); ++row) {
-      if (names[row] != base_row_name()) {
+      if (names[row] == base_row_name()) {
+        base_rows.push_back(static_cast<int64_t>(row));
+      } else {
         by_adapter[names[row]].push_back(static_cast<int64_t>(row));
       }
     }
@@ -46,10 +50,17 @@ class RowGroups {
           Group{name, static_cast<int64_t>(order.size()), rows.size()});
       order.insert(order.end(), rows.begin(), rows.end());
     }
-    order_ = torch::tensor(order, torch::kLong);
+    order.insert(order.end(), base_rows.begin(), base_rows.end());
+    keeps_order_ = true;
+    for (size_t i = 0; i < order.size(); ++i) {
+      keeps_order_ = keeps_order_ && order[i] == static_cast<int64_t>(i);
+    }
+    permutation_ = torch::tensor(order, torch::kLong);
+    inverse_ = torch::empty_like(permutation_);
+    inverse_.index_put_({permutation_}, torch::arange(rows_, torch::kLong));
   }
 
-  /// One adapter's rows: `count` entries of the order from `offset`.
+  /// One adapter's rows: `count` rows of the grouped order from `offset`.
   struct Group {
     std::string adapter;
     int64_t offset;
@@ -66,33 +77,56 @@ class RowGroups {
     return groups_;
   }
 
-  /// The routed rows' indices, grouped by adapter: each of the
-  /// `positions_per_row` positions of a row (the flattened leading
-  /// dimensions after the first) in turn, on `device`. Built once per
-  /// device and count, then reused.
-  const torch::Tensor& order(torch::Device device, int64_t positions_per_row)
+  /// True when the rows are grouped already (batch order is the grouped
+  /// order): nothing to permute.
+  bool keeps_order() const {
+    return keeps_order_;
+  }
+
+  /// Batch rows in grouped order: row `i` of the grouped batch is batch row
+  /// `permutation[i]`; each of the `positions_per_row` positions of a row
+  /// (the flattened leading dimensions after the first) in turn. On
+  /// `device`, built once per device and count.
+  const torch::Tensor& permutation(
+      torch::Device device,
+      int64_t positions_per_row) const {
+    return expanded(permutation_, device, positions_per_row, 0);
+  }
+
+  /// The inverse: grouped rows back in batch order.
+  const torch::Tensor& inverse(torch::Device device, int64_t positions_per_row)
       const {
-    const auto key = std::make_pair(device.str(), positions_per_row);
-    auto found = orders_.find(key);
-    if (found == orders_.end()) {
-      auto order = order_;
+    return expanded(inverse_, device, positions_per_row, 1);
+  }
+
+ private:
+  const torch::Tensor& expanded(
+      const torch::Tensor& rows,
+      torch::Device device,
+      int64_t positions_per_row,
+      int which) const {
+    const auto key = std::make_tuple(device.str(), positions_per_row, which);
+    auto found = cache_.find(key);
+    if (found == cache_.end()) {
+      auto index = rows;
       if (positions_per_row != 1) {
-        order = (order.unsqueeze(1) * positions_per_row +
+        index = (rows.unsqueeze(1) * positions_per_row +
                  torch::arange(positions_per_row, torch::kLong))
                     .flatten();
       }
-      found = orders_.emplace(key, order.to(device)).first;
+      found = cache_.emplace(key, index.to(device)).first;
     }
     return found->second;
   }
 
- private:
   int64_t rows_;
   std::vector<Group> groups_;
-  torch::Tensor order_;
+  bool keeps_order_ = true;
+  torch::Tensor permutation_;
+  torch::Tensor inverse_;
   /// Only the thread that owns the routing reads it, so the cache needs no
   /// lock.
-  mutable std::map<std::pair<std::string, int64_t>, torch::Tensor> orders_;
+  mutable std::map<std::tuple<std::string, int64_t, int>, torch::Tensor> cache_;
 };
 
 /// A routing in force on this thread: its groups and the layers (of the
