@@ -94,6 +94,27 @@ Layer make_layer(const std::string& variant, const Case& c) {
 /// launching and synchronizing do not dominate.
 constexpr int kCudaCallsPerBlock = 20;
 
+/// Times `call` in the benchmark's loop: each call on the CPU, blocks of
+/// calls between two synchronizations on CUDA.
+template <typename Call>
+void time_calls(benchmark::State& state, torch::Device device, Call& call) {
+  for (auto _ : state) {
+    if (!device.is_cuda()) {
+      call();
+      continue;
+    }
+    torch::cuda::synchronize();
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < kCudaCallsPerBlock; ++i) {
+      call();
+    }
+    torch::cuda::synchronize();
+    const std::chrono::duration<double> elapsed =
+        std::chrono::steady_clock::now() - start;
+    state.SetIterationTime(elapsed.count() / kCudaCallsPerBlock);
+  }
+}
+
 void run(
     benchmark::State& state,
     const Layer& layer,
@@ -116,22 +137,7 @@ void run(
       benchmark::DoNotOptimize(y.data_ptr());
     }
   };
-  const bool cuda = c.device.is_cuda();
-  for (auto _ : state) {
-    if (!cuda) {
-      call();
-      continue;
-    }
-    torch::cuda::synchronize();
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < kCudaCallsPerBlock; ++i) {
-      call();
-    }
-    torch::cuda::synchronize();
-    const std::chrono::duration<double> elapsed =
-        std::chrono::steady_clock::now() - start;
-    state.SetIterationTime(elapsed.count() / kCudaCallsPerBlock);
-  }
+  time_calls(state, c.device, call);
 }
 
 /// A LoRALinear with K adapters "t0".."t<K-1>" (r = the case's rank), and
@@ -206,22 +212,7 @@ void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
     }
     benchmark::DoNotOptimize(y.data_ptr());
   };
-  const bool cuda = c.device.is_cuda();
-  for (auto _ : state) {
-    if (!cuda) {
-      call();
-      continue;
-    }
-    torch::cuda::synchronize();
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < kCudaCallsPerBlock; ++i) {
-      call();
-    }
-    torch::cuda::synchronize();
-    const std::chrono::duration<double> elapsed =
-        std::chrono::steady_clock::now() - start;
-    state.SetIterationTime(elapsed.count() / kCudaCallsPerBlock);
-  }
+  time_calls(state, c.device, call);
 }
 
 /// The mixed-batch measurements: K = 1, 4, 16, 64 adapters over the rows

@@ -854,17 +854,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// Refuses `operation` while a forward runs through this layer (on
   /// another thread: changing adapters or weights under it would race).
   void check_no_forward_running(const char* operation) const {
-    const int running = running_forwards_.running();
-    TORCH_CHECK(
-        running == 0,
-        "torchlora: ",
+    detail::check_no_forward_running(
+        running_forwards_.running(),
         operation,
-        " while ",
-        running,
-        " forward(s) of this ",
-        Derived::kName,
-        " are running on other threads; change adapters or merge only while "
-        "no forward runs. Nothing was changed");
+        std::string("this ") + Derived::kName);
   }
 
   /// Throws when `what` cannot give back the weight from before `merge`:
@@ -881,14 +874,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
 
   /// `merge` (`keep_original`) or `merge_in_place`.
   void merge_keeping_original(bool safe, bool keep_original) {
-    if (merged_) {
-      check_merged_weight_is_current();
+    check_mergeable();
+    if (merged_ || !has_active_adapter()) {
       return;
     }
-    if (!has_active_adapter()) {
-      return;
-    }
-    check_enabled_for_merge();
     check_no_forward_running(keep_original ? "merge" : "merge_in_place");
     torch::NoGradGuard no_grad;
     if (keep_original) {
@@ -897,7 +886,6 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       original_weight_ = weight.detach();
       weight.set_data(merged_weight);
     } else {
-      derived().check_delta_fits();
       if (safe) {
         check_safe_merge(safe, weight_with_adapters());
       }

@@ -4,7 +4,10 @@
 // layer's adapters or weights meanwhile (from another thread) is refused
 // instead of racing.
 
+#include <c10/util/Exception.h>
+
 #include <atomic>
+#include <string>
 
 namespace torchlora::detail {
 
@@ -42,5 +45,24 @@ class ForwardCount {
  private:
   mutable std::atomic<int> running_{0};
 };
+
+/// Refuses `operation` while `running` forwards run through `layer` (a
+/// description: "'0'", "this LoRALinear"): changing its adapters or weights
+/// under them would race.
+inline void check_no_forward_running(
+    int running,
+    const char* operation,
+    const std::string& layer) {
+  TORCH_CHECK(
+      running == 0,
+      "torchlora: ",
+      operation,
+      " while ",
+      running,
+      " forward(s) of ",
+      layer,
+      " are running on other threads; change adapters or merge only while "
+      "no forward runs. Nothing was changed");
+}
 
 } // namespace torchlora::detail

@@ -3,6 +3,7 @@
 // Walking a model and swapping its layers: shared by inject_lora and the
 // lifecycle functions. Not part of the API.
 
+#include <torchlora/detail/forward_count.h>
 #include <torchlora/layer.h>
 
 #include <torch/nn/module.h>
@@ -135,17 +136,8 @@ inline void check_no_forward_running(
     const ModelIndex& index,
     const char* operation) {
   for (const auto& [entry, layer] : index.lora_layers()) {
-    const int running = layer->running_forwards();
-    TORCH_CHECK(
-        running == 0,
-        "torchlora: ",
-        operation,
-        " while ",
-        running,
-        " forward(s) of '",
-        entry->paths.front(),
-        "' are running on other threads; change adapters or merge only "
-        "while no forward runs. Nothing was changed");
+    detail::check_no_forward_running(
+        layer->running_forwards(), operation, "'" + entry->paths.front() + "'");
   }
 }
 
