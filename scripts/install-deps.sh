@@ -8,6 +8,7 @@ set -euo pipefail
 packages=(
   g++ cmake make              # the compiler and the build
   libtorch-dev                # LibTorch (CPU), C++ headers and CMake config
+  libgloo-dev                 # Gloo's headers, for c10d (torchlora/distributed.h)
   libopenblas0-pthread        # a fast BLAS: without it LibTorch is ~12x slower
   nlohmann-json3-dev          # JSON for safetensors headers and adapter configs
   libgtest-dev googletest     # GoogleTest, installed and as sources

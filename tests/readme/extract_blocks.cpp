@@ -1,8 +1,10 @@
 // Turns the ```cpp blocks of a Markdown file into one GoogleTest source file,
 // so that every C++ block of the README compiles and runs in the test suite.
 //
-//   extract_blocks README.md out.cpp
+//   extract_blocks README.md out.cpp [--tag TAG]
 //
+// A block opened with ```cpp TAG (for example ```cpp distributed) goes only
+// into the file made with --tag TAG; without --tag, only untagged blocks.
 // A block with `int main(` is a whole program: its `main` runs as a test and
 // must return 0. Any other block is a list of statements run as a test body.
 // `#include` lines of every block move to the top of the file. Each block
@@ -19,6 +21,7 @@ namespace {
 
 struct Block {
   int first_line = 0;
+  std::string tag;
   std::vector<std::string> lines;
 };
 
@@ -39,9 +42,12 @@ std::vector<Block> read_cpp_blocks(std::istream& in) {
   while (std::getline(in, line)) {
     ++number;
     const auto text = trim_left(line);
-    if (!inside && (text == "```cpp" || text == "```c++")) {
+    if (!inside &&
+        (starts_with(text, "```cpp") || starts_with(text, "```c++")) &&
+        (text.size() == 6 || text[6] == ' ')) {
       inside = true;
-      blocks.push_back(Block{number + 1, {}});
+      const auto tag = text.size() > 6 ? trim_left(text.substr(6)) : "";
+      blocks.push_back(Block{number + 1, tag, {}});
     } else if (inside && starts_with(text, "```")) {
       inside = false;
     } else if (inside) {
@@ -57,10 +63,12 @@ std::vector<Block> read_cpp_blocks(std::istream& in) {
 } // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: extract_blocks README.md out.cpp\n";
+  const bool tagged = argc == 5 && std::string(argv[3]) == "--tag";
+  if (argc != 3 && !tagged) {
+    std::cerr << "usage: extract_blocks README.md out.cpp [--tag TAG]\n";
     return 2;
   }
+  const std::string wanted_tag = tagged ? argv[4] : "";
   std::ifstream in(argv[1]);
   if (!in) {
     std::cerr << "extract_blocks: cannot read " << argv[1] << "\n";
@@ -77,8 +85,13 @@ int main(int argc, char** argv) {
   std::set<std::string> includes = {
       "#include <gtest/gtest.h>", "#include <torchlora/torchlora.h>"};
   std::ostringstream body;
+  size_t taken = 0;
   for (size_t index = 0; index < blocks.size(); ++index) {
     const auto& block = blocks[index];
+    if (block.tag != wanted_tag) {
+      continue;
+    }
+    ++taken;
     bool is_program = false;
     std::ostringstream code;
     for (const auto& line : block.lines) {
@@ -119,7 +132,8 @@ int main(int argc, char** argv) {
     std::cerr << "extract_blocks: cannot write " << argv[2] << "\n";
     return 1;
   }
-  std::cout << "extract_blocks: " << blocks.size() << " C++ blocks from "
+  std::cout << "extract_blocks: " << taken << " C++ blocks"
+            << (tagged ? " tagged " + wanted_tag : std::string()) << " from "
             << argv[1] << "\n";
   return 0;
 }

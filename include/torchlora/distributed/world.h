@@ -1,0 +1,357 @@
+#pragma once
+
+// The processes of a data-parallel run, joined the torchrun way: the
+// variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, a
+// c10d TCPStore on rank 0, and a c10d process group (Gloo for CPU tensors,
+// NCCL for CUDA tensors where LibTorch has it).
+
+#include <torchlora/distributed/collective.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/arg.h>
+#include <torch/version.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#if defined(USE_C10D_NCCL)
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace torchlora {
+namespace distributed {
+
+/// How `init_from_env` joins the processes.
+struct InitOptions {
+  /// How long any rendezvous or collective may wait for a peer before it
+  /// fails with a `torchlora:` error (the store's and the group's timeout).
+  TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(5);
+  /// Where the tensors to communicate live: CPU tensors use Gloo, CUDA
+  /// tensors NCCL (an error where this LibTorch was built without NCCL).
+  TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
+};
+
+class World;
+World init_from_env(const InitOptions& options);
+
+/// This process's place among the processes of a run: its rank, their
+/// number, and (when there are several) the c10d store and process group
+/// that join them. A default-constructed World is a single process: every
+/// collective is then a no-op. Copies share the same group.
+class World {
+ public:
+  World() = default;
+
+  /// This process's rank, 0 to world_size() - 1.
+  int rank() const {
+    return rank_;
+  }
+  /// How many processes the run has.
+  int world_size() const {
+    return world_size_;
+  }
+  /// This process's rank on its machine (LOCAL_RANK): the GPU to use.
+  int local_rank() const {
+    return local_rank_;
+  }
+  /// Whether this is rank 0, the one process that writes files.
+  bool is_main() const {
+    return rank_ == 0;
+  }
+  /// Whether there are several processes (and so a group).
+  bool is_distributed() const {
+    return world_size_ > 1;
+  }
+  /// The timeout of the store and of every collective.
+  std::chrono::milliseconds timeout() const {
+    return timeout_;
+  }
+  /// The c10d store of the rendezvous (null for a single process).
+  const c10::intrusive_ptr<c10d::Store>& store() const {
+    return store_;
+  }
+  /// The c10d process group, for collectives of your own (null for a single
+  /// process). `c10d::ProcessGroup` on LibTorch 1.x, `c10d::Backend` on 2.x.
+  const c10::intrusive_ptr<ProcessGroup>& group() const {
+    return group_;
+  }
+  /// "rank 1 of 2", as errors say it.
+  std::string describe() const {
+    return "rank " + std::to_string(rank_) + " of " +
+        std::to_string(world_size_);
+  }
+  /// Waits until every process reaches it (no-op for a single process).
+  void barrier() const {
+    if (!is_distributed()) {
+      return;
+    }
+    detail::run_collective(group_, describe(), timeout_, "a barrier", [&] {
+      return group_->barrier();
+    });
+  }
+
+ private:
+  friend World init_from_env(const InitOptions& options);
+
+  int rank_ = 0;
+  int world_size_ = 1;
+  int local_rank_ = 0;
+  std::chrono::milliseconds timeout_ = std::chrono::minutes(5);
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<ProcessGroup> group_;
+};
+
+namespace detail {
+
+inline std::optional<std::string> environment_variable(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) {
+    return std::nullopt;
+  }
+  return std::string(value);
+}
+
+/// The integer in the variable `name`, within [low, high]; an error that
+/// names the variable, the range and the text received otherwise.
+inline int integer_variable(
+    const char* name,
+    const std::string& text,
+    int low,
+    int high,
+    const std::string& why = "") {
+  std::size_t used = 0;
+  long value = 0;
+  bool parsed = !text.empty();
+  try {
+    value = parsed ? std::stol(text, &used, 10) : 0;
+  } catch (const std::exception&) {
+    parsed = false;
+  }
+  parsed = parsed && used == text.size();
+  TORCH_CHECK(
+      parsed && value >= low && value <= high,
+      "torchlora: ",
+      name,
+      " must be an integer from ",
+      low,
+      " to ",
+      high,
+      why,
+      ", got '",
+      text,
+      "'");
+  return static_cast<int>(value);
+}
+
+inline bool is_loopback_address(const std::string& address) {
+  return address == "localhost" || address.rfind("127.", 0) == 0 ||
+      address == "::1";
+}
+
+/// Options of the TCPStore: rank 0 serves it, every rank waits for all.
+inline c10d::TCPStoreOptions store_options(
+    int rank,
+    int world_size,
+    int port,
+    std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<std::uint16_t>(port);
+  options.isServer = rank == 0;
+  options.numWorkers = static_cast<std::size_t>(world_size);
+  options.waitWorkers = true;
+  options.timeout = timeout;
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  // From 2.4 the store defaults to libuv, which Debian's LibTorch lacks;
+  // the classic server does the same job.
+  options.useLibUV = false;
+#endif
+  return options;
+}
+
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+/// A listening socket on 127.0.0.1:`port`, handed to the store so that a
+/// local run is not reachable from other machines (LibTorch 1.x's store
+/// listens on every interface and has no option for it).
+inline int loopback_listening_socket(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  TORCH_CHECK(
+      fd >= 0,
+      "torchlora: could not create a socket for the store: ",
+      std::strerror(errno));
+  const int yes = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<std::uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      ::listen(fd, 128) != 0) {
+    const std::string reason = std::strerror(errno);
+    ::close(fd);
+    TORCH_CHECK(
+        false,
+        "torchlora: rank 0 could not listen on 127.0.0.1:",
+        port,
+        " (MASTER_PORT) for the store: ",
+        reason);
+  }
+  return fd;
+}
+#endif
+
+inline std::shared_ptr<::gloo::transport::Device> gloo_device(
+    const std::string& master_address) {
+  if (const auto interface = environment_variable("GLOO_SOCKET_IFNAME")) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(*interface);
+  }
+  if (is_loopback_address(master_address)) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+} // namespace detail
+
+/// Joins the processes of a run started the torchrun way
+/// (`torchrun --no-python --nproc-per-node 2 program ...`, or
+/// `scripts/launch.sh 2 program ...`): reads RANK, WORLD_SIZE, LOCAL_RANK,
+/// MASTER_ADDR and MASTER_PORT, makes the store (served by rank 0) and the
+/// process group. WORLD_SIZE unset or 1 is a single process that never
+/// communicates. A peer that does not arrive within the timeout is a
+/// `torchlora:` error, as is a variable that is missing or out of range.
+///
+/// The store trusts whoever connects to it. With MASTER_ADDR on the
+/// loopback (127.0.0.1, localhost) nothing leaves the machine (LibTorch 2.4
+/// and later also bind the store to the loopback; 1.x's store listens on
+/// every interface, so keep the port behind a firewall there). Across
+/// machines, run on a network you trust.
+inline World init_from_env(const InitOptions& options = {}) {
+  TORCH_CHECK(
+      options.timeout().count() > 0,
+      "torchlora: InitOptions timeout must be positive, got ",
+      options.timeout().count(),
+      " ms");
+  constexpr int kMaxProcesses = 1 << 20;
+  World world;
+  world.timeout_ = options.timeout();
+  const auto size_text = detail::environment_variable("WORLD_SIZE");
+  world.world_size_ = size_text
+      ? detail::integer_variable("WORLD_SIZE", *size_text, 1, kMaxProcesses)
+      : 1;
+  const auto rank_text = detail::environment_variable("RANK");
+  TORCH_CHECK(
+      rank_text || world.world_size_ == 1,
+      "torchlora: RANK is not set but WORLD_SIZE is ",
+      world.world_size_,
+      ": start the processes with torchrun or scripts/launch.sh");
+  const std::string of_size =
+      " (WORLD_SIZE is " + std::to_string(world.world_size_) + ")";
+  world.rank_ = rank_text
+      ? detail::integer_variable(
+            "RANK", *rank_text, 0, world.world_size_ - 1, of_size)
+      : 0;
+  const auto local_text = detail::environment_variable("LOCAL_RANK");
+  world.local_rank_ = local_text
+      ? detail::integer_variable("LOCAL_RANK", *local_text, 0, kMaxProcesses)
+      : world.rank_;
+  const bool cuda = options.device().is_cuda();
+  TORCH_CHECK(
+      cuda || options.device().is_cpu(),
+      "torchlora: init_from_env communicates CPU tensors (Gloo) or CUDA "
+      "tensors (NCCL), got device ",
+      options.device().str());
+  if (!world.is_distributed()) {
+    return world;
+  }
+#if !defined(USE_C10D_NCCL)
+  TORCH_CHECK(
+      !cuda,
+      "torchlora: device ",
+      options.device().str(),
+      " needs NCCL, and this LibTorch was built without it "
+      "(USE_C10D_NCCL is not defined); communicate CPU tensors with Gloo "
+      "(InitOptions().device(torch::kCPU)) or use a CUDA build of LibTorch");
+#endif
+  const auto address = detail::environment_variable("MASTER_ADDR");
+  TORCH_CHECK(
+      address && !address->empty(),
+      "torchlora: MASTER_ADDR is not set",
+      of_size,
+      ": set it to rank 0's address, as torchrun does");
+  const auto port_text = detail::environment_variable("MASTER_PORT");
+  TORCH_CHECK(
+      port_text,
+      "torchlora: MASTER_PORT is not set",
+      of_size,
+      ": set it to a free port on rank 0's machine, as torchrun does");
+  const int port =
+      detail::integer_variable("MASTER_PORT", *port_text, 1, 65535);
+
+  auto store_options = detail::store_options(
+      world.rank_, world.world_size_, port, world.timeout_);
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  if (world.rank_ == 0 && detail::is_loopback_address(*address)) {
+    store_options.masterListenFd = detail::loopback_listening_socket(port);
+  }
+#endif
+  try {
+    world.store_ = c10::make_intrusive<c10d::TCPStore>(*address, store_options);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        false,
+        "torchlora: ",
+        world.describe(),
+        " could not join the store at ",
+        *address,
+        ":",
+        port,
+        " within ",
+        world.timeout_.count(),
+        " ms (every process must start, and rank 0 must listen there): ",
+        detail::message_of(error));
+  }
+  try {
+    if (cuda) {
+#if defined(USE_C10D_NCCL)
+      auto nccl = c10d::ProcessGroupNCCL::Options::create();
+      nccl->timeout = world.timeout_;
+      world.group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          world.store_, world.rank_, world.world_size_, nccl);
+#endif
+    } else {
+      auto gloo = c10d::ProcessGroupGloo::Options::create(world.timeout_);
+      gloo->devices.push_back(detail::gloo_device(*address));
+      world.group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(
+          world.store_, world.rank_, world.world_size_, gloo);
+    }
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        false,
+        "torchlora: ",
+        world.describe(),
+        " could not make its process group within ",
+        world.timeout_.count(),
+        " ms: ",
+        detail::message_of(error));
+  }
+  return world;
+}
+
+} // namespace distributed
+} // namespace torchlora

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Starts N local processes of a program the torchrun way, without Python:
+# each gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
+# (127.0.0.1: nothing leaves the machine) and a free MASTER_PORT. Output
+# lines are prefixed with "[rank K]". Ctrl-C (or TERM) is forwarded to every
+# process. When one process fails, the others get TORCHLORA_LAUNCH_GRACE
+# seconds (default 30) to notice and report it themselves, then are stopped.
+# The exit status is the first failure's, or 0 when all succeed.
+#
+#   scripts/launch.sh 2 build/default/examples/finetune_words --distributed
+set -uo pipefail
+
+name=launch.sh
+if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$name: usage: $name N PROGRAM [ARGS...] (N a positive number of processes, got '${1:-}')" >&2
+  exit 2
+fi
+count=$1
+shift
+grace=${TORCHLORA_LAUNCH_GRACE:-30}
+
+port_is_free() {
+  # Nothing answers there (a connection is refused) on the loopback.
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+port=${MASTER_PORT:-}
+if [ -z "$port" ]; then
+  for _ in $(seq 1 50); do
+    candidate=$((20000 + RANDOM % 40000))
+    if port_is_free "$candidate"; then
+      port=$candidate
+      break
+    fi
+  done
+  if [ -z "$port" ]; then
+    echo "$name: found no free port on 127.0.0.1 in 50 tries" >&2
+    exit 1
+  fi
+fi
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+  done
+}
+trap 'stop_all; wait; exit 130' INT
+trap 'stop_all; wait; exit 143' TERM
+
+for ((rank = 0; rank < count; rank++)); do
+  RANK=$rank LOCAL_RANK=$rank WORLD_SIZE=$count LOCAL_WORLD_SIZE=$count \
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+    "$@" > >(sed -u "s/^/[rank $rank] /") 2> >(sed -u "s/^/[rank $rank] /" >&2) &
+  pids+=($!)
+done
+
+status=0
+remaining=$count
+declare -A done_pids=()
+deadline=""
+while [ "$remaining" -gt 0 ]; do
+  for index in "${!pids[@]}"; do
+    pid=${pids[$index]}
+    if [ -n "${done_pids[$pid]:-}" ] || kill -0 "$pid" 2>/dev/null; then
+      continue
+    fi
+    wait "$pid"
+    code=$?
+    done_pids[$pid]=1
+    remaining=$((remaining - 1))
+    if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
+      status=$code
+      echo "$name: rank $index exited with status $code" >&2
+      deadline=$((SECONDS + grace))
+    fi
+  done
+  if [ -n "$deadline" ] && [ "$remaining" -gt 0 ] && [ "$SECONDS" -ge "$deadline" ]; then
+    echo "$name: stopping the $remaining process(es) still running ${grace} s after the failure" >&2
+    stop_all
+    deadline=""
+  fi
+  [ "$remaining" -gt 0 ] && sleep 0.1
+done
+wait
+exit "$status"

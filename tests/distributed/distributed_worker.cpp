@@ -1,0 +1,401 @@
+// One process of torchlora's multi-process tests: `torchlora_distributed_tests
+// worker MODE ...`, started by scripts/launch.sh (see CMakeLists.txt here and
+// run_scenario.sh). Each mode checks its claims and exits non-zero, with a
+// message, where one does not hold:
+//
+//   train OUT     5 steps on halves of fixed batches equal one process on the
+//                 whole batches (1e-5), both ranks bit-identical, only the
+//                 trainable tensors communicated, rank 0 writes the adapter.
+//   die RANK OUT  rank RANK exits abruptly at step 3; the others must fail
+//                 with a torchlora: error that names it, files intact.
+//   stall RANK OUT  the same with rank RANK hanging instead: the others fail
+//                 within the 5 s timeout.
+//   mismatch      rank 1's adapters have another rank: every rank fails
+//                 with the error naming the difference.
+
+#include "distributed/distributed_worker.h"
+
+#include <torchlora/distributed.h>
+#include <torchlora/torchlora.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace dist = torchlora::distributed;
+
+constexpr int64_t kIn = 12;
+constexpr int64_t kOut = 4;
+constexpr int64_t kBatch = 8;
+
+/// A small MLP with an extra trainable offset that a forward may leave out
+/// (so that some ranks have no gradient for it in some steps).
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    body = register_module(
+        "body",
+        torch::nn::Sequential(
+            torch::nn::Linear(kIn, 16),
+            torch::nn::ReLU(),
+            torch::nn::Linear(16, kOut)));
+    offset = register_parameter("offset", torch::zeros({kOut}));
+  }
+  /// Rows [0, offset_rows) get `offset` added; none when it is 0.
+  torch::Tensor forward(const torch::Tensor& x, int64_t offset_rows) {
+    auto y = body->forward(x);
+    if (offset_rows > 0) {
+      auto head = y.narrow(0, 0, offset_rows) + offset;
+      y = torch::cat({head, y.narrow(0, offset_rows, y.size(0) - offset_rows)});
+    }
+    return y;
+  }
+  torch::nn::Sequential body{nullptr};
+  torch::Tensor offset;
+};
+TORCH_MODULE(Net);
+
+/// The same base on every rank; the adapters' random start depends on
+/// `adapter_seed` (different per rank, so that the sync has work to do).
+Net make_model(int64_t adapter_seed, int64_t rank = 4) {
+  torch::manual_seed(7);
+  Net net;
+  torch::manual_seed(adapter_seed);
+  torchlora::inject_lora(
+      *net,
+      torchlora::LoRAConfig(rank).alpha(8).target_modules(
+          {"body.0", "body.2"}));
+  net->offset.set_requires_grad(true);
+  return net;
+}
+
+struct Batch {
+  torch::Tensor x, target;
+};
+
+std::vector<Batch> fixed_batches(int steps) {
+  torch::manual_seed(5);
+  std::vector<Batch> batches;
+  for (int i = 0; i < steps; ++i) {
+    batches.push_back(
+        {torch::randn({kBatch, kIn}), torch::randn({kBatch, kOut})});
+  }
+  return batches;
+}
+
+/// In step 1 only the first quarter of the whole batch gets the offset: on
+/// 2 ranks, rank 0 uses it and rank 1 has no gradient for it.
+int64_t offset_rows(int step, int64_t first_row, int64_t rows) {
+  if (step != 1) {
+    return rows;
+  }
+  const int64_t end = kBatch / 4;
+  return std::max<int64_t>(0, std::min<int64_t>(end - first_row, rows));
+}
+
+std::vector<torch::Tensor> trainable(Net& net) {
+  std::vector<torch::Tensor> out;
+  for (auto& p : net->parameters()) {
+    if (p.requires_grad()) {
+      out.push_back(p);
+    }
+  }
+  return out;
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    throw std::runtime_error("check failed: " + what);
+  }
+}
+
+void train_step(
+    Net& net,
+    torch::optim::Optimizer& optimizer,
+    const Batch& batch,
+    int step,
+    const dist::World& world,
+    dist::AdapterSync* sync) {
+  const auto x = dist::shard_rows(batch.x, world);
+  const auto target = dist::shard_rows(batch.target, world);
+  const int64_t first = world.rank() * x.size(0);
+  optimizer.zero_grad();
+  const auto loss = torch::mse_loss(
+      net->forward(x, offset_rows(step, first, x.size(0))), target);
+  loss.backward();
+  if (sync != nullptr) {
+    sync->all_reduce_gradients();
+  }
+  optimizer.step();
+}
+
+int64_t numel_of(const std::vector<torch::Tensor>& tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) {
+    n += t.numel();
+  }
+  return n;
+}
+
+/// The bytes of `tensors`, one after the other (to compare ranks bit for bit).
+std::vector<uint8_t> raw_bytes(const std::vector<torch::Tensor>& tensors) {
+  std::vector<uint8_t> bytes;
+  for (const auto& t : tensors) {
+    const auto c = t.detach().contiguous().cpu();
+    const auto* data = static_cast<const uint8_t*>(c.data_ptr());
+    bytes.insert(bytes.end(), data, data + c.numel() * c.element_size());
+  }
+  return bytes;
+}
+
+int train(const std::string& out) {
+  auto world = dist::init_from_env(
+      dist::InitOptions().timeout(std::chrono::seconds(30)));
+  check(world.is_distributed(), "train runs with several processes");
+  constexpr int kSteps = 5;
+  const auto batches = fixed_batches(kSteps);
+
+  // Base tensors are never sent: a base weight that differs on rank 1 stays
+  // as it is through the start's broadcast and an all-reduce.
+  {
+    auto probe = make_model(200 + world.rank());
+    const auto named = probe->named_parameters();
+    const auto* found = named.find("body.0.weight");
+    check(found != nullptr, "the first layer's base weight is body.0.weight");
+    auto base = found->detach();
+    base.add_(static_cast<double>(world.rank()));
+    const auto before = base.clone();
+    dist::AdapterSync probe_sync(*probe, world);
+    for (const auto& name : probe_sync.names()) {
+      check(
+          name.find("lora_") != std::string::npos || name == "offset",
+          "only adapters and the offset are synced, got " + name);
+    }
+    probe->forward(batches[0].x, 0).sum().backward();
+    probe_sync.all_reduce_gradients();
+    check(
+        torch::equal(base, before),
+        "rank " + std::to_string(world.rank()) +
+            "'s base weight unchanged by the sync");
+  }
+
+  try {
+    dist::shard_rows(torch::zeros({7, 2}), world);
+    check(false, "7 rows over 2 processes are refused");
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    check(
+        message.find("torchlora: shard_rows cannot split a batch of 7 rows "
+                     "evenly over 2 processes") == 0,
+        "uneven split message, got: " + message);
+  }
+
+  auto net = make_model(100 + world.rank());
+  dist::AdapterSync sync(*net, world);
+  const auto params = trainable(net);
+  const int64_t trainable_bytes = numel_of(params) * 4;
+  int64_t base_bytes = 0;
+  for (const auto& p : net->parameters()) {
+    if (!p.requires_grad()) {
+      base_bytes += p.numel() * 4;
+    }
+  }
+  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(1e-2));
+  for (int step = 1; step <= kSteps; ++step) {
+    train_step(net, optimizer, batches[step - 1], step, world, &sync);
+  }
+  const int64_t flags = static_cast<int64_t>(params.size()) * 4;
+  check(
+      sync.bytes_per_step() == trainable_bytes + flags,
+      "bytes per step " + std::to_string(sync.bytes_per_step()) +
+          " = trainable bytes + one flag per tensor " +
+          std::to_string(trainable_bytes + flags));
+  check(
+      sync.communicated_bytes() ==
+          trainable_bytes + kSteps * sync.bytes_per_step(),
+      "communicated bytes are the start's broadcast and the steps' all-reduces only");
+  check(sync.buckets() == 1, "one bucket for a small model");
+
+  // One process, whole batches, rank 0's starting adapters.
+  auto reference = make_model(100);
+  const auto reference_params = trainable(reference);
+  torch::optim::AdamW reference_optimizer(
+      reference_params, torch::optim::AdamWOptions(1e-2));
+  const dist::World single;
+  for (int step = 1; step <= kSteps; ++step) {
+    train_step(
+        reference,
+        reference_optimizer,
+        batches[step - 1],
+        step,
+        single,
+        nullptr);
+  }
+  double worst = 0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    worst = std::max(
+        worst, (params[i] - reference_params[i]).abs().max().item<double>());
+  }
+  check(
+      worst < 1e-5,
+      "data-parallel adapters equal the single process's (max abs diff " +
+          std::to_string(worst) + ")");
+  check(numel_of(params) > 0 && worst >= 0, "there are adapters");
+  // Many small buckets instead of one: the same bits.
+  auto bucketed = make_model(100 + world.rank());
+  dist::AdapterSync bucketed_sync(
+      *bucketed, world, dist::SyncOptions().bucket_bytes(64));
+  check(
+      bucketed_sync.buckets() > 3,
+      "64-byte buckets split the adapters into several");
+  const auto bucketed_params = trainable(bucketed);
+  torch::optim::AdamW bucketed_optimizer(
+      bucketed_params, torch::optim::AdamWOptions(1e-2));
+  for (int step = 1; step <= kSteps; ++step) {
+    train_step(
+        bucketed,
+        bucketed_optimizer,
+        batches[step - 1],
+        step,
+        world,
+        &bucketed_sync);
+  }
+  check(
+      raw_bytes(bucketed_params) == raw_bytes(params),
+      "training with " + std::to_string(bucketed_sync.buckets()) +
+          " buckets gives the same bits as with one");
+
+  const auto named = net->named_parameters();
+  const auto* first_b = named.find("body.0.lora_B.default.weight");
+  check(
+      first_b != nullptr && first_b->abs().max().item<double>() > 0,
+      "training moved the adapters");
+
+  // Both ranks hold the same bits: compare through the store.
+  const auto mine = raw_bytes(params);
+  world.store()->set("worker/final/" + std::to_string(world.rank()), mine);
+  for (int r = 0; r < world.world_size(); ++r) {
+    const auto theirs = world.store()->get("worker/final/" + std::to_string(r));
+    check(
+        theirs == mine,
+        "rank " + std::to_string(r) + "'s adapters are bit-identical to rank " +
+            std::to_string(world.rank()) + "'s");
+  }
+
+  if (world.is_main()) {
+    torchlora::save_adapter(*net, out + "/adapter");
+    auto fresh = make_model(999);
+    torchlora::load_adapter(*fresh, out + "/adapter");
+    torch::NoGradGuard no_grad;
+    const auto x = batches[0].x;
+    // The offset is not an adapter tensor: compare without it.
+    check(
+        torch::allclose(fresh->forward(x, 0), net->forward(x, 0), 0, 1e-6),
+        "the saved adapter reloads with equal outputs");
+  }
+  world.barrier();
+  std::cout << "train: OK on " << world.describe() << ": adapters within "
+            << worst << " of one process, bit-identical across ranks, "
+            << sync.bytes_per_step() << " bytes per step (base " << base_bytes
+            << " bytes never sent)" << std::endl;
+  return 0;
+}
+
+int die(int dying_rank, const std::string& out, bool stall) {
+  const auto timeout = std::chrono::seconds(5);
+  auto world = dist::init_from_env(dist::InitOptions().timeout(timeout));
+  auto net = make_model(100 + world.rank());
+  dist::AdapterSync sync(*net, world);
+  torch::optim::AdamW optimizer(
+      trainable(net), torch::optim::AdamWOptions(1e-2));
+  const auto batches = fixed_batches(10);
+  auto last_good = std::chrono::steady_clock::now();
+  try {
+    for (int step = 1; step <= 10; ++step) {
+      if (world.rank() == dying_rank && step == 3) {
+        if (stall) {
+          std::cout << "die: rank " << world.rank()
+                    << " stops answering at step 3" << std::endl;
+          std::this_thread::sleep_for(std::chrono::hours(1));
+        }
+        std::cout << "die: rank " << world.rank() << " exits abruptly at step 3"
+                  << std::endl;
+        std::_Exit(3);
+      }
+      train_step(net, optimizer, batches[step - 1], step, world, &sync);
+      last_good = std::chrono::steady_clock::now();
+      if (world.is_main()) {
+        torchlora::save_adapter(*net, out + "/adapter");
+      }
+    }
+  } catch (const c10::Error& error) {
+    const double waited = std::chrono::duration<double>(
+                              std::chrono::steady_clock::now() - last_good)
+                              .count();
+    std::cout << "die: " << world.describe() << " stopped after " << waited
+              << " s: " << error.what_without_backtrace() << std::endl;
+    // What rank 0 wrote is whole: no temporary file, and it loads.
+    namespace fs = std::filesystem;
+    if (fs::exists(out + "/adapter")) {
+      for (const auto& entry : fs::directory_iterator(out + "/adapter")) {
+        const auto file = entry.path().filename().string();
+        check(
+            file == "adapter_model.safetensors" ||
+                file == "adapter_config.json",
+            "only the adapter's files in the folder, found " + file);
+      }
+      auto fresh = make_model(999);
+      torchlora::load_adapter(*fresh, out + "/adapter");
+      std::cout << "die: files intact" << std::endl;
+    }
+    return 1;
+  }
+  std::cout << "die: " << world.describe()
+            << " finished without noticing the failure" << std::endl;
+  return 0;
+}
+
+int mismatch() {
+  auto world = dist::init_from_env(
+      dist::InitOptions().timeout(std::chrono::seconds(20)));
+  auto net = make_model(100, world.rank() == 1 ? 8 : 4);
+  try {
+    dist::AdapterSync sync(*net, world);
+  } catch (const c10::Error& error) {
+    std::cout << "mismatch: " << world.describe() << ": "
+              << error.what_without_backtrace() << std::endl;
+    return 1;
+  }
+  std::cout << "mismatch: " << world.describe() << " accepted different models"
+            << std::endl;
+  return 0;
+}
+
+} // namespace
+
+int torchlora_test::run_worker(const std::vector<std::string>& args) {
+  try {
+    if (args.size() == 2 && args[0] == "train") {
+      return train(args[1]);
+    }
+    if (args.size() == 3 && (args[0] == "die" || args[0] == "stall")) {
+      return die(std::stoi(args[1]), args[2], args[0] == "stall");
+    }
+    if (args.size() == 1 && args[0] == "mismatch") {
+      return mismatch();
+    }
+  } catch (const std::exception& error) {
+    std::cerr << "distributed_worker: " << error.what() << std::endl;
+    return 2;
+  }
+  std::cerr
+      << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch"
+      << std::endl;
+  return 2;
+}
