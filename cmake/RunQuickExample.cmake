@@ -1,10 +1,11 @@
 # Included by the Check*Quick.cmake scripts (run with cmake -P): runs
 # `PROGRAM --quick --out OUT` in an empty OUT, prints what it wrote, fails
 # if it failed, and leaves its output in `quick_output`.
-# Variables: PROGRAM, OUT.
+# Variables: PROGRAM, OUT; optional LAUNCHER (a command and its arguments
+# that start PROGRAM, e.g. scripts/launch.sh;2) and EXTRA_ARGS.
 file(REMOVE_RECURSE "${OUT}")
 get_filename_component(quick_program "${PROGRAM}" NAME)
-execute_process(COMMAND "${PROGRAM}" --quick --out "${OUT}"
+execute_process(COMMAND ${LAUNCHER} "${PROGRAM}" --quick --out "${OUT}" ${EXTRA_ARGS}
                 RESULT_VARIABLE quick_rc OUTPUT_VARIABLE quick_output
                 ERROR_VARIABLE quick_output)
 message(STATUS "${quick_output}")

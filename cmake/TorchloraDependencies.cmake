@@ -28,6 +28,23 @@ macro(torchlora_find_json)
   endif()
 endmacro()
 
+# torchlora/distributed.h needs LibTorch's c10d with Gloo: the headers of
+# Gloo (Debian's libgloo-dev; pytorch.org's archives ship them) and
+# USE_C10D_GLOO on LibTorch's targets. Sets TORCHLORA_HAVE_GLOO.
+macro(torchlora_find_gloo)
+  find_path(TORCHLORA_GLOO_INCLUDE_DIR gloo/config.h HINTS ${TORCH_INCLUDE_DIRS})
+  set(_torchlora_torch_definitions "")
+  if(TARGET torch_cpu)
+    get_target_property(_torchlora_torch_definitions torch_cpu
+                        INTERFACE_COMPILE_DEFINITIONS)
+  endif()
+  if(TORCHLORA_GLOO_INCLUDE_DIR AND "USE_C10D_GLOO" IN_LIST _torchlora_torch_definitions)
+    set(TORCHLORA_HAVE_GLOO ON)
+  else()
+    set(TORCHLORA_HAVE_GLOO OFF)
+  endif()
+endmacro()
+
 # Under add_subdirectory, targets imported in this folder (torch, nlohmann)
 # would be visible here only; the parent links them through
 # torchlora::torchlora, so make them global.

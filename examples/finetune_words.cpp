@@ -5,7 +5,8 @@
 //       [--targets q_proj,v_proj] [--modules-to-save head] [--epochs 3]
 //       [--device cpu|cuda]
 //       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
-//       [--width 128] [--layers 2] [--quick]
+//       [--width 128] [--layers 2] [--quick] [--distributed]
+//   scripts/launch.sh 2 build/default/examples/finetune_words --distributed
 //
 // 1. A small transformer learns English words (Debian's wamerican list) and
 //    is saved with torch::save; later runs load that checkpoint.
@@ -15,10 +16,15 @@
 //    fine-tuning of a copy.
 // 3. It writes metrics.csv, loss.svg, the adapter in peft's format, the
 //    merged model and words sampled before and after, under --out.
+// With --distributed, started by scripts/launch.sh or torchrun, rank 0
+// trains (or loads) the base model, then every process trains on its share
+// of each batch (torchlora::distributed::AdapterSync averages the
+// gradients), and rank 0 alone reports and writes the files.
 #include "finetune_words/model.h"
 #include "finetune_words/report.h"
 #include "finetune_words/words.h"
 
+#include <torchlora/distributed.h>
 #include <torchlora/torchlora.h>
 
 #include <CLI/CLI.hpp>
@@ -31,9 +37,11 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
+namespace dist = torchlora::distributed;
 using words::Batch;
 using words::CharTransformer;
 using words::Dataset;
@@ -56,6 +64,7 @@ struct Settings {
   int64_t pretrain_steps = 0; // 0: the plan's
   int64_t width = 0; // 0: the plan's
   int64_t layers = 0; // 0: the plan's
+  bool distributed = false; // data-parallel over the launcher's processes
 };
 
 /// Sizes of one run; --quick shrinks everything to a few seconds.
@@ -103,16 +112,32 @@ Plan plan_for(const Settings& settings, int64_t vocabulary) {
 
 constexpr double kLn2 = 0.6931471805599453;
 
-/// Cross-entropy of a batch in nats per predicted character, and the count.
-std::pair<torch::Tensor, int64_t> batch_loss(
+/// The loss of this rank's share of `batch` such that the mean over the
+/// ranks is the whole batch's cross-entropy per character (each share is
+/// weighted by the whole batch's character count, not its own), so that
+/// averaged gradients are exactly the whole batch's. Also this share's
+/// own mean, in nats, for the progress line.
+std::pair<torch::Tensor, double> shard_loss(
     CharTransformer& model,
-    const Batch& batch) {
-  const auto logits = model(batch.inputs);
-  const auto loss = torch::nn::functional::cross_entropy(
+    const Batch& batch,
+    const dist::World& world) {
+  const int64_t whole_characters =
+      (batch.targets != -100).sum().item<int64_t>();
+  const auto inputs = dist::shard_rows(batch.inputs, world);
+  const auto targets = dist::shard_rows(batch.targets, world);
+  const auto logits = model(inputs);
+  const auto sum = torch::nn::functional::cross_entropy(
       logits.view({-1, logits.size(-1)}),
-      batch.targets.view({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
-  return {loss, (batch.targets != -100).sum().item<int64_t>()};
+      targets.view({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions()
+          .ignore_index(-100)
+          .reduction(torch::kSum));
+  const int64_t own =
+      std::max<int64_t>(1, (targets != -100).sum().item<int64_t>());
+  const auto loss = sum *
+      (static_cast<double>(world.world_size()) /
+       static_cast<double>(std::max<int64_t>(1, whole_characters)));
+  return {loss, sum.item<double>() / static_cast<double>(own)};
 }
 
 /// What a held-out character is: the end of the word, a letter outside
@@ -214,6 +239,8 @@ struct RunResult {
   int64_t state_bytes = 0;
   double seconds = 0;
   int64_t saved_bytes = 0;
+  int64_t steps = 0;
+  int64_t communicated_bytes_per_step = 0;
   words::Curve train_curve;
   words::Curve heldout_curve;
 };
@@ -229,19 +256,27 @@ RunResult fine_tune(
     double learning_rate,
     const Plan& plan,
     std::mt19937& random,
-    torch::Device device) {
+    torch::Device device,
+    const dist::World& world = dist::World()) {
   RunResult result;
   result.name = name;
+  result.steps = steps;
   const auto counts = torchlora::count_parameters(model);
   result.trainable = counts.trainable;
   result.total = counts.total;
   result.state_bytes = training_state_bytes(model);
+  // Every rank starts from rank 0's values; gradients are averaged.
+  dist::AdapterSync sync(model, world);
+  result.communicated_bytes_per_step = sync.bytes_per_step();
   torch::optim::AdamW optimizer(
       trainable(model),
       torch::optim::AdamWOptions(learning_rate).weight_decay(0));
   const int64_t every = std::max<int64_t>(1, steps / plan.evaluations);
-  result.heldout_curve.points.emplace_back(
-      0, bits_per_character(model, heldout));
+  // Rank 0 measures the held-out loss (the others wait at the next step).
+  const auto measure = [&] {
+    return world.is_main() ? bits_per_character(model, heldout) : 0.0;
+  };
+  result.heldout_curve.points.emplace_back(0, measure());
   words::Progress progress(name, steps, every);
   double window = 0;
   int64_t window_count = 0;
@@ -252,7 +287,16 @@ RunResult fine_tune(
       batches = train.batches(plan.batch, random, device);
       next = 0;
     }
-    const auto& batch = batches[next++];
+    auto batch = batches[next++];
+    // The ranks share every batch: a short last batch loses the rows that
+    // do not split evenly (the same on every rank).
+    const int64_t rows =
+        batch.inputs.size(0) - batch.inputs.size(0) % world.world_size();
+    if (rows < batch.inputs.size(0)) {
+      batch.inputs = batch.inputs.narrow(0, 0, rows);
+      batch.targets = batch.targets.narrow(0, 0, rows);
+      batch.words = rows;
+    }
     // Warm up over the first 5% of the steps, then decay (cosine) to 10%.
     const double progress_share =
         static_cast<double>(step) / static_cast<double>(steps);
@@ -264,10 +308,11 @@ RunResult fine_tune(
           .lr(learning_rate * factor);
     }
     optimizer.zero_grad();
-    auto [loss, count] = batch_loss(model, batch);
+    auto [loss, own_nats] = shard_loss(model, batch, world);
     loss.backward();
+    sync.all_reduce_gradients();
     optimizer.step();
-    const double bits = loss.item<double>() / kLn2;
+    const double bits = own_nats / kLn2;
     window += bits;
     ++window_count;
     progress.update(step, bits, batch.words);
@@ -276,8 +321,7 @@ RunResult fine_tune(
         (step - 1) * plan.evaluations / steps) {
       result.train_curve.points.emplace_back(
           step, window / static_cast<double>(window_count));
-      result.heldout_curve.points.emplace_back(
-          step, bits_per_character(model, heldout));
+      result.heldout_curve.points.emplace_back(step, measure());
       window = 0;
       window_count = 0;
     }
@@ -360,10 +404,32 @@ void print_bits_by_kind(
 
 int run(const Settings& settings) {
   const torch::Device device(settings.device);
+  dist::World world;
+  if (settings.distributed) {
+    // Long enough for rank 0 to train the base model while the others wait.
+    world = dist::init_from_env(
+        dist::InitOptions().timeout(std::chrono::minutes(15)));
+    // One process per core share: torchrun's OMP_NUM_THREADS=1 in spirit.
+    const char* local = std::getenv("LOCAL_WORLD_SIZE");
+    const int local_processes = local ? std::max(1, std::atoi(local)) : 1;
+    torch::set_num_threads(std::max(
+        1,
+        static_cast<int>(std::thread::hardware_concurrency()) /
+            local_processes));
+    if (!world.is_main()) {
+      // Rank 0 reports; the others print nothing (errors go to stderr).
+      std::cout.setstate(std::ios::badbit);
+    }
+    std::cout << "distributed: " << world.world_size()
+              << " processes, each on its share of every batch, "
+              << torch::get_num_threads() << " thread(s) each\n";
+  }
   torch::manual_seed(static_cast<uint64_t>(settings.seed));
   std::mt19937 random(static_cast<unsigned>(settings.seed));
   const auto out = fs::path(settings.out);
-  fs::create_directories(out);
+  if (world.is_main()) {
+    fs::create_directories(out);
+  }
 
   // Data: every character of both lists is in the vocabulary, so that the
   // base model and the adapted one share it.
@@ -401,7 +467,11 @@ int run(const Settings& settings) {
   CharTransformer base(plan.model);
   base->to(device);
   bool loaded = false;
-  if (fs::exists(checkpoint)) {
+  if (!world.is_main()) {
+    world.barrier(); // rank 0 has trained or checked the base model
+    torch::load(base, checkpoint, device);
+    loaded = true;
+  } else if (fs::exists(checkpoint)) {
     try {
       torch::load(base, checkpoint, device);
       loaded = true;
@@ -432,6 +502,9 @@ int run(const Settings& settings) {
               << result.heldout_bpc << " bits/char on held-out English words, "
               << std::setprecision(1) << result.seconds << " s\n";
     torch::save(base, checkpoint);
+  }
+  if (world.is_main() && world.is_distributed()) {
+    world.barrier(); // the others may load the checkpoint now
   }
   const auto base_bits = bits_by_kind(base, french_heldout);
   const double base_bpc = base_bits.total;
@@ -470,11 +543,15 @@ int run(const Settings& settings) {
       settings.lora_lr,
       plan,
       random,
-      device);
-  // The config carries modules_to_save, which the adapter file must hold.
-  torchlora::save_adapter(*lora_model, (out / "adapter").string(), config);
-  lora.saved_bytes = static_cast<int64_t>(
-      fs::file_size(out / "adapter" / "adapter_model.safetensors"));
+      device,
+      world);
+  // Only rank 0 writes files. The config carries modules_to_save, which the
+  // adapter file must hold.
+  if (world.is_main()) {
+    torchlora::save_adapter(*lora_model, (out / "adapter").string(), config);
+    lora.saved_bytes = static_cast<int64_t>(
+        fs::file_size(out / "adapter" / "adapter_model.safetensors"));
+  }
 
   // 3. Full fine-tuning of a copy of the base model, for reference.
   CharTransformer full_model(plan.model);
@@ -489,7 +566,11 @@ int run(const Settings& settings) {
       settings.full_lr,
       plan,
       random,
-      device);
+      device,
+      world);
+  if (!world.is_main()) {
+    return 0; // rank 0 evaluates, samples and writes the rest
+  }
   torch::save(full_model, (out / "full_model.pt").string());
   full.saved_bytes = static_cast<int64_t>(fs::file_size(out / "full_model.pt"));
 
@@ -582,6 +663,19 @@ int run(const Settings& settings) {
   }
   std::cout << "merged LoRA model: " << std::setprecision(3) << merged_bpc
             << " bits/char\n";
+  if (world.is_distributed()) {
+    std::cout << "data-parallel over " << world.world_size()
+              << " processes: gradients all-reduced per step: LoRA "
+              << std::setprecision(1)
+              << static_cast<double>(lora.communicated_bytes_per_step) / 1024.0
+              << " KiB, full fine-tune "
+              << static_cast<double>(full.communicated_bytes_per_step) / 1024.0
+              << " KiB; time per step: LoRA " << std::setprecision(1)
+              << 1000.0 * lora.seconds / static_cast<double>(lora.steps)
+              << " ms, full fine-tune "
+              << 1000.0 * full.seconds / static_cast<double>(full.steps)
+              << " ms\n";
+  }
   print_bits_by_kind(base_bits, merged_bits, full_bits);
   std::cout << "samples, base:    ";
   for (const auto& word : base_samples) {
@@ -652,6 +746,10 @@ int main(int argc, char** argv) {
          "--layers", settings.layers, "transformer blocks (0: 2, --quick 1)")
       ->capture_default_str()
       ->check(CLI::Range(0, 64));
+  app.add_flag(
+      "--distributed",
+      settings.distributed,
+      "data-parallel: run under scripts/launch.sh N or torchrun");
   app.add_flag(
       "--quick",
       settings.quick,

@@ -2,7 +2,9 @@
 # Starts N local processes of a program the torchrun way, without Python:
 # each gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
 # (127.0.0.1: nothing leaves the machine) and a free MASTER_PORT. Output
-# lines are prefixed with "[rank K]". Ctrl-C (or TERM) is forwarded to every
+# lines are prefixed with "[rank K]". As torchrun does, OMP_NUM_THREADS is 1
+# unless set (several processes each with a full thread pool would fight
+# over the cores; OpenBLAS reads it too). Ctrl-C (or TERM) is forwarded to every
 # process. When one process fails, the others get TORCHLORA_LAUNCH_GRACE
 # seconds (default 30) to notice and report it themselves, then are stopped.
 # The exit status is the first failure's, or 0 when all succeed.
@@ -36,6 +38,10 @@ if [ -z "$port" ]; then
     echo "$name: found no free port on 127.0.0.1 in 50 tries" >&2
     exit 1
   fi
+fi
+
+if [ "$count" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  export OMP_NUM_THREADS=1
 fi
 
 pids=()
