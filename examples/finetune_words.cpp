@@ -1,9 +1,10 @@
-// Adapts a character-level English word model to French with LoRA.
+// Adapts a character-level English word model to French with LoRA, and
+// shows where the adapters should go.
 //
 //   scripts/run-example.sh            (builds and runs this, as in the README)
 //   build/default/examples/finetune_words [--rank 8] [--alpha 16]
-//       [--targets q_proj,v_proj] [--modules-to-save head] [--epochs 3]
-//       [--device cpu|cuda]
+//       [--all-linear-rank 4] [--targets q_proj,v_proj|all-linear|...]
+//       [--modules-to-save head] [--epochs 3] [--device cpu|cuda]
 //       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
 //       [--width 128] [--layers 2] [--quick] [--distributed]
 //   scripts/launch.sh 2 build/default/examples/finetune_words --distributed
@@ -12,10 +13,11 @@
 //    is saved with torch::save; later runs load that checkpoint.
 // 2. French words (Debian's wfrench list) are split into training and
 //    held-out sets. On the held-out words, in bits per character, it compares
-//    the base model, LoRA through torchlora::inject_lora, and full
-//    fine-tuning of a copy.
-// 3. It writes metrics.csv, loss.svg, the adapter in peft's format, the
-//    merged model and words sampled before and after, under --out.
+//    the base model, LoRA through torchlora::inject_lora on q and v (r = 8)
+//    and on every Linear but the output layer ("all-linear", r = 4), and full
+//    fine-tuning of a copy. --targets trains one placement of your own.
+// 3. It writes metrics.csv, loss.svg, the adapters in peft's format, the
+//    merged all-linear model and words sampled before and after, under --out.
 // With --distributed, started by scripts/launch.sh or torchrun, rank 0
 // trains (or loads) the base model, then every process trains on its share
 // of each batch (torchlora::distributed::AdapterSync averages the
@@ -51,7 +53,9 @@ namespace {
 struct Settings {
   int64_t rank = 8;
   double alpha = 16;
-  std::string targets = "q_proj,v_proj";
+  std::string targets; // empty: the default comparison of two placements
+  int64_t all_linear_rank = 4; // measured: r = 4 is the smallest rank with 90%
+                               // of full fine-tuning's gain
   std::string modules_to_save; // comma-separated, trained in full with LoRA
   double epochs = 3;
   std::string device = "cpu";
@@ -233,6 +237,9 @@ int64_t training_state_bytes(const CharTransformer& model) {
 
 struct RunResult {
   std::string name;
+  std::string key; // in metrics.csv
+  std::string label; // in the table and the plot
+  std::string short_label; // as a column heading
   double heldout_bpc = 0;
   int64_t trainable = 0;
   int64_t total = 0;
@@ -260,6 +267,8 @@ RunResult fine_tune(
     const dist::World& world = dist::World()) {
   RunResult result;
   result.name = name;
+  result.label = name;
+  result.short_label = name;
   result.steps = steps;
   const auto counts = torchlora::count_parameters(model);
   result.trainable = counts.trainable;
@@ -381,25 +390,70 @@ std::string megabytes(int64_t bytes) {
 }
 
 /// Where the held-out bits go: the table's bits per character split by
-/// the kind of character predicted, for the three models.
+/// the kind of character predicted, one column per model.
 void print_bits_by_kind(
-    const BitsByKind& base,
-    const BitsByKind& lora,
-    const BitsByKind& full) {
+    const std::vector<std::pair<std::string, BitsByKind>>& models) {
   const std::array<const char*, kKinds> names = {
       "end of word", "accented letter", "other character"};
   std::cout << "bits/char by what is predicted:\n"
             << std::left << std::setw(18) << "  predicted" << std::right
-            << std::setw(8) << "share" << std::setw(8) << "base" << std::setw(8)
-            << "LoRA" << std::setw(8) << "full"
-            << "\n";
+            << std::setw(8) << "share";
+  for (const auto& [label, bits] : models) {
+    std::cout << std::setw(10) << label;
+  }
+  std::cout << "\n";
   for (size_t k = 0; k < names.size(); ++k) {
     std::cout << "  " << std::left << std::setw(16) << names[k] << std::right
               << std::fixed << std::setprecision(1) << std::setw(7)
-              << 100 * base.share[k] << "%" << std::setprecision(3)
-              << std::setw(8) << base.part[k] << std::setw(8) << lora.part[k]
-              << std::setw(8) << full.part[k] << "\n";
+              << 100 * models.front().second.share[k] << "%"
+              << std::setprecision(3);
+    for (const auto& [label, bits] : models) {
+      std::cout << std::setw(10) << bits.part[k];
+    }
+    std::cout << "\n";
   }
+}
+
+/// A LoRA run of the comparison: where the adapters go and their size.
+struct Placement {
+  std::string key; // in metrics.csv
+  std::string label; // in the table and the plot
+  std::string short_label; // as a column heading
+  std::string targets; // comma-separated, or all-linear
+  int64_t rank;
+  double alpha;
+  std::string folder; // of the saved adapter, under --out
+};
+
+/// The default comparison: the original LoRA paper's q and v, then every
+/// Linear but the output layer (QLoRA's and peft's advice); or the one
+/// placement that --targets names.
+std::vector<Placement> placements_for(const Settings& settings) {
+  if (!settings.targets.empty()) {
+    return {
+        {"lora",
+         "LoRA",
+         "LoRA",
+         settings.targets,
+         settings.rank,
+         settings.alpha,
+         "adapter"}};
+  }
+  return {
+      {"lora_q_v",
+       "LoRA q,v",
+       "q,v",
+       "q_proj,v_proj",
+       settings.rank,
+       settings.alpha,
+       "adapter_q_v"},
+      {"lora_all_linear",
+       "LoRA all-linear",
+       "all-lin",
+       "all-linear",
+       settings.all_linear_rank,
+       2.0 * static_cast<double>(settings.all_linear_rank),
+       "adapter_all_linear"}};
 }
 
 int run(const Settings& settings) {
@@ -517,47 +571,58 @@ int run(const Settings& settings) {
           settings.epochs * static_cast<double>(french_train.size()) /
           static_cast<double>(plan.batch))));
 
-  // 2. LoRA: load the checkpoint into a model, inject, train the adapters.
-  CharTransformer lora_model(plan.model);
-  lora_model->to(device);
-  torch::load(lora_model, checkpoint, device);
-  const auto config =
-      torchlora::LoRAConfig(settings.rank)
-          .alpha(settings.alpha)
-          .target_modules(split_targets(settings.targets))
-          .modules_to_save(split_targets(settings.modules_to_save));
-  const auto paths = torchlora::inject_lora(lora_model, config);
-  std::cout << std::defaultfloat << std::setprecision(6)
-            << "LoRA: r = " << settings.rank << ", alpha = " << settings.alpha
-            << " on " << paths.size() << " layers (" << settings.targets << ")";
-  if (!settings.modules_to_save.empty()) {
-    std::cout << ", trained in full: " << settings.modules_to_save;
-  }
-  std::cout << "\n";
-  auto lora = fine_tune(
-      "LoRA",
-      lora_model,
-      french_train,
-      french_heldout,
-      fine_tune_steps,
-      settings.lora_lr,
-      plan,
-      random,
-      device,
-      world);
-  // Only rank 0 writes files. The config carries modules_to_save, which the
-  // adapter file must hold.
-  if (world.is_main()) {
-    torchlora::save_adapter(*lora_model, (out / "adapter").string(), config);
-    lora.saved_bytes = static_cast<int64_t>(
-        fs::file_size(out / "adapter" / "adapter_model.safetensors"));
+  // 2. LoRA, one model per placement: load the checkpoint, inject, train.
+  std::vector<RunResult> runs;
+  std::vector<CharTransformer> lora_models;
+  for (const auto& placement : placements_for(settings)) {
+    CharTransformer lora_model(plan.model);
+    lora_model->to(device);
+    torch::load(lora_model, checkpoint, device);
+    const auto config =
+        torchlora::LoRAConfig(placement.rank)
+            .alpha(placement.alpha)
+            .target_modules(split_targets(placement.targets))
+            .modules_to_save(split_targets(settings.modules_to_save));
+    const auto paths = torchlora::inject_lora(lora_model, config);
+    std::cout << std::defaultfloat << std::setprecision(6) << placement.label
+              << ": r = " << placement.rank << ", alpha = " << placement.alpha
+              << " on " << paths.size() << " layers (" << placement.targets
+              << ")";
+    if (!settings.modules_to_save.empty()) {
+      std::cout << ", trained in full: " << settings.modules_to_save;
+    }
+    std::cout << "\n";
+    auto result = fine_tune(
+        placement.label,
+        lora_model,
+        french_train,
+        french_heldout,
+        fine_tune_steps,
+        settings.lora_lr,
+        plan,
+        random,
+        device,
+        world);
+    result.key = placement.key;
+    result.label = placement.label;
+    result.short_label = placement.short_label;
+    // Only rank 0 writes files. The config carries modules_to_save, which
+    // the adapter file must hold.
+    if (world.is_main()) {
+      const auto folder = out / placement.folder;
+      torchlora::save_adapter(*lora_model, folder.string(), config);
+      result.saved_bytes = static_cast<int64_t>(
+          fs::file_size(folder / "adapter_model.safetensors"));
+    }
+    runs.push_back(std::move(result));
+    lora_models.push_back(lora_model);
   }
 
   // 3. Full fine-tuning of a copy of the base model, for reference.
   CharTransformer full_model(plan.model);
   full_model->to(device);
   torch::load(full_model, checkpoint, device);
-  auto full = fine_tune(
+  runs.push_back(fine_tune(
       "full",
       full_model,
       french_train,
@@ -567,65 +632,78 @@ int run(const Settings& settings) {
       plan,
       random,
       device,
-      world);
+      world));
+  runs.back().key = "full";
+  runs.back().label = "full fine-tune";
+  runs.back().short_label = "full";
   if (!world.is_main()) {
     return 0; // rank 0 evaluates, samples and writes the rest
   }
   torch::save(full_model, (out / "full_model.pt").string());
-  full.saved_bytes = static_cast<int64_t>(fs::file_size(out / "full_model.pt"));
+  runs.back().saved_bytes =
+      static_cast<int64_t>(fs::file_size(out / "full_model.pt"));
 
-  // Samples, then the merged model (a plain model with the adapter folded in).
+  // Where the bits go, per model; then samples and the merged model (a
+  // plain model with the last placement's adapter folded in).
+  std::vector<std::pair<std::string, BitsByKind>> split{{"base", base_bits}};
+  for (size_t i = 0; i < lora_models.size(); ++i) {
+    split.emplace_back(
+        runs[i].short_label, bits_by_kind(lora_models[i], french_heldout));
+  }
+  split.emplace_back("full", bits_by_kind(full_model, french_heldout));
   torch::manual_seed(static_cast<uint64_t>(settings.seed) + 1);
   const auto base_samples =
       sample_words(base, vocabulary, 8, plan.model.max_length, device);
-  torchlora::merge_and_unload(lora_model);
+  auto& merged_model = lora_models.back();
+  torchlora::merge_and_unload(merged_model);
   torch::manual_seed(static_cast<uint64_t>(settings.seed) + 1);
   const auto adapted_samples =
-      sample_words(lora_model, vocabulary, 8, plan.model.max_length, device);
-  torch::save(lora_model, (out / "merged_model.pt").string());
-  const auto merged_bits = bits_by_kind(lora_model, french_heldout);
-  const double merged_bpc = merged_bits.total;
-  const auto full_bits = bits_by_kind(full_model, french_heldout);
+      sample_words(merged_model, vocabulary, 8, plan.model.max_length, device);
+  torch::save(merged_model, (out / "merged_model.pt").string());
+  const double merged_bpc = bits_per_character(merged_model, french_heldout);
 
   // Files: metrics.csv, loss.svg, samples.txt.
   {
     std::ofstream csv(out / "metrics.csv");
     csv << "run,step,train_bits_per_char,heldout_bits_per_char\n";
-    for (const auto* result : {&lora, &full}) {
-      for (const auto& [step, bits] : result->heldout_curve.points) {
+    for (const auto& result : runs) {
+      for (const auto& [step, bits] : result.heldout_curve.points) {
         std::string train_bits;
         for (const auto& [train_step, train_value] :
-             result->train_curve.points) {
+             result.train_curve.points) {
           if (train_step == step) {
             train_bits = std::to_string(train_value);
           }
         }
-        csv << result->name << "," << static_cast<int64_t>(step) << ","
+        csv << result.key << "," << static_cast<int64_t>(step) << ","
             << train_bits << "," << bits << "\n";
       }
     }
   }
-  lora.train_curve.label = "LoRA, training";
-  lora.heldout_curve.label = "LoRA, held-out";
-  full.train_curve.label = "full fine-tune, training";
-  full.heldout_curve.label = "full fine-tune, held-out";
-  lora.train_curve.color = lora.heldout_curve.color = "#d62728";
-  full.train_curve.color = full.heldout_curve.color = "#1f77b4";
-  lora.train_curve.dashed = full.train_curve.dashed = true;
+  const std::array<const char*, 3> colors = {"#d62728", "#2ca02c", "#ff7f0e"};
+  std::vector<words::Curve> curves;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    auto& result = runs[i];
+    const bool is_full = i + 1 == runs.size();
+    result.train_curve.label = result.label + ", training";
+    result.heldout_curve.label = result.label + ", held-out";
+    result.train_curve.color = result.heldout_curve.color =
+        is_full ? "#1f77b4" : colors[i % colors.size()];
+    result.train_curve.dashed = true;
+    curves.push_back(result.train_curve);
+    curves.push_back(result.heldout_curve);
+  }
   words::write_svg(
       (out / "loss.svg").string(),
       "English word model adapted to French: bits per character",
-      {lora.train_curve,
-       lora.heldout_curve,
-       full.train_curve,
-       full.heldout_curve});
+      curves);
   {
     std::ofstream samples(out / "samples.txt");
     samples << "base model (English):";
     for (const auto& word : base_samples) {
       samples << " " << word;
     }
-    samples << "\nLoRA-adapted model (French):";
+    samples << "\n" << runs[runs.size() - 2].label << ", merged (French):";
     for (const auto& word : adapted_samples) {
       samples << " " << word;
     }
@@ -633,50 +711,61 @@ int run(const Settings& settings) {
   }
 
   // The table.
+  const double full_gain = base_bpc - runs.back().heldout_bpc;
   std::cout << "\nheld-out French words, bits per character (lower is better)\n"
-            << std::left << std::setw(16) << "model" << std::right
-            << std::setw(10) << "bits/char" << std::setw(20)
-            << "trainable params" << std::setw(16) << "train state"
-            << std::setw(10) << "time" << std::setw(14) << "saved size"
+            << std::left << std::setw(18) << "model" << std::right
+            << std::setw(10) << "bits/char" << std::setw(8) << "gain"
+            << std::setw(20) << "trainable params" << std::setw(14)
+            << "train state" << std::setw(9) << "time" << std::setw(12)
+            << "saved size"
             << "\n";
-  std::cout << std::left << std::setw(16) << "base" << std::right << std::fixed
-            << std::setprecision(3) << std::setw(10) << base_bpc
-            << std::setw(20) << "-" << std::setw(16) << "-" << std::setw(10)
-            << "-" << std::setw(14)
+  std::cout << std::left << std::setw(18) << "base" << std::right << std::fixed
+            << std::setprecision(3) << std::setw(10) << base_bpc << std::setw(8)
+            << "-" << std::setw(20) << "-" << std::setw(14) << "-"
+            << std::setw(9) << "-" << std::setw(12)
             << megabytes(static_cast<int64_t>(fs::file_size(checkpoint)))
             << "\n";
-  for (const auto* result : {&lora, &full}) {
+  for (const auto& result : runs) {
     std::ostringstream share;
-    share << result->trainable << " (" << std::fixed << std::setprecision(2)
-          << 100.0 * static_cast<double>(result->trainable) /
-            static_cast<double>(result->total)
+    share << result.trainable << " (" << std::fixed << std::setprecision(2)
+          << 100.0 * static_cast<double>(result.trainable) /
+            static_cast<double>(result.total)
           << "%)";
     std::ostringstream seconds;
-    seconds << std::fixed << std::setprecision(1) << result->seconds << " s";
-    std::cout << std::left << std::setw(16)
-              << (result->name == "LoRA" ? "LoRA" : "full fine-tune")
-              << std::right << std::setw(10) << std::setprecision(3)
-              << result->heldout_bpc << std::setw(20) << share.str()
-              << std::setw(16) << megabytes(result->state_bytes)
-              << std::setw(10) << seconds.str() << std::setw(14)
-              << megabytes(result->saved_bytes) << "\n";
+    seconds << std::fixed << std::setprecision(1) << result.seconds << " s";
+    std::ostringstream gain;
+    gain << std::fixed << std::setprecision(0)
+         << 100.0 * (base_bpc - result.heldout_bpc) / full_gain << "%";
+    std::cout << std::left << std::setw(18) << result.label << std::right
+              << std::setw(10) << std::setprecision(3) << result.heldout_bpc
+              << std::setw(8) << gain.str() << std::setw(20) << share.str()
+              << std::setw(14) << megabytes(result.state_bytes) << std::setw(9)
+              << seconds.str() << std::setw(12) << megabytes(result.saved_bytes)
+              << "\n";
   }
-  std::cout << "merged LoRA model: " << std::setprecision(3) << merged_bpc
+  std::cout << "gain: share of full fine-tuning's gain over the base (base "
+               "bits - model bits)\n"
+            << "merged " << runs[runs.size() - 2].label
+            << " model: " << std::setprecision(3) << merged_bpc
             << " bits/char\n";
   if (world.is_distributed()) {
     std::cout << "data-parallel over " << world.world_size()
-              << " processes: gradients all-reduced per step: LoRA "
-              << std::setprecision(1)
-              << static_cast<double>(lora.communicated_bytes_per_step) / 1024.0
-              << " KiB, full fine-tune "
-              << static_cast<double>(full.communicated_bytes_per_step) / 1024.0
-              << " KiB; time per step: LoRA " << std::setprecision(1)
-              << 1000.0 * lora.seconds / static_cast<double>(lora.steps)
-              << " ms, full fine-tune "
-              << 1000.0 * full.seconds / static_cast<double>(full.steps)
-              << " ms\n";
+              << " processes, gradients all-reduced per step:";
+    for (const auto& result : runs) {
+      std::cout << " " << result.short_label << " " << std::setprecision(1)
+                << static_cast<double>(result.communicated_bytes_per_step) /
+              1024.0
+                << " KiB,";
+    }
+    std::cout << " time per step:";
+    for (const auto& result : runs) {
+      std::cout << " " << result.short_label << " " << std::setprecision(1)
+                << 1000.0 * result.seconds / static_cast<double>(result.steps)
+                << " ms";
+    }
+    std::cout << "\n";
   }
-  print_bits_by_kind(base_bits, merged_bits, full_bits);
+  print_bits_by_kind(split);
   std::cout << "samples, base:    ";
   for (const auto& word : base_samples) {
     std::cout << " " << word;
@@ -685,9 +774,12 @@ int run(const Settings& settings) {
   for (const auto& word : adapted_samples) {
     std::cout << " " << word;
   }
-  std::cout
-      << "\nfiles in " << out.string()
-      << ": metrics.csv loss.svg samples.txt adapter/ merged_model.pt full_model.pt base_model.pt\n";
+  std::cout << "\nfiles in " << out.string()
+            << ": metrics.csv loss.svg samples.txt";
+  for (const auto& placement : placements_for(settings)) {
+    std::cout << " " << placement.folder << "/";
+  }
+  std::cout << " merged_model.pt full_model.pt base_model.pt\n";
   return 0;
 }
 
@@ -697,14 +789,22 @@ int main(int argc, char** argv) {
   Settings settings;
   CLI::App app{
       "Adapts an English character-level word model to French with LoRA (torchlora example)."};
-  app.add_option("--rank", settings.rank, "LoRA rank r")
+  app.add_option("--rank", settings.rank, "LoRA rank r on q,v (or --targets)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--alpha", settings.alpha, "LoRA alpha (scaling alpha / r)")
+  app.add_option("--alpha", settings.alpha, "LoRA alpha on q,v (or --targets)")
       ->capture_default_str();
   app.add_option(
-         "--targets", settings.targets, "comma-separated module names to adapt")
-      ->capture_default_str();
+         "--all-linear-rank",
+         settings.all_linear_rank,
+         "LoRA rank r on every Linear but the head (alpha = 2 r)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option(
+      "--targets",
+      settings.targets,
+      "one placement instead of the default two: comma-separated module "
+      "names to adapt, or all-linear");
   app.add_option(
       "--modules-to-save",
       settings.modules_to_save,
