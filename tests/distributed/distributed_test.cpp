@@ -316,6 +316,17 @@ TEST(AdapterSync, RefusesTrainableTensorsThatChangedSinceItWasMade) {
   }
 }
 
+TEST(AdapterSync, RefusesAModelConvertedSinceItWasMade) {
+  auto model = adapted_model();
+  dist::AdapterSync sync(model, dist::World());
+  model->to(torch::kFloat64);
+  EXPECT_TORCHLORA_ERROR(
+      sync.all_reduce_gradients(),
+      "torchlora: '0.lora_A.default.weight' changed from Float on cpu to "
+      "Double on cpu since its AdapterSync was made; make a new AdapterSync "
+      "after moving or converting the model");
+}
+
 TEST(AdapterSync, RefusesSparseGradients) {
   torch::nn::Embedding embedding(
       torch::nn::EmbeddingOptions(10, 4).sparse(true));

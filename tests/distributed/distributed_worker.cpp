@@ -185,6 +185,32 @@ int train(const std::string& out) {
             "'s base weight unchanged by the sync");
   }
 
+  // bf16 adapters travel as fp32 (LibTorch 1.x's Gloo has no bf16): the
+  // start's broadcast and an all-reduce work and agree on every rank.
+  {
+    torch::manual_seed(7);
+    torch::nn::Sequential half(torch::nn::Linear(6, 4));
+    torch::manual_seed(300 + world.rank());
+    torchlora::inject_lora(
+        half,
+        torchlora::LoRAConfig(2).dtype(torch::kBFloat16).target_modules({"0"}));
+    dist::AdapterSync half_sync(half, world);
+    half->forward(torch::randn({2, 6})).sum().backward();
+    half_sync.all_reduce_gradients();
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : half->parameters()) {
+      if (p.requires_grad()) {
+        check(p.scalar_type() == torch::kBFloat16, "bf16 adapters stay bf16");
+        grads.push_back(p.grad());
+      }
+    }
+    const auto mine = raw_bytes(grads);
+    world.store()->set("worker/bf16/" + std::to_string(world.rank()), mine);
+    const auto other =
+        world.store()->get("worker/bf16/" + std::to_string(1 - world.rank()));
+    check(other == mine, "bf16 gradients averaged alike on both ranks");
+  }
+
   try {
     dist::shard_rows(torch::zeros({7, 2}), world);
     check(false, "7 rows over 2 processes are refused");
@@ -361,15 +387,30 @@ int die(int dying_rank, const std::string& out, bool stall) {
   return 0;
 }
 
-int mismatch() {
+/// What differs on rank 1: "rank" (its adapters' rank), "buckets" (its
+/// SyncOptions) or "setup" (it has nothing trainable, so its own
+/// AdapterSync fails and the others must hear of it at once).
+int mismatch(const std::string& what) {
   auto world = dist::init_from_env(
       dist::InitOptions().timeout(std::chrono::seconds(20)));
-  auto net = make_model(100, world.rank() == 1 ? 8 : 4);
+  const bool odd = world.rank() == 1;
+  auto net = make_model(100, odd && what == "rank" ? 8 : 4);
+  if (odd && what == "setup") {
+    for (auto& p : net->parameters()) {
+      p.set_requires_grad(false);
+    }
+  }
+  const auto options = dist::SyncOptions().bucket_bytes(
+      odd && what == "buckets" ? 64 : int64_t{1} << 20);
+  const auto start = std::chrono::steady_clock::now();
   try {
-    dist::AdapterSync sync(*net, world);
+    dist::AdapterSync sync(*net, world, options);
   } catch (const c10::Error& error) {
-    std::cout << "mismatch: " << world.describe() << ": "
-              << error.what_without_backtrace() << std::endl;
+    std::cout << "mismatch: " << world.describe() << " after "
+              << std::chrono::duration<double>(
+                     std::chrono::steady_clock::now() - start)
+                     .count()
+              << " s: " << error.what_without_backtrace() << std::endl;
     return 1;
   }
   std::cout << "mismatch: " << world.describe() << " accepted different models"
@@ -387,15 +428,15 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
     if (args.size() == 3 && (args[0] == "die" || args[0] == "stall")) {
       return die(std::stoi(args[1]), args[2], args[0] == "stall");
     }
-    if (args.size() == 1 && args[0] == "mismatch") {
-      return mismatch();
+    if (args.size() == 2 && args[0] == "mismatch") {
+      return mismatch(args[1]);
     }
   } catch (const std::exception& error) {
     std::cerr << "distributed_worker: " << error.what() << std::endl;
     return 2;
   }
   std::cerr
-      << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch"
+      << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch rank|buckets|setup"
       << std::endl;
   return 2;
 }

@@ -54,26 +54,41 @@ class AdapterSync {
  public:
   AdapterSync(ModuleRef model, World world, SyncOptions options = {})
       : model_(&model.get()), world_(std::move(world)) {
-    TORCH_CHECK(
-        options.bucket_bytes() > 0,
-        "torchlora: SyncOptions bucket_bytes must be positive, got ",
-        options.bucket_bytes());
-    for (auto& item : model_->named_parameters(/*recurse=*/true)) {
-      if (item.value().requires_grad()) {
-        names_.push_back(item.key());
-        tensors_.push_back(item.value());
+    // Taken on every rank of a distributed World, failing or not, so that
+    // the store keys match (a single-process AdapterSync takes none).
+    const auto generation = world_.is_distributed() ? store_generation() : -1;
+    // A problem of this rank's own is told to the others through the store
+    // before it is thrown, so that they fail at once with it, not later.
+    std::string problem;
+    try {
+      TORCH_CHECK(
+          options.bucket_bytes() > 0,
+          "torchlora: SyncOptions bucket_bytes must be positive, got ",
+          options.bucket_bytes());
+      for (auto& item : model_->named_parameters(/*recurse=*/true)) {
+        if (item.value().requires_grad()) {
+          names_.push_back(item.key());
+          tensors_.push_back(item.value());
+          dtypes_.push_back(item.value().scalar_type());
+          devices_.push_back(item.value().device());
+        }
       }
+      TORCH_CHECK(
+          !tensors_.empty(),
+          "torchlora: AdapterSync found no trainable tensor in the model; "
+          "make it after inject_lora (and set_adapter)");
+      make_buckets(options.bucket_bytes());
+    } catch (const c10::Error& error) {
+      problem = error.what_without_backtrace();
     }
-    TORCH_CHECK(
-        !tensors_.empty(),
-        "torchlora: AdapterSync found no trainable tensor in the model; make "
-        "it after inject_lora (and set_adapter)");
-    make_buckets(options.bucket_bytes());
-    if (!world_.is_distributed()) {
-      return;
+    if (world_.is_distributed()) {
+      check_same_tensors_on_every_rank(
+          generation, problem, options.bucket_bytes());
     }
-    check_same_tensors_on_every_rank();
-    broadcast_from_rank_0();
+    TORCH_CHECK(problem.empty(), problem);
+    if (world_.is_distributed()) {
+      broadcast_from_rank_0();
+    }
   }
 
   /// Averages the gradients of the trainable tensors over the ranks. A
@@ -98,7 +113,7 @@ class AdapterSync {
       const auto count = static_cast<int64_t>(bucket.members.size());
       auto flat = at::empty(
           {bucket.numel + count},
-          at::TensorOptions().dtype(bucket.dtype).device(bucket.device));
+          at::TensorOptions().dtype(bucket.transport).device(bucket.device));
       std::vector<double> had_gradient;
       had_gradient.reserve(bucket.members.size());
       int64_t offset = 0;
@@ -162,7 +177,7 @@ class AdapterSync {
     int64_t bytes = 0;
     for (const auto& bucket : buckets_) {
       bytes += (bucket.numel + static_cast<int64_t>(bucket.members.size())) *
-          static_cast<int64_t>(c10::elementSize(bucket.dtype));
+          static_cast<int64_t>(c10::elementSize(bucket.transport));
     }
     return bytes;
   }
@@ -180,6 +195,9 @@ class AdapterSync {
   struct Bucket {
     c10::ScalarType dtype;
     c10::Device device;
+    /// What travels: fp16/bf16 go as fp32 (1.x's Gloo has no bf16; the
+    /// mean is exact in fp32 and rounded once).
+    c10::ScalarType transport;
     std::vector<std::size_t> members;
     int64_t numel = 0;
   };
@@ -195,8 +213,14 @@ class AdapterSync {
       };
       auto open = std::find_if(buckets_.begin(), buckets_.end(), fits);
       if (open == buckets_.end()) {
-        buckets_.push_back(
-            Bucket{tensor.scalar_type(), tensor.device(), {}, 0});
+        const bool half = tensor.scalar_type() == at::kHalf ||
+            tensor.scalar_type() == at::kBFloat16;
+        buckets_.push_back(Bucket{
+            tensor.scalar_type(),
+            tensor.device(),
+            half ? at::kFloat : tensor.scalar_type(),
+            {},
+            0});
         open = buckets_.end() - 1;
       }
       open->members.push_back(i);
@@ -243,11 +267,18 @@ class AdapterSync {
   /// Every rank writes its description into the store and reads all the
   /// others': every rank finds the same first difference, so all of them
   /// fail with the same error, and no collective is left waiting.
-  void check_same_tensors_on_every_rank() {
+  void check_same_tensors_on_every_rank(
+      int64_t generation,
+      const std::string& problem,
+      int64_t bucket_bytes) {
     const auto& store = world_.store();
     const std::string prefix =
-        "torchlora/adapter_sync/" + std::to_string(store_generation()) + "/";
-    const auto mine = join(description());
+        "torchlora/adapter_sync/" + std::to_string(generation) + "/";
+    // The first line says how the tensors are bucketed: the ranks' buckets
+    // must pair up. A rank that failed publishes "!" and its error instead.
+    const auto mine = problem.empty() ? "bucket_bytes " +
+            std::to_string(bucket_bytes) + "\n" + join(description())
+                                      : "!" + problem;
     try {
       store->set(
           prefix + std::to_string(world_.rank()),
@@ -259,6 +290,9 @@ class AdapterSync {
           world_.describe(),
           " could not reach the store: ",
           detail::message_of(error));
+    }
+    if (!problem.empty()) {
+      return; // the constructor throws it
     }
     std::vector<std::vector<std::string>> all;
     for (int rank = 0; rank < world_.world_size(); ++rank) {
@@ -277,12 +311,30 @@ class AdapterSync {
             " ms (it exited, or makes no AdapterSync): ",
             detail::message_of(error));
       }
-      all.push_back(split(std::string(bytes.begin(), bytes.end())));
+      const std::string text(bytes.begin(), bytes.end());
+      TORCH_CHECK(
+          text.empty() || text[0] != '!',
+          "torchlora: AdapterSync on ",
+          world_.describe(),
+          ": rank ",
+          rank,
+          " could not make its AdapterSync: ",
+          text.substr(std::min<std::size_t>(1, text.size())));
+      all.push_back(split(text));
     }
     for (int rank = 1; rank < world_.world_size(); ++rank) {
       const auto& first = all[0];
       const auto& other = all[static_cast<std::size_t>(rank)];
-      for (std::size_t line = 0; line < std::max(first.size(), other.size());
+      TORCH_CHECK(
+          first[0] == other[0],
+          "torchlora: the processes' AdapterSyncs differ: SyncOptions ",
+          first[0],
+          " on rank 0 and ",
+          other[0],
+          " on rank ",
+          rank,
+          " (their buckets must pair up: use the same options everywhere)");
+      for (std::size_t line = 1; line < std::max(first.size(), other.size());
            ++line) {
         const std::string theirs =
             line < other.size() ? other[line] : "nothing more";
@@ -292,7 +344,7 @@ class AdapterSync {
             theirs == ours,
             "torchlora: the processes' models differ, so AdapterSync cannot "
             "keep them in step: trainable tensor ",
-            line + 1,
+            line,
             " is ",
             ours,
             " on rank 0 and ",
@@ -316,7 +368,8 @@ class AdapterSync {
     for (const auto& bucket : buckets_) {
       std::vector<at::Tensor> pieces;
       for (const auto index : bucket.members) {
-        pieces.push_back(tensors_[index].detach().reshape(-1));
+        pieces.push_back(
+            tensors_[index].detach().reshape(-1).to(bucket.transport));
       }
       std::vector<at::Tensor> buffers{at::cat(pieces)};
       detail::run_collective(
@@ -354,6 +407,21 @@ class AdapterSync {
           "got '",
           item.key(),
           "'); make a new AdapterSync after inject_lora or set_adapter");
+      TORCH_CHECK(
+          item.value().scalar_type() == dtypes_[index] &&
+              item.value().device() == devices_[index],
+          "torchlora: '",
+          item.key(),
+          "' changed from ",
+          c10::toString(dtypes_[index]),
+          " on ",
+          devices_[index].str(),
+          " to ",
+          c10::toString(item.value().scalar_type()),
+          " on ",
+          item.value().device().str(),
+          " since its AdapterSync was made; make a new AdapterSync after "
+          "moving or converting the model");
       ++index;
     }
     TORCH_CHECK(
@@ -370,6 +438,8 @@ class AdapterSync {
   World world_;
   std::vector<std::string> names_;
   std::vector<at::Tensor> tensors_;
+  std::vector<c10::ScalarType> dtypes_;
+  std::vector<c10::Device> devices_;
   std::vector<Bucket> buckets_;
   int64_t communicated_bytes_ = 0;
 };
