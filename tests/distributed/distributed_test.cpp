@@ -176,34 +176,35 @@ TEST(InitFromEnv, BadOptionsAreNamed) {
 #endif
 }
 
-TEST(InitFromEnv, AStoreNobodyServesIsAnErrorAfterTheTimeout) {
-  const auto port = std::to_string(unused_port());
-  const auto start = std::chrono::steady_clock::now();
-  const auto message = init_error(
+/// init_from_env's error for `rank` of 2 processes on a port nobody
+/// serves, with a 1.5 s timeout; `port` says which port was used.
+std::string alone_on_unused_port(int rank, std::string* port) {
+  *port = std::to_string(unused_port());
+  return init_error(
       {{"WORLD_SIZE", "2"},
-       {"RANK", "1"},
+       {"RANK", std::to_string(rank)},
        {"MASTER_ADDR", "127.0.0.1"},
-       {"MASTER_PORT", port}},
+       {"MASTER_PORT", *port}},
       dist::InitOptions().timeout(std::chrono::milliseconds(1500)));
+}
+
+TEST(InitFromEnv, AStoreNobodyServesIsAnErrorAfterTheTimeout) {
+  std::string port;
+  const auto start = std::chrono::steady_clock::now();
+  const auto message = alone_on_unused_port(1, &port);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
           .count();
   EXPECT_CONTAINS(
       message,
-      "torchlora: rank 1 of 2 could not join the store at "
-      "127.0.0.1:" +
-          port + " within 1500 ms");
+      "torchlora: rank 1 of 2 could not join the store at 127.0.0.1:" + port +
+          " within 1500 ms");
   EXPECT_LT(seconds, 30.0);
 }
 
 TEST(InitFromEnv, RankZeroAloneIsAnErrorAfterTheTimeout) {
-  const auto port = std::to_string(unused_port());
-  const auto message = init_error(
-      {{"WORLD_SIZE", "2"},
-       {"RANK", "0"},
-       {"MASTER_ADDR", "127.0.0.1"},
-       {"MASTER_PORT", port}},
-      dist::InitOptions().timeout(std::chrono::milliseconds(1500)));
+  std::string port;
+  const auto message = alone_on_unused_port(0, &port);
   EXPECT_CONTAINS(message, "torchlora: rank 0 of 2 could not");
   EXPECT_CONTAINS(message, "within 1500 ms");
 }
@@ -255,28 +256,18 @@ TEST(AdapterSync, RefusesAModelWithNothingTrainable) {
   for (auto& p : plain->parameters()) {
     p.set_requires_grad(false);
   }
-  try {
-    dist::AdapterSync sync(plain, dist::World());
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: AdapterSync found no trainable tensor in the "
-        "model; make it after inject_lora");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      dist::AdapterSync(plain, dist::World()),
+      "torchlora: AdapterSync found no trainable tensor in the "
+      "model; make it after inject_lora");
 }
 
 TEST(AdapterSync, RefusesABucketSizeThatIsNotPositive) {
   auto model = adapted_model();
-  try {
-    dist::AdapterSync sync(
-        model, dist::World(), dist::SyncOptions().bucket_bytes(0));
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: SyncOptions bucket_bytes must be positive, got 0");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      dist::AdapterSync sync(
+          model, dist::World(), dist::SyncOptions().bucket_bytes(0)),
+      "torchlora: SyncOptions bucket_bytes must be positive, got 0");
 }
 
 TEST(AdapterSync, RefusesTrainableTensorsThatChangedSinceItWasMade) {
@@ -286,17 +277,12 @@ TEST(AdapterSync, RefusesTrainableTensorsThatChangedSinceItWasMade) {
       model,
       torchlora::LoRAConfig(2).adapter_name("extra").target_modules({"0"}));
   torchlora::set_adapter(model, {"default", "extra"});
-  try {
-    sync.all_reduce_gradients();
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: the model's trainable tensors changed since its "
-        "AdapterSync was made ('0.lora_B.default.weight' was "
-        "expected, got '0.lora_A.extra.weight'); make a new "
-        "AdapterSync after inject_lora or set_adapter");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      sync.all_reduce_gradients(),
+      "torchlora: the model's trainable tensors changed since its "
+      "AdapterSync was made ('0.lora_B.default.weight' was "
+      "expected, got '0.lora_A.extra.weight'); make a new "
+      "AdapterSync after inject_lora or set_adapter");
   auto frozen = adapted_model();
   dist::AdapterSync frozen_sync(frozen, dist::World());
   frozen->parameters().back().set_requires_grad(false);
@@ -305,15 +291,10 @@ TEST(AdapterSync, RefusesTrainableTensorsThatChangedSinceItWasMade) {
       p.value().set_requires_grad(false);
     }
   }
-  try {
-    frozen_sync.all_reduce_gradients();
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: the model's trainable tensors changed since its "
-        "AdapterSync was made (4 were trainable, now 3)");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      frozen_sync.all_reduce_gradients(),
+      "torchlora: the model's trainable tensors changed since its "
+      "AdapterSync was made (4 were trainable, now 3)");
 }
 
 TEST(AdapterSync, RefusesAModelConvertedSinceItWasMade) {
@@ -332,15 +313,10 @@ TEST(AdapterSync, RefusesSparseGradients) {
       torch::nn::EmbeddingOptions(10, 4).sparse(true));
   dist::AdapterSync sync(embedding, dist::World());
   embedding->forward(torch::tensor({1, 2}, torch::kLong)).sum().backward();
-  try {
-    sync.all_reduce_gradients();
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: AdapterSync averages dense gradients only; "
-        "'weight' has a sparse one");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      sync.all_reduce_gradients(),
+      "torchlora: AdapterSync averages dense gradients only; "
+      "'weight' has a sparse one");
 }
 
 TEST(ShardRows, OneProcessGetsTheWholeBatch) {
@@ -348,15 +324,10 @@ TEST(ShardRows, OneProcessGetsTheWholeBatch) {
   const auto share = dist::shard_rows(batch, dist::World());
   EXPECT_TRUE(share.is_same(batch) || torch::equal(share, batch));
   EXPECT_EQ(share.data_ptr(), batch.data_ptr());
-  try {
-    dist::shard_rows(torch::tensor(1.0), dist::World());
-    FAIL() << "expected an error";
-  } catch (const c10::Error& error) {
-    EXPECT_CONTAINS(
-        message_of(error),
-        "torchlora: shard_rows needs a tensor with a first "
-        "dimension, got 0 dimensions");
-  }
+  EXPECT_TORCHLORA_ERROR(
+      dist::shard_rows(torch::tensor(1.0), dist::World()),
+      "torchlora: shard_rows needs a tensor with a first "
+      "dimension, got 0 dimensions");
 }
 
 } // namespace
