@@ -685,8 +685,8 @@ TEST_F(InjectTest, MatchingAModuleThatIsNotAnAdaptableLayerIsAnError) {
   EXPECT_TORCHLORA_ERROR(
       inject_lora(model, LoRAConfig(2).target_modules({"q_proj", "mlp"})),
       "matched 'blocks.0.mlp', a torch::nn::SequentialImpl; only torch::nn::Linear, "
-      "Embedding, Conv1d, Conv2d and Conv3d layers and their torchlora LoRA layers can be "
-      "adapted. Name the layers inside it instead.");
+      "Embedding, Conv1d, Conv2d, Conv3d and MultiheadAttention layers and their torchlora "
+      "LoRA layers can be adapted. Name the layers inside it instead.");
   expect_unchanged(before, *model);
   EXPECT_TRUE(
       model->blocks[0]->as<BlockImpl>()->attn->q_proj->adapter_names().empty());

@@ -100,6 +100,7 @@ inline void save_adapter(
   contents.adapter_name = name;
   std::set<std::string> adapted; // layers that carry any adapter
   std::set<std::string> with_adapter; // layers that carry this one
+  const auto attentions = detail::adapted_attentions(index);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());
@@ -112,10 +113,13 @@ inline void save_adapter(
     const auto params = entry->module->named_parameters();
     for (const char* matrix : {"A", "B"}) {
       tensors.insert(
-          detail::peft_matrix_key(path, kind, matrix),
+          detail::peft_matrix_key(path, kind, matrix, attentions),
           params[kind.parameter_name(matrix, name)].detach());
     }
-    contents.layers.emplace_back(path, layer->adapter_options(name));
+    if (detail::peft_module_path(path, attentions) == path) {
+      // (An adapted attention's out_proj comes with it, in peft and here.)
+      contents.layers.emplace_back(path, layer->adapter_options(name));
+    }
     with_adapter.insert(path);
     if (layer->scale(name) != 1.0) {
       TORCH_WARN(
@@ -126,6 +130,7 @@ inline void save_adapter(
           "' is not saved (peft has no such setting)");
     }
   }
+  detail::check_biases_supported(options.bias(), attentions, "save_adapter");
   TORCH_CHECK(
       !contents.layers.empty(),
       "torchlora: save_adapter: the model has no adapter named \"",
@@ -250,6 +255,7 @@ inline void load_adapter(
   std::set<std::string> with_adapter; // layers that will carry this one
   bool inject = true;
   const TargetMatcher matcher(config);
+  auto attentions = detail::adapted_attentions(index);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());
@@ -284,23 +290,40 @@ inline void load_adapter(
     const auto params = entry->module->named_parameters();
     for (const char* matrix : {"A", "B"}) {
       const auto tensor = params[kind.parameter_name(matrix, adapter_name)];
-      expected[detail::peft_matrix_key(entry->paths.front(), kind, matrix)] =
-          detail::ExpectedTensor{tensor, tensor.sizes().vec()};
+      const auto& path = entry->paths.front();
+      expected[detail::peft_matrix_key(path, kind, matrix, attentions)] =
+          detail::ExpectedTensor{
+              tensor,
+              tensor.sizes().vec(),
+              detail::plain_matrix_key(path, kind, matrix, attentions)};
     }
   }
   if (inject) {
-    for (const auto& planned : detail::plan_injection(index, matcher)) {
+    const auto plan = detail::plan_injection(index, matcher);
+    for (const auto& planned : plan) {
+      if (dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(
+              planned.entry->module)) {
+        attentions.insert(planned.entry->paths.front());
+      }
+    }
+    for (const auto& planned : plan) {
       const auto& path = planned.entry->paths.front();
       adapted.insert(planned.entry->paths.begin(), planned.entry->paths.end());
       with_adapter.insert(path);
       const auto shapes =
           planned.kind->shapes(*planned.entry->module, planned.options.rank());
-      expected[detail::peft_matrix_key(path, *planned.kind, "A")] =
-          detail::ExpectedTensor{torch::Tensor(), shapes.A};
-      expected[detail::peft_matrix_key(path, *planned.kind, "B")] =
-          detail::ExpectedTensor{torch::Tensor(), shapes.B};
+      for (const char* matrix : {"A", "B"}) {
+        expected[detail::peft_matrix_key(
+            path, *planned.kind, matrix, attentions)] =
+            detail::ExpectedTensor{
+                torch::Tensor(),
+                *matrix == 'A' ? shapes.A : shapes.B,
+                detail::plain_matrix_key(
+                    path, *planned.kind, matrix, attentions)};
+      }
     }
   }
+  detail::check_biases_supported(config.bias(), attentions, "load_adapter");
   for (const auto& [key, tensor] : detail::state_of_modules(
            index, config.modules_to_save(), "load_adapter")) {
     expected[detail::kPeftPrefix + key] =
@@ -371,7 +394,8 @@ inline void load_adapter(
       const auto& kind = *detail::kind_of(*entry->module);
       const auto params = entry->module->named_parameters();
       for (const char* matrix : {"A", "B"}) {
-        expected[detail::peft_matrix_key(entry->paths.front(), kind, matrix)]
+        expected[detail::peft_matrix_key(
+                     entry->paths.front(), kind, matrix, attentions)]
             .target = params[kind.parameter_name(matrix, adapter_name)];
       }
     }

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/detail/conv_input_gradient.h>
+#include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
 
@@ -171,27 +172,14 @@ class LoRAConvImplT final
             .bias(false));
     A->to(device, dtype);
     B->to(device, dtype);
-    if (lora_A.is_empty()) {
-      lora_A = this->register_module("lora_A", torch::nn::ModuleDict());
-      lora_B = this->register_module("lora_B", torch::nn::ModuleDict());
-    }
-    lora_A->update({{name, A}});
-    lora_B->update({{name, B}});
+    detail::add_matrix_modules(*this, lora_A, lora_B, name, A, B);
     return {A->weight, B->weight};
   }
 
   void remove_matrices(const std::string& name, bool last) {
-    for (auto* dict : {&lora_A, &lora_B}) {
-      (*dict)->pop(name);
-      (*dict)->unregister_module(name);
-    }
-    if (last) {
-      this->unregister_module("lora_A");
-      this->unregister_module("lora_B");
-      lora_A = nullptr;
-      lora_B = nullptr;
-    }
+    detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
   }
+
 
   /// `B(A(x))` in A's dtype, through the adapter's own convolutions.
   torch::Tensor adapter_product(

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/attention.h>
 #include <torchlora/config.h>
 #include <torchlora/conv.h>
 #include <torchlora/detail/layer_kinds.h>
@@ -16,6 +17,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/transformerlayer.h>
 #include <torch/nn/pimpl.h>
 
 #include <c10/util/Exception.h>
@@ -35,6 +37,69 @@ struct PlannedLayer {
   const LayerKind* kind;
   LoRAOptions options;
 };
+
+/// Where a LibTorch module reads `module` through a typed member of its own
+/// (so that swapping it in the registry would not take effect), e.g.
+/// "TransformerEncoderLayer's linear1->weight"; empty when none does.
+inline std::string libtorch_member_of(
+    const Registration& registration,
+    const torch::nn::Module* module) {
+  const auto* parent = registration.parent;
+  const std::string& name = registration.name;
+  if (const auto* encoder =
+          dynamic_cast<const torch::nn::TransformerEncoderLayerImpl*>(parent)) {
+    if ((name == "linear1" && encoder->linear1.get() == module) ||
+        (name == "linear2" && encoder->linear2.get() == module)) {
+      return "TransformerEncoderLayer's " + name + "->weight";
+    }
+  }
+  if (const auto* decoder =
+          dynamic_cast<const torch::nn::TransformerDecoderLayerImpl*>(parent)) {
+    if ((name == "linear1" && decoder->linear1.get() == module) ||
+        (name == "linear2" && decoder->linear2.get() == module)) {
+      return "TransformerDecoderLayer's " + name + "->weight";
+    }
+  }
+  const auto* attention =
+      dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(parent);
+  if (const auto* lora =
+          dynamic_cast<const LoRAMultiheadAttentionImpl*>(parent)) {
+    attention = lora->base_layer().get();
+  }
+  if (attention != nullptr && name == "out_proj" &&
+      attention->out_proj.get() == module) {
+    return "MultiheadAttention's out_proj->weight";
+  }
+  return std::string();
+}
+
+/// The member a planned plain layer must be bound to, as `where` for
+/// `LoRALayer::bind_member` ("'path' (...)"); empty when the layer is held
+/// by the model only. A MultiheadAttention is always bound (its forward
+/// reads `in_proj_weight`); a Linear when one LibTorch module's typed member
+/// is all that holds it outside the model. Anything else holding it is the
+/// error of `check_only_held_by_model`.
+inline std::string member_binding(
+    const ModelEntry& entry,
+    const std::shared_ptr<torch::nn::Module>& module,
+    const LayerKind& kind) {
+  const auto& path = entry.paths.front();
+  if (kind.is_plain(*module) &&
+      dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(module.get())) {
+    return "'" + path + "' (MultiheadAttention's in_proj_weight)";
+  }
+  const auto outside = outside_references(entry, module);
+  if (outside != 1) {
+    return std::string();
+  }
+  for (const auto& registration : entry.registrations) {
+    const auto member = libtorch_member_of(registration, module.get());
+    if (!member.empty()) {
+      return "'" + path + "' (" + member + ")";
+    }
+  }
+  return std::string();
+}
 
 /// The paths of the layers torchlora can adapt, at most `limit` of them.
 inline std::string list_adaptable_paths(const ModelIndex& index, size_t limit) {
@@ -107,6 +172,43 @@ inline void check_only_held_by_model(
       "Nothing was changed.");
 }
 
+/// Adds the `out_proj` of every planned MultiheadAttention (with the
+/// attention's options, as peft does) unless planned already, keeping model
+/// order.
+inline void add_attention_output_projections(
+    const ModelIndex& index,
+    const LoRAConfig& config,
+    std::vector<PlannedLayer>& planned) {
+  const auto planned_at = [&](const ModelEntry& entry) {
+    return std::any_of(planned.begin(), planned.end(), [&](const auto& p) {
+      return p.entry == &entry;
+    });
+  };
+  std::vector<PlannedLayer> added;
+  for (const auto& layer : planned) {
+    if (layer.kind->plain_name !=
+        std::string("torch::nn::MultiheadAttention")) {
+      continue;
+    }
+    const auto out_path = layer.entry->paths.front() + ".out_proj";
+    for (const auto& entry : index.entries()) {
+      if (entry.paths.front() != out_path || planned_at(entry)) {
+        continue;
+      }
+      auto* lora = dynamic_cast<LoRALayer*>(entry.module);
+      if (lora != nullptr && lora->has_adapter(config.adapter_name())) {
+        continue;
+      }
+      added.push_back(PlannedLayer{&entry, kind_of(*entry.module), layer.options});
+    }
+  }
+  planned.insert(planned.end(), added.begin(), added.end());
+  const auto* first = index.entries().data();
+  std::sort(planned.begin(), planned.end(), [&](const auto& a, const auto& b) {
+    return a.entry - first < b.entry - first;
+  });
+}
+
 /// Finds the layers `config` targets and checks everything that could fail,
 /// without changing the model.
 inline std::vector<PlannedLayer> plan_injection(
@@ -166,6 +268,7 @@ inline std::vector<PlannedLayer> plan_injection(
     }
     planned.push_back(PlannedLayer{&entry, kind, matcher.options_for(path)});
   }
+  add_attention_output_projections(index, config, planned);
 
   TORCH_CHECK(
       !planned.empty(),
@@ -220,11 +323,15 @@ inline std::vector<std::string> inject_lora(
 
   // The walk held no references; each plain target is now held here once.
   std::vector<std::shared_ptr<torch::nn::Module>> held(planned.size());
+  std::vector<std::string> bindings(planned.size());
   for (size_t i = 0; i < planned.size(); ++i) {
     const auto& entry = *planned[i].entry;
     if (planned[i].kind->is_plain(*entry.module)) {
       held[i] = detail::share(entry);
-      detail::check_only_held_by_model(entry, held[i], *planned[i].kind);
+      bindings[i] = detail::member_binding(entry, held[i], *planned[i].kind);
+      if (bindings[i].empty()) {
+        detail::check_only_held_by_model(entry, held[i], *planned[i].kind);
+      }
     }
   }
 
@@ -235,7 +342,9 @@ inline std::vector<std::string> inject_lora(
   std::vector<LoRALayer*> extended;
   std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
   try {
-    for (size_t i = 0; i < planned.size(); ++i) {
+    // The innermost first: an attention's out_proj is swapped before the
+    // attention, whose LoRA layer then takes it over.
+    for (size_t i = planned.size(); i-- > 0;) {
       const auto& entry = *planned[i].entry;
       try {
         if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
@@ -247,6 +356,9 @@ inline std::vector<std::string> inject_lora(
               name, planned[i].options);
           swapped.emplace_back(i, wrapped);
           detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
+          if (!bindings[i].empty()) {
+            dynamic_cast<LoRALayer&>(*wrapped).bind_member(bindings[i]);
+          }
         }
       } catch (const c10::Error& error) { // a layer kind's own refusal
         TORCH_CHECK(
@@ -270,7 +382,10 @@ inline std::vector<std::string> inject_lora(
     for (auto* layer : extended) {
       layer->delete_adapter(name);
     }
-    for (const auto& [i, wrapped] : swapped) {
+    for (auto it = swapped.rbegin(); it != swapped.rend(); ++it) {
+      const auto& [i, wrapped] = *it;
+      // Gives a bound member its weight back and the attention its out_proj.
+      dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
       detail::replace_everywhere(
           *planned[i].entry,
           wrapped.get(),

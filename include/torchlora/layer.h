@@ -132,6 +132,41 @@ class LoRALayer {
   /// The base layer as an `AnyModule`, to put back into a `Sequential`.
   virtual torch::nn::AnyModule base_any_module() const = 0;
 
+  // ------------------------------------------------------------ members
+
+  /// True when a module of LibTorch reads this layer's base weight through
+  /// a typed member of its own (`TransformerEncoderLayer::linear1`,
+  /// `MultiheadAttention::in_proj_weight`): that member then holds the
+  /// adapted weight inside a `torchlora::AdaptedWeights` scope, the merged
+  /// weight when merged, and otherwise a sentinel that refuses every use.
+  virtual bool member_bound() const {
+    return false;
+  }
+
+  /// Makes this layer member-bound (`inject_lora` does, for the layers of
+  /// LibTorch's modules); `where` names it in messages. A layer type that
+  /// cannot refuses.
+  virtual void bind_member(const std::string& /*where*/) {
+    TORCH_CHECK(
+        false,
+        "torchlora: this LoRA layer type cannot be adapted through a member "
+        "of a LibTorch module");
+  }
+
+  /// Points the bound member at the adapted weight, `W + sum s B A`
+  /// (differentiable in every A and B), until as many
+  /// `release_member_weight` calls: what `AdaptedWeights` does.
+  virtual void hold_member_weight() {}
+
+  /// Ends one `hold_member_weight`.
+  virtual void release_member_weight() {}
+
+  /// How many `AdaptedWeights` scopes hold this layer's member now. Changing
+  /// the layer's adapters is refused while one does.
+  virtual int member_weight_holds() const {
+    return 0;
+  }
+
   // ------------------------------------------------------------ threads
 
   /// How many forwards run through this layer now, on any thread. Changing

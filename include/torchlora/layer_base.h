@@ -1,6 +1,8 @@
 #pragma once
 
+#include <torchlora/detail/adapted_weight_function.h>
 #include <torchlora/detail/forward_count.h>
+#include <torchlora/detail/member_sentinel.h>
 #include <torchlora/detail/row_routing.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
@@ -139,17 +141,26 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// `add_adapter` attaches them and `clone()`, overridden, copies them.
   void reset() override {
     options = base_->options;
+    const auto& base_weight = Derived::member_weight(*base_);
     weight = this->register_parameter(
-        "weight", base_->weight, base_->weight.requires_grad());
+        Derived::kWeightName, base_weight, base_weight.requires_grad());
     const auto base_bias = Derived::bias_of(*base_);
     bias = this->register_parameter(
-        "bias", base_bias, base_bias.defined() && base_bias.requires_grad());
+        Derived::kBiasName,
+        base_bias,
+        base_bias.defined() && base_bias.requires_grad());
   }
 
   /// Re-initializes the base layer and every adapter.
   void reset_parameters() {
     check_not_merged("reset_parameters");
+    check_no_forward_running("reset_parameters");
+    if (member_.bound) {
+      // The base initializes its member: the registered weight, for now.
+      Derived::member_weight(*base_) = weight;
+    }
     base_->reset_parameters();
+    refresh_member();
     for (const auto& adapter : adapters_) {
       derived().init_matrices(
           adapter.options.init(), adapter.options.rank(), adapter.A, adapter.B);
@@ -172,6 +183,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         lora.rank());
     detail::check_lora_options(lora);
     derived().check_adapter_options(name, lora);
+    check_member_options(name, lora);
 
     const auto dtype = lora.dtype().value_or(weight.scalar_type());
     auto [A, B] =
@@ -332,6 +344,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     }
     original_weight_ = torch::Tensor();
     merged_ = false;
+    refresh_member();
   }
 
   bool merged() const override {
@@ -392,6 +405,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     while (!adapters_.empty()) {
       delete_adapter(adapters_.back().name);
     }
+    if (member_.bound) {
+      // The member reads the (merged or restored) base weight again.
+      Derived::member_weight(*base_) = weight;
+      member_ = MemberBinding();
+    }
   }
 
   std::shared_ptr<torch::nn::Module> base_module() const override {
@@ -412,16 +430,19 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       override {
     torch::nn::Module::to(device, dtype, non_blocking);
     follow_weight();
+    refresh_member();
   }
 
   void to(torch::Dtype dtype, bool non_blocking = false) override {
     torch::nn::Module::to(dtype, non_blocking);
     follow_weight();
+    refresh_member();
   }
 
   void to(torch::Device device, bool non_blocking = false) override {
     torch::nn::Module::to(device, non_blocking);
     follow_weight();
+    refresh_member();
   }
 
   /// Saves like any module; a merged layer saves its unmerged weight, so a
@@ -432,7 +453,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       check_restorable("saving it");
     }
     for (const auto& item : this->named_parameters(/*recurse=*/false)) {
-      const bool unmerged = merged_ && item.key() == "weight";
+      const bool unmerged = merged_ && item.key() == Derived::kWeightName;
       archive.write(
           item.key(), unmerged ? weight_before_merge() : item.value());
     }
@@ -487,6 +508,90 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       throw;
     }
     merge_keeping_original(/*safe=*/false, keep_original);
+  }
+
+  // ------------------------------------------------------------ members
+
+  bool member_bound() const override {
+    return member_.bound;
+  }
+
+  void bind_member(const std::string& where) override {
+    check_not_merged("bind_member");
+    for (const auto& adapter : adapters_) {
+      check_member_options(adapter.name, adapter.options, where);
+    }
+    member_.bound = true;
+    member_.where = where;
+    refresh_member();
+  }
+
+  void hold_member_weight() override {
+    TORCH_CHECK(
+        member_.bound,
+        "torchlora: hold_member_weight on a ",
+        Derived::kName,
+        " that no LibTorch module reads through a member");
+    if (merged_) {
+      check_merged_weight_is_current();
+    }
+    ++member_.holds;
+    try {
+      refresh_member();
+    } catch (...) {
+      --member_.holds;
+      throw;
+    }
+  }
+
+  void release_member_weight() override {
+    if (member_.holds > 0) {
+      --member_.holds;
+      if (member_.holds == 0) {
+        refresh_member();
+      }
+    }
+  }
+
+  int member_weight_holds() const override {
+    return member_.holds;
+  }
+
+  /// The weight this layer computes with: `weight` plus every active
+  /// adapter's `s B A`, differentiable in each A and B (to any order;
+  /// computed in fp32 for fp16/bf16 weights); `weight` itself when merged,
+  /// disabled or without an active adapter. What a bound member holds inside
+  /// `AdaptedWeights`. Without gradients to record it equals the merged
+  /// weight bit for bit.
+  torch::Tensor adapted_weight() const {
+    if (merged_ || !enabled_ || !has_active_adapter()) {
+      return weight;
+    }
+    bool record = false;
+    if (at::GradMode::is_enabled()) {
+      for (const auto& adapter : adapters_) {
+        record = record ||
+            (adapter.active &&
+             (adapter.A.requires_grad() || adapter.B.requires_grad()));
+      }
+    }
+    if (!record) {
+      return weight_with_adapters();
+    }
+    auto adapted = weight;
+    const auto where = member_.bound ? member_.where
+                                     : std::string("this ") + Derived::kName;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        adapted = detail::AdaptedWeightFunction::apply(
+            adapted,
+            adapter.A,
+            adapter.B,
+            adapter.effective_scaling(),
+            where);
+      }
+    }
+    return adapted;
   }
 
   /// Deep copy: new base tensors and adapters with equal values, the same
@@ -617,6 +722,16 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   static torch::Tensor bias_of(const BaseImpl& base) {
     return base.bias;
   }
+
+  /// The base's weight member, which its forward reads; kinds whose base
+  /// names it otherwise replace it (and the registration names below).
+  static torch::Tensor& member_weight(BaseImpl& base) {
+    return base.weight;
+  }
+
+  /// The names `weight` and `bias` are registered under: the base's own.
+  static constexpr const char* kWeightName = "weight";
+  static constexpr const char* kBiasName = "bias";
 
   /// A-then-B init of Linear and Conv layers; kinds may replace it.
   void init_matrices(
@@ -858,6 +973,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         running_forwards_.running(),
         operation,
         std::string("this ") + Derived::kName);
+    detail::check_no_member_hold(
+        member_.holds, operation, std::string("this ") + Derived::kName);
   }
 
   /// Throws when `what` cannot give back the weight from before `merge`:
@@ -895,6 +1012,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     merged_ = true;
     merged_stamps_ = adapter_stamps();
     merged_weight_version_ = weight._version();
+    refresh_member();
   }
 
   void check_safe_merge(bool safe, const torch::Tensor& merged_weight) const {
@@ -1046,6 +1164,65 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     to.set_requires_grad(from.requires_grad());
   }
 
+  /// A member of a LibTorch module that reads the base weight directly
+  /// (`bind_member`).
+  struct MemberBinding {
+    bool bound = false;
+    /// The layer in messages: "'layers.0.linear1' (read by ...)".
+    std::string where;
+    /// `AdaptedWeights` scopes holding the member now.
+    int holds = 0;
+  };
+
+  /// Refuses an adapter a bound member cannot honour: the member holds one
+  /// weight, so the adapter's input cannot be dropped out.
+  void check_member_options(
+      const std::string& name,
+      const LoRAOptions& lora,
+      const std::string& where = std::string()) const {
+    if (!member_.bound && where.empty()) {
+      return;
+    }
+    TORCH_CHECK(
+        lora.dropout() == 0,
+        "torchlora: adapter \"",
+        name,
+        "\" of ",
+        where.empty() ? member_.where : where,
+        " needs dropout 0, got ",
+        lora.dropout(),
+        ": that LibTorch module reads the layer's weight directly, so the "
+        "adapter is applied as one weight W + s B A and its input cannot be "
+        "dropped out");
+  }
+
+  /// Points the bound member at what it must hold now: the merged weight;
+  /// the adapted weight inside `AdaptedWeights`; a sentinel that refuses
+  /// every use otherwise.
+  void refresh_member() {
+    if (!member_.bound) {
+      return;
+    }
+    auto& member = Derived::member_weight(*base_);
+    if (merged_) {
+      member = weight;
+    } else if (member_.holds > 0) {
+      member = adapted_weight();
+    } else {
+      member = detail::member_sentinel(
+          weight,
+          "torchlora: the weight LibTorch's module reads from " +
+              member_.where +
+              " is the base weight plus its LoRA adapters, computed only "
+              "inside a torchlora::AdaptedWeights scope, and it was used "
+              "outside one. Make `torchlora::AdaptedWeights adapted(model);` "
+              "before the forward (a new one for every training step, after "
+              "optimizer.step()), or merge() the model for inference. The "
+              "base weight itself is in named_parameters()");
+    }
+  }
+
+  MemberBinding member_;
   std::vector<detail::Adapter> adapters_;
   bool enabled_ = true;
   bool merged_ = false;

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/detail/lora_linear_function.h>
+#include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
 
@@ -168,28 +169,14 @@ class LoRALinearImplT final
         this->options.in_features(), rank, device, dtype);
     const auto B = detail::make_lora_matrix(
         rank, this->options.out_features(), device, dtype);
-    if (lora_A.is_empty()) {
-      lora_A = this->register_module("lora_A", torch::nn::ModuleDict());
-      lora_B = this->register_module("lora_B", torch::nn::ModuleDict());
-    }
-    lora_A->update({{name, A.ptr()}});
-    lora_B->update({{name, B.ptr()}});
+    detail::add_matrix_modules(*this, lora_A, lora_B, name, A.ptr(), B.ptr());
     return {A->weight, B->weight};
   }
 
   void remove_matrices(const std::string& name, bool last) {
-    // ModuleDict::pop leaves the module registered: unregister it as well.
-    for (auto* dict : {&lora_A, &lora_B}) {
-      (*dict)->pop(name);
-      (*dict)->unregister_module(name);
-    }
-    if (last) {
-      this->unregister_module("lora_A");
-      this->unregister_module("lora_B");
-      lora_A = nullptr;
-      lora_B = nullptr;
-    }
+    detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
   }
+
 
   /// `weight += s B A`.
   static void add_delta_weight(

@@ -86,8 +86,13 @@ inline void check_unmergeable(const ModelIndex& index) {
   }
 }
 
+/// Unloads every LoRA layer of `index`, the innermost first (a
+/// LoRAMultiheadAttention's `out_proj` before the attention), putting the
+/// base layer back where only the model held the LoRA layer.
 inline void unload_layers(const ModelIndex& index, bool merge_first) {
-  for (const auto& [entry, layer] : index.lora_layers()) {
+  const auto layers = index.lora_layers();
+  for (auto it = layers.rbegin(); it != layers.rend(); ++it) {
+    const auto& [entry, layer] = *it;
     const auto held = share(*entry);
     const bool held_outside = outside_references(*entry, held) > 0;
     layer->unload(merge_first);

@@ -53,6 +53,13 @@ class AdapterRouting {
       : groups_(check_names(model, names)) {
     const detail::ModelIndex index(model.get());
     for (const auto& [entry, layer] : index.lora_layers()) {
+      TORCH_CHECK(
+          !layer->member_bound(),
+          "torchlora: AdapterRouting cannot route rows through '",
+          entry->paths.front(),
+          "': a LibTorch module reads its weight directly, so one weight "
+          "serves every row. Route rows on models built from LoRA layers, or "
+          "run one adapter per batch (set_adapter)");
       held_.push_back(detail::share(*entry));
       layers_.insert(layer);
     }

@@ -13,8 +13,10 @@
 
 #include <torch/torch.h>
 
+#include <torchlora/adapted_weights.h>
 #include <torchlora/adapter_io.h>
 #include <torchlora/adapters.h>
+#include <torchlora/attention.h>
 #include <torchlora/config.h>
 #include <torchlora/conv.h>
 #include <torchlora/embedding.h>

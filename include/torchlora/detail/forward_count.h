@@ -65,4 +65,23 @@ inline void check_no_forward_running(
       "no forward runs. Nothing was changed");
 }
 
+/// Refuses `operation` while `holds` torchlora::AdaptedWeights scopes hold
+/// the weight `layer` computes into a LibTorch module's member: the member
+/// would keep the adapters from before the change.
+inline void check_no_member_hold(
+    int holds,
+    const char* operation,
+    const std::string& layer) {
+  TORCH_CHECK(
+      holds == 0,
+      "torchlora: ",
+      operation,
+      " while a torchlora::AdaptedWeights holds the weight computed for ",
+      layer,
+      " (",
+      holds,
+      " scope(s)); change adapters, scales, DisableAdapters or merges before "
+      "making the AdaptedWeights or after it ends. Nothing was changed");
+}
+
 } // namespace torchlora::detail

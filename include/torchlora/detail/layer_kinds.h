@@ -6,12 +6,14 @@
 // merge_and_unload, save and load treat every kind through it. Not part of
 // the API.
 
+#include <torchlora/attention.h>
 #include <torchlora/conv.h>
 #include <torchlora/embedding.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
 
 #include <torch/nn/module.h>
+#include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
@@ -148,11 +150,32 @@ AdapterShapes conv_shapes(const torch::nn::Module& layer, int64_t r) {
   return {A, B};
 }
 
+/// A MultiheadAttention's packed projection: A `[r, E]`, B `[3E, r]`.
+inline AdapterShapes attention_shapes(
+    const torch::nn::Module& layer,
+    int64_t r) {
+  const auto* plain =
+      dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(&layer);
+  const auto* lora = dynamic_cast<const LoRAMultiheadAttentionImpl*>(&layer);
+  const auto E = plain != nullptr ? plain->options.embed_dim()
+                                  : lora->options.embed_dim();
+  return {{r, E}, {3 * E, r}};
+}
+
 /// Every kind, the most specific first: a LoRA layer of a type this table
 /// does not know (a `LoRALinearImplT` over another base, say) counts as a
 /// Linear one.
 inline const std::vector<LayerKind>& layer_kinds() {
   static const std::vector<LayerKind> kinds = {
+      make_layer_kind<
+          torch::nn::MultiheadAttentionImpl,
+          LoRAMultiheadAttentionImpl>(
+          "torch::nn::MultiheadAttention",
+          "torchlora::LoRAMultiheadAttention",
+          false,
+          "lora_",
+          true,
+          attention_shapes),
       make_layer_kind<torch::nn::EmbeddingImpl, LoRAEmbeddingImpl>(
           "torch::nn::Embedding",
           "torchlora::LoRAEmbedding",
@@ -213,8 +236,8 @@ inline bool is_plain_layer(const torch::nn::Module& module) {
 /// "torch::nn::Linear, Embedding, Conv1d, Conv2d, Conv3d" and their LoRA
 /// layers, for messages.
 inline std::string adaptable_kinds_text() {
-  return "torch::nn::Linear, Embedding, Conv1d, Conv2d and Conv3d layers and "
-         "their torchlora LoRA layers";
+  return "torch::nn::Linear, Embedding, Conv1d, Conv2d, Conv3d and "
+         "MultiheadAttention layers and their torchlora LoRA layers";
 }
 
 } // namespace detail

@@ -42,8 +42,8 @@ struct ModelEntry {
 };
 
 /// Every module below `root`, each once, in model order (pre-order, the
-/// order of `named_modules`). LoRA layers are leaves: their adapters are
-/// never walked into. A root that is itself a LoRA layer is the one entry,
+/// order of `named_modules`). The adapters of LoRA layers are never walked
+/// into (a LoRAMultiheadAttention's `out_proj` is). A root that is itself a LoRA layer is the one entry,
 /// at path "" with no registration. The index holds no reference to any
 /// module.
 class ModelIndex {
@@ -73,7 +73,11 @@ class ModelIndex {
 
  private:
   void walk(torch::nn::Module& module, const std::string& prefix) {
+    const bool lora = dynamic_cast<LoRALayer*>(&module) != nullptr;
     for (const auto& child : module.named_children()) {
+      if (lora && child.key().rfind("lora_", 0) == 0) {
+        continue; // an adapter's matrices
+      }
       auto* pointer = child.value().get();
       const auto path =
           prefix.empty() ? child.key() : prefix + "." + child.key();
@@ -91,9 +95,7 @@ class ModelIndex {
               registration) == entry.registrations.end()) {
         entry.registrations.push_back(registration);
       }
-      if (dynamic_cast<LoRALayer*>(pointer) == nullptr) {
-        walk(*pointer, path);
-      }
+      walk(*pointer, path);
     }
   }
 
@@ -136,8 +138,10 @@ inline void check_no_forward_running(
     const ModelIndex& index,
     const char* operation) {
   for (const auto& [entry, layer] : index.lora_layers()) {
+    const auto name = "'" + entry->paths.front() + "'";
     detail::check_no_forward_running(
-        layer->running_forwards(), operation, "'" + entry->paths.front() + "'");
+        layer->running_forwards(), operation, name);
+    detail::check_no_member_hold(layer->member_weight_holds(), operation, name);
   }
 }
 

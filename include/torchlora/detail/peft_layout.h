@@ -39,6 +39,77 @@ inline std::string peft_matrix_key(
   return kPeftPrefix + path + "." + kind.file_suffix(matrix);
 }
 
+/// The paths of the model's MultiheadAttention layers that carry an
+/// adapter: peft holds each as `base_layer` of its LoRA layer.
+inline std::set<std::string> adapted_attentions(const ModelIndex& index) {
+  std::set<std::string> paths;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (dynamic_cast<const LoRAMultiheadAttentionImpl*>(entry->module) &&
+        !layer->adapter_names().empty()) {
+      paths.insert(entry->paths.front());
+    }
+  }
+  return paths;
+}
+
+/// The path peft gives the module at `path`: the `out_proj` of an adapted
+/// attention (one of `attentions`) sits inside its `base_layer`, so
+/// `<attention>.out_proj` is `<attention>.base_layer.out_proj` there.
+inline std::string peft_module_path(
+    const std::string& path,
+    const std::set<std::string>& attentions) {
+  const std::string suffix = ".out_proj";
+  if (path.size() > suffix.size() &&
+      path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    const auto parent = path.substr(0, path.size() - suffix.size());
+    if (attentions.count(parent) > 0) {
+      return parent + ".base_layer.out_proj";
+    }
+  }
+  return path;
+}
+
+/// `peft_matrix_key` of the module at `path`, in peft's layout.
+inline std::string peft_matrix_key(
+    const std::string& path,
+    const LayerKind& kind,
+    const char* matrix,
+    const std::set<std::string>& attentions) {
+  return peft_matrix_key(peft_module_path(path, attentions), kind, matrix);
+}
+
+/// Refuses saving or loading biases (`bias` other than "none") of a model
+/// with adapted attention layers: their biases (`in_proj_bias`, and
+/// `out_proj`'s inside peft's `base_layer`) have keys of their own in peft
+/// that torchlora does not write.
+inline void check_biases_supported(
+    LoRABias bias,
+    const std::set<std::string>& attentions,
+    const char* operation) {
+  TORCH_CHECK(
+      bias == LoRABias::none || attentions.empty(),
+      "torchlora: ",
+      operation,
+      ": bias = \"",
+      to_string(bias),
+      "\" is not supported with adapted MultiheadAttention layers (here '",
+      attentions.empty() ? std::string() : *attentions.begin(),
+      "'); use bias \"none\" for such models");
+}
+
+/// The key of the module at `path` as torchlora names it, where it differs
+/// from peft's (the `out_proj` of an adapted attention): load_adapter takes
+/// either. Empty where they are the same.
+inline std::string plain_matrix_key(
+    const std::string& path,
+    const LayerKind& kind,
+    const char* matrix,
+    const std::set<std::string>& attentions) {
+  const auto peft = peft_matrix_key(path, kind, matrix, attentions);
+  const auto plain = peft_matrix_key(path, kind, matrix);
+  return peft == plain ? std::string() : plain;
+}
+
 /// The folder of adapter `name` under `dir`: `dir` itself for "default", as
 /// peft's `save_pretrained` does.
 inline std::string adapter_folder(
