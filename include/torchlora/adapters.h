@@ -176,6 +176,12 @@ class DisableAdapters {
   explicit DisableAdapters(ModuleRef model) {
     const detail::ModelIndex index(model.get());
     const auto layers = index.lora_layers();
+    for (const auto& [entry, layer] : layers) {
+      detail::check_no_member_hold(
+          layer->member_weight_holds(),
+          "DisableAdapters",
+          "'" + entry->paths.front() + "'");
+    }
     saved_.reserve(layers.size());
     try {
       for (const auto& [entry, layer] : layers) {

@@ -13,7 +13,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <cstdint>
 #include <string>
 
 namespace torchlora {
@@ -50,11 +49,13 @@ struct AdaptedWeightFunction
       double s,
       const std::string& where) {
     // Kept as values (not saved variables), so that a second backward
-    // through the same weight works; their versions tell a later change.
+    // through the same weight works. A copy of their values tells a later
+    // change: LibTorch's optimizers step through `.data()`, which version
+    // counters do not see. (The copies are adapter-sized.)
     ctx->saved_data["A"] = A;
     ctx->saved_data["B"] = B;
-    ctx->saved_data["A_version"] = static_cast<int64_t>(A._version());
-    ctx->saved_data["B_version"] = static_cast<int64_t>(B._version());
+    ctx->saved_data["A_values"] = A.detach().clone();
+    ctx->saved_data["B_values"] = B.detach().clone();
     ctx->saved_data["s"] = s;
     ctx->saved_data["where"] = where;
     return add_low_rank(W, A, B, s);
@@ -66,8 +67,8 @@ struct AdaptedWeightFunction
     const auto A = ctx->saved_data["A"].toTensor();
     const auto B = ctx->saved_data["B"].toTensor();
     TORCH_CHECK(
-        A._version() == ctx->saved_data["A_version"].toInt() &&
-            B._version() == ctx->saved_data["B_version"].toInt(),
+        torch::equal(A.detach(), ctx->saved_data["A_values"].toTensor()) &&
+            torch::equal(B.detach(), ctx->saved_data["B_values"].toTensor()),
         "torchlora: the weight of ",
         ctx->saved_data["where"].toStringRef(),
         " was computed by a torchlora::AdaptedWeights before its adapters "
