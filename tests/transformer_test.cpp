@@ -44,9 +44,14 @@ nn::TransformerDecoder make_decoder(int64_t seed, torch::Dtype dtype) {
 }
 
 const std::vector<std::string> kEncoderTargets = {
-    "self_attn", "linear1", "linear2"};
+    "self_attn",
+    "linear1",
+    "linear2"};
 const std::vector<std::string> kDecoderTargets = {
-    "self_attn", "multihead_attn", "linear1", "linear2"};
+    "self_attn",
+    "multihead_attn",
+    "linear1",
+    "linear2"};
 
 /// The parameters to train (the adapters, after inject_lora).
 std::vector<torch::Tensor> trainable(const nn::Module& model) {
@@ -81,9 +86,9 @@ struct Reference {
       const auto& path = item.key();
       const auto& module = item.value();
       const auto weight = [&](const std::string& at) {
-        return A.count(at) ? std::optional<torch::Tensor>(
-                                 s * torch::mm(B.at(at), A.at(at)))
-                           : std::nullopt;
+        return A.count(at)
+            ? std::optional<torch::Tensor>(s * torch::mm(B.at(at), A.at(at)))
+            : std::nullopt;
       };
       if (auto* attention = module->as<nn::MultiheadAttentionImpl>()) {
         if (auto delta = weight(path)) {
@@ -104,7 +109,8 @@ Reference reference_of(nn::Module& model) {
   Reference reference;
   for (const auto& item : model.named_parameters()) {
     const auto& key = item.key();
-    for (const char* matrix : {".lora_A.default.weight", ".lora_B.default.weight"}) {
+    for (const char* matrix :
+         {".lora_A.default.weight", ".lora_B.default.weight"}) {
       const auto at = key.find(matrix);
       if (at != std::string::npos) {
         auto& map = matrix[6] == 'A' ? reference.A : reference.B;
@@ -138,7 +144,8 @@ void expect_gradients_match(
     const auto& grad_B = grads.at(path + ".lora_B.default.weight");
     ASSERT_TRUE(grad_A.defined() && grad_B.defined()) << path;
     EXPECT_TRUE(torch::allclose(grad_A, A.grad(), 0, tolerance)) << path;
-    EXPECT_TRUE(torch::allclose(grad_B, reference.B.at(path).grad(), 0, tolerance))
+    EXPECT_TRUE(
+        torch::allclose(grad_B, reference.B.at(path).grad(), 0, tolerance))
         << path;
   }
 }
@@ -206,8 +213,10 @@ TEST_F(TransformerTest, SecondOrderGradientsMatchTheReference) {
   reference.adapt(*plain, 2.0);
   const auto x = torch::randn({3, 2, 16}, torch::kFloat64);
 
-  const auto A = encoder->named_parameters()["layers.0.self_attn.lora_A.default.weight"];
-  const auto B = encoder->named_parameters()["layers.1.linear2.lora_B.default.weight"];
+  const auto A =
+      encoder->named_parameters()["layers.0.self_attn.lora_A.default.weight"];
+  const auto B =
+      encoder->named_parameters()["layers.1.linear2.lora_B.default.weight"];
   torch::Tensor got_A, got_B;
   {
     AdaptedWeights adapted(*encoder);
@@ -284,9 +293,13 @@ TEST_F(TransformerTest, UsingTheModelOutsideAdaptedWeightsIsAnError) {
   auto other = make_encoder(1, torch::kFloat32);
   inject_lora(other, LoRAConfig(2).target_modules({"linear1"}));
   EXPECT_TORCHLORA_ERROR(
-      other(x), "'layers.0.linear1' (TransformerEncoderLayer's linear1->weight)");
+      other(x),
+      "'layers.0.linear1' (TransformerEncoderLayer's linear1->weight)");
   // The members hold the sentinel again once a scope ends.
-  { AdaptedWeights adapted(*other); other(x); }
+  {
+    AdaptedWeights adapted(*other);
+    other(x);
+  }
   EXPECT_TORCHLORA_ERROR(other(x), "used outside one");
 }
 
@@ -317,7 +330,8 @@ TEST_F(TransformerTest, ChangingAdaptersWhileAScopeLivesIsRefused) {
       set_scale(*encoder, "default", 0.5),
       "set_scale while a torchlora::AdaptedWeights holds the weight computed "
       "for 'layers.0.self_attn'");
-  EXPECT_TORCHLORA_ERROR(merge(*encoder), "merge while a torchlora::AdaptedWeights");
+  EXPECT_TORCHLORA_ERROR(
+      merge(*encoder), "merge while a torchlora::AdaptedWeights");
   EXPECT_TORCHLORA_ERROR(
       DisableAdapters off(*encoder), "while a torchlora::AdaptedWeights");
   torchlora_test::expect_unchanged(before, *encoder);
@@ -381,7 +395,9 @@ TEST_F(TransformerTest, MergeUnmergeAndUnloadAreExact) {
   merge_and_unload(*encoder);
   EXPECT_TRUE(same_values(encoder(x), adapted_output));
   EXPECT_EQ(encoder->named_parameters().keys(), keys);
-  EXPECT_EQ(torchlora_test::module_tree(*encoder), torchlora_test::module_tree(*plain));
+  EXPECT_EQ(
+      torchlora_test::module_tree(*encoder),
+      torchlora_test::module_tree(*plain));
 }
 
 TEST_F(TransformerTest, SeveralAdaptersAndScales) {
@@ -401,8 +417,10 @@ TEST_F(TransformerTest, SeveralAdaptersAndScales) {
   for (const char* layer : {"layers.0.linear2", "layers.1.linear2"}) {
     auto* linear = plain->named_modules()[layer]->as<nn::LinearImpl>();
     linear->weight = linear->weight +
-        1.0 * torch::mm(params[std::string(layer) + ".lora_B.fr.weight"],
-                        params[std::string(layer) + ".lora_A.fr.weight"]);
+        1.0 *
+            torch::mm(
+                params[std::string(layer) + ".lora_B.fr.weight"],
+                params[std::string(layer) + ".lora_A.fr.weight"]);
   }
   const auto x = torch::randn({3, 2, 16}, torch::kFloat64);
   torch::NoGradGuard no_grad;
@@ -426,8 +444,9 @@ TEST_F(TransformerTest, AdapterFilesRoundTripWithPeftKeys) {
       tensors["base_model.model.layers.1.multihead_attn.lora_B.weight"].sizes(),
       torch::IntArrayRef({48, 4}));
   EXPECT_EQ(
-      tensors["base_model.model.layers.0.self_attn.base_layer.out_proj.lora_A.weight"]
-          .sizes(),
+      tensors
+          ["base_model.model.layers.0.self_attn.base_layer.out_proj.lora_A.weight"]
+              .sizes(),
       torch::IntArrayRef({4, 16}));
 
   auto loaded = make_decoder(9, torch::kFloat32);
@@ -446,7 +465,10 @@ TEST_F(TransformerTest, AdapterFilesRoundTripWithPeftKeys) {
   }
   EXPECT_TRUE(same_values(got, want));
   EXPECT_TORCHLORA_ERROR(
-      save_adapter(*decoder, dir.string(), SaveAdapterOptions().bias(LoRABias::lora_only)),
+      save_adapter(
+          *decoder,
+          dir.string(),
+          SaveAdapterOptions().bias(LoRABias::lora_only)),
       "save_adapter: bias = \"lora_only\" is not supported with adapted "
       "MultiheadAttention layers");
   std::filesystem::remove_all(dir);
@@ -459,19 +481,24 @@ TEST_F(TransformerTest, CloneAndToKeepTheAdaptedAttention) {
   auto attention = std::dynamic_pointer_cast<LoRAMultiheadAttentionImpl>(
       encoder->named_modules()["layers.0.self_attn"]);
   ASSERT_TRUE(attention);
-  auto copy = std::dynamic_pointer_cast<LoRAMultiheadAttentionImpl>(attention->clone());
+  auto copy =
+      std::dynamic_pointer_cast<LoRAMultiheadAttentionImpl>(attention->clone());
   ASSERT_TRUE(copy);
-  EXPECT_EQ(copy->named_parameters().keys(), attention->named_parameters().keys());
+  EXPECT_EQ(
+      copy->named_parameters().keys(), attention->named_parameters().keys());
   const auto q = torch::randn({4, 2, 16});
   torch::NoGradGuard no_grad;
   torch::Tensor through_layer;
   {
     AdaptedWeights adapted(*encoder);
     through_layer = std::get<0>(
-        encoder->layers[0]->as<nn::TransformerEncoderLayer>()->self_attn(q, q, q));
+        encoder->layers[0]->as<nn::TransformerEncoderLayer>()->self_attn(
+            q, q, q));
   }
-  EXPECT_TRUE(torch::allclose(std::get<0>(copy->forward(q, q, q)), through_layer, 1e-6, 1e-6));
-  EXPECT_TRUE(torch::allclose(std::get<0>(attention->forward(q, q, q)), through_layer, 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(
+      std::get<0>(copy->forward(q, q, q)), through_layer, 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(
+      std::get<0>(attention->forward(q, q, q)), through_layer, 1e-6, 1e-6));
 
   encoder->to(torch::kFloat64);
   AdaptedWeights adapted(*encoder);
@@ -482,16 +509,19 @@ TEST_F(TransformerTest, WhatABoundMemberCannotHonourIsRefused) {
   auto encoder = make_encoder(11, torch::kFloat32);
   const auto before = torchlora_test::snapshot(*encoder);
   EXPECT_TORCHLORA_ERROR(
-      inject_lora(encoder, LoRAConfig(2).dropout(0.1).target_modules({"linear1"})),
+      inject_lora(
+          encoder, LoRAConfig(2).dropout(0.1).target_modules({"linear1"})),
       "(TransformerEncoderLayer's linear1->weight) needs dropout 0, got 0.1: that "
       "LibTorch module reads the layer's weight directly");
   EXPECT_TORCHLORA_ERROR(
-      inject_lora(encoder, LoRAConfig(2).dropout(0.1).target_modules({"self_attn"})),
+      inject_lora(
+          encoder, LoRAConfig(2).dropout(0.1).target_modules({"self_attn"})),
       "needs dropout 0, got 0.1");
   torchlora_test::expect_unchanged(before, *encoder);
   encoder(torch::randn({2, 1, 16})); // still the plain model
 
-  nn::MultiheadAttention separate(nn::MultiheadAttentionOptions(16, 2).kdim(8).vdim(8));
+  nn::MultiheadAttention separate(
+      nn::MultiheadAttentionOptions(16, 2).kdim(8).vdim(8));
   EXPECT_TORCHLORA_ERROR(
       LoRAMultiheadAttention(separate, LoRAOptions(2)),
       "cannot adapt a MultiheadAttention whose kdim (8) or vdim (8) differs "

@@ -314,12 +314,10 @@ inline void load_adapter(
           planned.kind->shapes(*planned.entry->module, planned.options.rank());
       for (const char* matrix : {"A", "B"}) {
         expected[detail::peft_matrix_key(
-            path, *planned.kind, matrix, attentions)] =
-            detail::ExpectedTensor{
-                torch::Tensor(),
-                *matrix == 'A' ? shapes.A : shapes.B,
-                detail::plain_matrix_key(
-                    path, *planned.kind, matrix, attentions)};
+            path, *planned.kind, matrix, attentions)] = detail::ExpectedTensor{
+            torch::Tensor(),
+            *matrix == 'A' ? shapes.A : shapes.B,
+            detail::plain_matrix_key(path, *planned.kind, matrix, attentions)};
       }
     }
   }

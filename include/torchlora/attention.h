@@ -43,9 +43,9 @@ namespace torchlora {
 ///
 /// Example:
 /// ```
-/// torch::nn::MultiheadAttention base(torch::nn::MultiheadAttentionOptions(32, 4));
-/// torchlora::LoRAMultiheadAttention attention(base, torchlora::LoRAOptions(4));
-/// auto [out, weights] = attention(x, x, x);
+/// torch::nn::MultiheadAttention base(torch::nn::MultiheadAttentionOptions(32,
+/// 4)); torchlora::LoRAMultiheadAttention attention(base,
+/// torchlora::LoRAOptions(4)); auto [out, weights] = attention(x, x, x);
 /// ```
 class LoRAMultiheadAttentionImpl final
     : public LoRALayerImpl<
@@ -125,8 +125,8 @@ class LoRAMultiheadAttentionImpl final
         Base::clone(device));
     const auto out_proj = this->named_children()["out_proj"];
     if (dynamic_cast<const LoRALayer*>(out_proj.get()) != nullptr) {
-      auto out_copy = std::dynamic_pointer_cast<LoRALinearImpl>(
-          out_proj->clone(device));
+      auto out_copy =
+          std::dynamic_pointer_cast<LoRALinearImpl>(out_proj->clone(device));
       TORCH_INTERNAL_ASSERT(out_copy, "torchlora: out_proj clone failed");
       copy->replace_module("out_proj", out_copy);
       copy->base_->out_proj = torch::nn::Linear(out_copy->base_layer());
@@ -174,9 +174,8 @@ class LoRAMultiheadAttentionImpl final
   /// holds it now (a `LoRALinear` once adapted), under their own names.
   void register_rest() {
     for (const auto* name : {"bias_k", "bias_v"}) {
-      const auto& tensor =
-          std::string(name) == "bias_k" ? this->base_->bias_k
-                                        : this->base_->bias_v;
+      const auto& tensor = std::string(name) == "bias_k" ? this->base_->bias_k
+                                                         : this->base_->bias_v;
       if (tensor.defined()) {
         this->register_parameter(name, tensor, tensor.requires_grad());
       }
@@ -208,8 +207,7 @@ class LoRAMultiheadAttentionImpl final
       torch::Dtype dtype) {
     const auto embed_dim = this->options.embed_dim();
     const auto A = detail::make_lora_matrix(embed_dim, rank, device, dtype);
-    const auto B =
-        detail::make_lora_matrix(rank, 3 * embed_dim, device, dtype);
+    const auto B = detail::make_lora_matrix(rank, 3 * embed_dim, device, dtype);
     detail::add_matrix_modules(*this, lora_A, lora_B, name, A.ptr(), B.ptr());
     return {A->weight, B->weight};
   }

@@ -180,7 +180,6 @@ class LoRAConvImplT final
     detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
   }
 
-
   /// `B(A(x))` in A's dtype, through the adapter's own convolutions.
   torch::Tensor adapter_product(
       const detail::Adapter& adapter,

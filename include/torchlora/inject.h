@@ -199,7 +199,8 @@ inline void add_attention_output_projections(
       if (lora != nullptr && lora->has_adapter(config.adapter_name())) {
         continue;
       }
-      added.push_back(PlannedLayer{&entry, kind_of(*entry.module), layer.options});
+      added.push_back(
+          PlannedLayer{&entry, kind_of(*entry.module), layer.options});
     }
   }
   planned.insert(planned.end(), added.begin(), added.end());

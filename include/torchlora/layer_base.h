@@ -579,16 +579,12 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       return weight_with_adapters();
     }
     auto adapted = weight;
-    const auto where = member_.bound ? member_.where
-                                     : std::string("this ") + Derived::kName;
+    const auto where =
+        member_.bound ? member_.where : std::string("this ") + Derived::kName;
     for (const auto& adapter : adapters_) {
       if (adapter.active) {
         adapted = detail::AdaptedWeightFunction::apply(
-            adapted,
-            adapter.A,
-            adapter.B,
-            adapter.effective_scaling(),
-            where);
+            adapted, adapter.A, adapter.B, adapter.effective_scaling(), where);
       }
     }
     return adapted;

@@ -177,7 +177,6 @@ class LoRALinearImplT final
     detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
   }
 
-
   /// `weight += s B A`.
   static void add_delta_weight(
       torch::Tensor& weight,

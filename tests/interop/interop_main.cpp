@@ -16,7 +16,8 @@ namespace {
 
 /// The test model; tests/interop/peft_interop.py builds its Python twin.
 /// Its typed members are torchlora layers built from plain options, so that
-/// inject_lora can adapt them: Linear, Embedding and Conv2d layers.
+/// inject_lora can adapt them: Linear, Embedding and Conv2d layers. Its
+/// MultiheadAttention stays LibTorch's own (inject_lora binds its members).
 struct TinyNetImpl : torch::nn::Module {
   TinyNetImpl() {
     embed = register_module(
@@ -33,19 +34,28 @@ struct TinyNetImpl : torch::nn::Module {
             torch::nn::ReLU(),
             torch::nn::Linear(32, 16)));
     head = register_module("head", torchlora::LoRALinear(16, 4));
+    attn = register_module(
+        "attn",
+        torch::nn::MultiheadAttention(
+            torch::nn::MultiheadAttentionOptions(16, 2)));
   }
   /// `x` `[N, 16]`, `tokens` `[N]` (0..9), `image` `[N, 3, H, W]`.
   torch::Tensor forward(
       const torch::Tensor& x,
       const torch::Tensor& tokens,
       const torch::Tensor& image) {
-    return head(mlp->forward(q_proj(x) + v_proj(x) + embed(tokens))) +
+    const auto sequence = x.unsqueeze(0); // one position, N in the batch
+    const auto attended =
+        std::get<0>(attn(sequence, sequence, sequence)).squeeze(0);
+    return head(
+               mlp->forward(q_proj(x) + v_proj(x) + embed(tokens) + attended)) +
         conv(image).mean({2, 3});
   }
   torchlora::LoRAEmbedding embed{nullptr};
   torchlora::LoRAConv2d conv{nullptr};
   torchlora::LoRALinear q_proj{nullptr}, v_proj{nullptr}, head{nullptr};
   torch::nn::Sequential mlp{nullptr};
+  torch::nn::MultiheadAttention attn{nullptr};
 };
 TORCH_MODULE(TinyNet);
 
@@ -66,6 +76,7 @@ torch::Tensor output_on_inputs(TinyNet& model, const std::string& dir) {
   const auto inputs = torchlora::safetensors::load(dir + "/input.safetensors");
   model->eval();
   torch::NoGradGuard no_grad;
+  torchlora::AdaptedWeights adapted(*model);
   return model(inputs["x"], inputs["tokens"], inputs["image"]);
 }
 
@@ -89,9 +100,16 @@ int export_files(const std::string& dir) {
           .alpha(8)
           .init(torchlora::LoRAInit::random)
           .target_modules(
-              {"q_proj", "v_proj", "mlp.0", "head", "embed", "conv"})
+              {"q_proj", "v_proj", "mlp.0", "head", "embed", "conv", "attn"})
           .rank_pattern({{"head", 2}})
           .alpha_pattern({{"mlp.0", 16.0}}));
+  {
+    // peft (up to 0.18 at least, huggingface/peft#3774) adds an attention's
+    // out_proj delta twice; a zero B keeps the outputs comparable, while
+    // the in_proj adapter and every key are checked in full.
+    torch::NoGradGuard no_grad;
+    model->named_parameters()["attn.out_proj.lora_B.default.weight"].zero_();
+  }
   torchlora::save_adapter(*model, dir + "/cpp_adapter");
   torchlora::safetensors::Tensors output;
   output.insert("y", output_on_inputs(model, dir));

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Checks torchlora's adapter files against Python peft, both ways.
 
-The model mixes Linear, Embedding and Conv2d layers, all adapted.
+The model mixes Linear, Embedding, Conv2d and MultiheadAttention layers, all
+adapted (the attention needs peft 0.15 or later). peft up to 0.18 adds an
+attention's out_proj delta twice (huggingface/peft#3774), so both sides zero
+that B before comparing outputs; its keys are still checked.
 
 1. The C++ side (torchlora_interop export) writes base weights, inputs, an
    adapter saved by torchlora::save_adapter and its output. Here the Python
@@ -52,9 +55,12 @@ def main():
             self.v_proj = nn.Linear(16, 16)
             self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
             self.head = nn.Linear(16, 4)
+            self.attn = nn.MultiheadAttention(16, 2)
 
         def forward(self, x, tokens, image):
-            hidden = self.q_proj(x) + self.v_proj(x) + self.embed(tokens)
+            sequence = x.unsqueeze(0)
+            attended = self.attn(sequence, sequence, sequence)[0].squeeze(0)
+            hidden = self.q_proj(x) + self.v_proj(x) + self.embed(tokens) + attended
             return self.head(self.mlp(hidden)) + self.conv(image).mean(dim=(2, 3))
 
     work = args.dir or tempfile.mkdtemp(prefix="torchlora_interop_")
@@ -82,11 +88,13 @@ def main():
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "mlp.0", "head", "embed", "conv"],
+        target_modules=["q_proj", "v_proj", "mlp.0", "head", "embed", "conv", "attn"],
         rank_pattern={"head": 2},
         init_lora_weights=False,
     )
     model = get_peft_model(base_model(), config).eval()
+    with torch.no_grad():
+        model.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
     model.save_pretrained(os.path.join(work, "peft_adapter"))
     with torch.no_grad():
         save_file({"y": model(*model_inputs).contiguous()}, os.path.join(work, "peft_output.safetensors"))

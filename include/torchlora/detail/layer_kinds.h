@@ -157,8 +157,8 @@ inline AdapterShapes attention_shapes(
   const auto* plain =
       dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(&layer);
   const auto* lora = dynamic_cast<const LoRAMultiheadAttentionImpl*>(&layer);
-  const auto E = plain != nullptr ? plain->options.embed_dim()
-                                  : lora->options.embed_dim();
+  const auto E =
+      plain != nullptr ? plain->options.embed_dim() : lora->options.embed_dim();
   return {{r, E}, {3 * E, r}};
 }
 

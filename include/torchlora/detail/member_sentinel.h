@@ -83,7 +83,9 @@ inline void refuse_sentinel(
                          : std::string("torchlora: a weight computed from "
                                        "LoRA adapters was used outside "
                                        "torchlora::AdaptedWeights"),
-      " (", op.schema().name(), " received it)");
+      " (",
+      op.schema().name(),
+      " received it)");
 }
 
 /// Registers the fallback once per process. Another library's fallback for
@@ -116,7 +118,8 @@ inline void check_sentinel_fallback(const torch::Tensor& sentinel) {
     try {
       (void)sentinel.t();
     } catch (const c10::Error& error) {
-      return std::string(error.what_without_backtrace()).rfind("torchlora: ", 0) == 0;
+      return std::string(error.what_without_backtrace())
+                 .rfind("torchlora: ", 0) == 0;
     }
     return false;
   }();

@@ -43,9 +43,9 @@ struct ModelEntry {
 
 /// Every module below `root`, each once, in model order (pre-order, the
 /// order of `named_modules`). The adapters of LoRA layers are never walked
-/// into (a LoRAMultiheadAttention's `out_proj` is). A root that is itself a LoRA layer is the one entry,
-/// at path "" with no registration. The index holds no reference to any
-/// module.
+/// into (a LoRAMultiheadAttention's `out_proj` is). A root that is itself a
+/// LoRA layer is the one entry, at path "" with no registration. The index
+/// holds no reference to any module.
 class ModelIndex {
  public:
   explicit ModelIndex(torch::nn::Module& root) {
