@@ -474,6 +474,35 @@ TEST_F(TransformerTest, AdapterFilesRoundTripWithPeftKeys) {
   std::filesystem::remove_all(dir);
 }
 
+TEST_F(TransformerTest, AnOutProjAdapterTheAttentionLacksKeepsItsOwnKeys) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / "torchlora_out_proj_adapter";
+  std::filesystem::remove_all(dir);
+  auto encoder = make_encoder(12, torch::kFloat32);
+  inject_lora(encoder, LoRAConfig(2).target_modules({"out_proj"}));
+  inject_lora(
+      encoder, LoRAConfig(2).adapter_name("b").target_modules({"self_attn"}));
+  randomize_adapters(*encoder);
+  set_adapter(*encoder, {"default"});
+  save_adapter(*encoder, dir.string());
+  const auto tensors =
+      safetensors::load((dir / "adapter_model.safetensors").string());
+  EXPECT_EQ(tensors.size(), 4u);
+  EXPECT_NE(
+      tensors.find(
+          "base_model.model.layers.1.self_attn.out_proj.lora_B.weight"),
+      nullptr);
+
+  auto loaded = make_encoder(12, torch::kFloat32);
+  load_adapter(*loaded, dir.string());
+  const auto x = torch::randn({3, 2, 16});
+  torch::NoGradGuard no_grad;
+  AdaptedWeights adapted(*encoder);
+  AdaptedWeights adapted_loaded(*loaded);
+  EXPECT_TRUE(same_values(loaded(x), encoder(x)));
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(TransformerTest, CloneAndToKeepTheAdaptedAttention) {
   auto encoder = make_encoder(10, torch::kFloat32);
   inject_lora(encoder, LoRAConfig(2).target_modules({"self_attn"}));

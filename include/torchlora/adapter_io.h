@@ -100,7 +100,7 @@ inline void save_adapter(
   contents.adapter_name = name;
   std::set<std::string> adapted; // layers that carry any adapter
   std::set<std::string> with_adapter; // layers that carry this one
-  const auto attentions = detail::adapted_attentions(index);
+  const auto attentions = detail::adapted_attentions(index, name);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());
@@ -255,7 +255,7 @@ inline void load_adapter(
   std::set<std::string> with_adapter; // layers that will carry this one
   bool inject = true;
   const TargetMatcher matcher(config);
-  auto attentions = detail::adapted_attentions(index);
+  auto attentions = detail::adapted_attentions(index, adapter_name);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());

@@ -39,13 +39,16 @@ inline std::string peft_matrix_key(
   return kPeftPrefix + path + "." + kind.file_suffix(matrix);
 }
 
-/// The paths of the model's MultiheadAttention layers that carry an
-/// adapter: peft holds each as `base_layer` of its LoRA layer.
-inline std::set<std::string> adapted_attentions(const ModelIndex& index) {
+/// The paths of the model's MultiheadAttention layers that carry adapter
+/// `name`: peft holds each as `base_layer` of its LoRA layer, the
+/// attention's `out_proj` (and that adapter on it) inside.
+inline std::set<std::string> adapted_attentions(
+    const ModelIndex& index,
+    const std::string& name) {
   std::set<std::string> paths;
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (dynamic_cast<const LoRAMultiheadAttentionImpl*>(entry->module) &&
-        !layer->adapter_names().empty()) {
+        layer->has_adapter(name)) {
       paths.insert(entry->paths.front());
     }
   }
