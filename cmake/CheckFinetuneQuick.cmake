@@ -2,16 +2,28 @@
 # every output file exists, that both LoRA placements' held-out loss went
 # down, and that the bits/char split by kind of character adds up to the
 # table's, for every model.
-# Variables: PROGRAM, OUT (and LAUNCHER, EXTRA_ARGS: see RunQuickExample).
+# Variables: PROGRAM, OUT, MODEL (own, the default, or torch-encoder: then
+# --model torch-encoder is passed and its placements are checked), and
+# LAUNCHER, EXTRA_ARGS: see RunQuickExample.
 cmake_minimum_required(VERSION 3.18)
+if(MODEL STREQUAL "torch-encoder")
+  list(APPEND EXTRA_ARGS --model torch-encoder)
+  set(placements lora_attn lora_attn_ffn)
+  set(folders adapter_attn adapter_attn_ffn)
+  set(models base "LoRA self_attn" "LoRA attn+ffn" "full fine-tune")
+else()
+  set(placements lora_q_v lora_all_linear)
+  set(folders adapter_q_v adapter_all_linear)
+  set(models base "LoRA q,v" "LoRA all-linear" "full fine-tune")
+endif()
 include("${CMAKE_CURRENT_LIST_DIR}/RunQuickExample.cmake")
 set(out "${quick_output}")
 require_quick_outputs(metrics.csv loss.svg samples.txt base_model.pt merged_model.pt
-                      full_model.pt
-                      adapter_q_v/adapter_model.safetensors adapter_q_v/adapter_config.json
-                      adapter_all_linear/adapter_model.safetensors
-                      adapter_all_linear/adapter_config.json)
-foreach(run lora_q_v lora_all_linear)
+                      full_model.pt)
+foreach(folder IN LISTS folders)
+  require_quick_outputs(${folder}/adapter_model.safetensors ${folder}/adapter_config.json)
+endforeach()
+foreach(run IN LISTS placements)
   file(STRINGS "${OUT}/metrics.csv" rows REGEX "^${run},")
   if(NOT rows)
     message(FATAL_ERROR "metrics.csv has no ${run} rows")
@@ -33,14 +45,18 @@ endforeach()
 # Values in thousandths.
 function(thousandths value result)
   string(REPLACE "." "" digits "${value}")
-  string(REGEX REPLACE "^0+([0-9])" "\\1" digits "${digits}")
+  # Without leading zeros (REGEX REPLACE would strip every match's).
+  string(REGEX MATCH "[1-9][0-9]*$" digits "${digits}")
+  if(digits STREQUAL "")
+    set(digits 0)
+  endif()
   set(${result} "${digits}" PARENT_SCOPE)
 endfunction()
 set(number "([0-9]+\\.[0-9][0-9][0-9])")
-set(models base "LoRA q,v" "LoRA all-linear" "full fine-tune")
 set(index 0)
 foreach(model IN LISTS models)
-  if(NOT out MATCHES "\n(\\[rank 0\\] )?${model} +${number} ")
+  string(REPLACE "+" "\\+" model_pattern "${model}")
+  if(NOT out MATCHES "\n(\\[rank 0\\] )?${model_pattern} +${number} ")
     message(FATAL_ERROR "no \"${model}\" row in the table")
   endif()
   thousandths("${CMAKE_MATCH_2}" total)

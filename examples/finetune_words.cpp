@@ -6,7 +6,8 @@
 //       [--all-linear-rank 4] [--targets q_proj,v_proj|all-linear|...]
 //       [--modules-to-save head] [--epochs 3] [--device cpu|cuda]
 //       [--data-dir /usr/share/dict] [--out runs/finetune_words] [--seed 0]
-//       [--width 128] [--layers 2] [--quick] [--distributed]
+//       [--width 128] [--layers 2] [--model own|torch-encoder] [--quick]
+//       [--distributed]
 //   scripts/launch.sh 2 build/default/examples/finetune_words --distributed
 //
 // 1. A small transformer learns English words (Debian's wamerican list) and
@@ -18,6 +19,12 @@
 //    fine-tuning of a copy. --targets trains one placement of your own.
 // 3. It writes metrics.csv, loss.svg, the adapters in peft's format, the
 //    merged all-linear model and words sampled before and after, under --out.
+// With --model torch-encoder the blocks are LibTorch's own
+// torch::nn::TransformerEncoder, and the placements are its q/k/v and
+// out_proj ("self_attn") and then those plus the feed-forward layers
+// ("linear1", "linear2"). torchlora binds those layers instead of swapping
+// them, so every forward runs inside a torchlora::AdaptedWeights scope (one
+// per training step); for the other model the scope does nothing.
 // With --distributed, started by scripts/launch.sh or torchrun, rank 0
 // trains (or loads) the base model, then every process trains on its share
 // of each batch (torchlora::distributed::AdapterSync averages the
@@ -69,6 +76,7 @@ struct Settings {
   int64_t width = 0; // 0: the plan's
   int64_t layers = 0; // 0: the plan's
   bool distributed = false; // data-parallel over the launcher's processes
+  std::string model = "own"; // or "torch-encoder"
 };
 
 /// Sizes of one run; --quick shrinks everything to a few seconds.
@@ -85,6 +93,9 @@ struct Plan {
 Plan plan_for(const Settings& settings, int64_t vocabulary) {
   Plan plan;
   plan.model.vocabulary = vocabulary;
+  plan.model.body = settings.model == "torch-encoder"
+      ? words::Body::kTorchEncoder
+      : words::Body::kOwnBlocks;
   if (settings.quick) {
     plan.model.width = 64;
     plan.model.layers = 1;
@@ -178,6 +189,9 @@ struct BitsByKind {
 BitsByKind bits_by_kind(CharTransformer& model, const HeldOut& heldout) {
   torch::NoGradGuard no_grad;
   model->eval();
+  // The adapted weights, computed once for all the batches (no graph under
+  // NoGradGuard: the merged weights, bit for bit).
+  torchlora::AdaptedWeights adapted(*model);
   auto bits = torch::zeros({kKinds}, torch::kDouble);
   auto counts = torch::zeros({kKinds}, torch::kDouble);
   for (const auto& batch : heldout.batches) {
@@ -316,11 +330,17 @@ RunResult fine_tune(
       static_cast<torch::optim::AdamWOptions&>(group.options())
           .lr(learning_rate * factor);
     }
-    optimizer.zero_grad();
-    auto [loss, own_nats] = shard_loss(model, batch, world);
-    loss.backward();
-    sync.all_reduce_gradients();
-    optimizer.step();
+    double own_nats = 0;
+    {
+      // A fresh scope for every step: its weights hold this step's adapters.
+      torchlora::AdaptedWeights adapted(*model);
+      optimizer.zero_grad();
+      auto [loss, nats] = shard_loss(model, batch, world);
+      own_nats = nats;
+      loss.backward();
+      sync.all_reduce_gradients();
+      optimizer.step();
+    }
     const double bits = own_nats / kLn2;
     window += bits;
     ++window_count;
@@ -349,6 +369,7 @@ std::vector<std::string> sample_words(
     torch::Device device) {
   torch::NoGradGuard no_grad;
   model->eval();
+  torchlora::AdaptedWeights adapted(*model);
   std::vector<std::string> result;
   for (int64_t i = 0; i < count; ++i) {
     auto ids = torch::zeros(
@@ -426,8 +447,9 @@ struct Placement {
 };
 
 /// The default comparison: the original LoRA paper's q and v, then every
-/// Linear but the output layer (QLoRA's and peft's advice); or the one
-/// placement that --targets names.
+/// Linear but the output layer (QLoRA's and peft's advice); for LibTorch's
+/// encoder, its attention (q/k/v and out_proj), then that and its
+/// feed-forward layers. Or the one placement that --targets names.
 std::vector<Placement> placements_for(const Settings& settings) {
   if (!settings.targets.empty()) {
     return {
@@ -438,6 +460,23 @@ std::vector<Placement> placements_for(const Settings& settings) {
          settings.rank,
          settings.alpha,
          "adapter"}};
+  }
+  if (settings.model == "torch-encoder") {
+    return {
+        {"lora_attn",
+         "LoRA self_attn",
+         "attn",
+         "self_attn",
+         settings.rank,
+         settings.alpha,
+         "adapter_attn"},
+        {"lora_attn_ffn",
+         "LoRA attn+ffn",
+         "attn+ffn",
+         "self_attn,linear1,linear2",
+         settings.all_linear_rank,
+         2.0 * static_cast<double>(settings.all_linear_rank),
+         "adapter_attn_ffn"}};
   }
   return {
       {"lora_q_v",
@@ -533,6 +572,11 @@ int run(const Settings& settings) {
     } catch (const c10::Error&) {
       std::cout << "base model: " << checkpoint
                 << " does not fit these settings; training again\n";
+      // The failed load may have filled some tensors: start afresh, from
+      // the same initial values as a run without a checkpoint.
+      torch::manual_seed(static_cast<uint64_t>(settings.seed));
+      base = CharTransformer(plan.model);
+      base->to(device);
     }
   }
   if (!loaded) {
@@ -789,15 +833,22 @@ int main(int argc, char** argv) {
   Settings settings;
   CLI::App app{
       "Adapts an English character-level word model to French with LoRA (torchlora example)."};
-  app.add_option("--rank", settings.rank, "LoRA rank r on q,v (or --targets)")
+  app.add_option(
+         "--rank",
+         settings.rank,
+         "LoRA rank r on q,v (torch-encoder: self_attn; or --targets)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--alpha", settings.alpha, "LoRA alpha on q,v (or --targets)")
+  app.add_option(
+         "--alpha",
+         settings.alpha,
+         "LoRA alpha on q,v (torch-encoder: self_attn; or --targets)")
       ->capture_default_str();
   app.add_option(
          "--all-linear-rank",
          settings.all_linear_rank,
-         "LoRA rank r on every Linear but the head (alpha = 2 r)")
+         "LoRA rank r on every Linear but the head (torch-encoder: "
+         "self_attn,linear1,linear2; alpha = 2 r)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option(
@@ -824,7 +875,8 @@ int main(int argc, char** argv) {
   app.add_option(
       "--out",
       settings.out,
-      "output folder (default runs/finetune_words, or runs/finetune_words_quick)");
+      "output folder (default runs/finetune_words, with _torch_encoder for that "
+      "model and _quick for --quick)");
   app.add_option("--seed", settings.seed, "random seed")->capture_default_str();
   app.add_option("--lora-lr", settings.lora_lr, "learning rate of the LoRA run")
       ->capture_default_str();
@@ -846,6 +898,13 @@ int main(int argc, char** argv) {
          "--layers", settings.layers, "transformer blocks (0: 2, --quick 1)")
       ->capture_default_str()
       ->check(CLI::Range(0, 64));
+  app.add_option(
+         "--model",
+         settings.model,
+         "the blocks: own (declared in the example) or torch-encoder "
+         "(torch::nn::TransformerEncoder)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"own", "torch-encoder"}));
   app.add_flag(
       "--distributed",
       settings.distributed,
@@ -856,8 +915,9 @@ int main(int argc, char** argv) {
       "a tiny run of a few seconds (the CTest test)");
   CLI11_PARSE(app, argc, argv);
   if (settings.out.empty()) {
-    settings.out =
-        settings.quick ? "runs/finetune_words_quick" : "runs/finetune_words";
+    settings.out = std::string("runs/finetune_words") +
+        (settings.model == "torch-encoder" ? "_torch_encoder" : "") +
+        (settings.quick ? "_quick" : "");
   }
   if (settings.width % words::ModelOptions{}.heads != 0) {
     std::cerr << "finetune_words: --width must be a multiple of "

@@ -1,16 +1,29 @@
 #pragma once
-// A small character-level transformer in ordinary LibTorch style. The
-// attention projections are typed `torchlora::LoRALinear` members (plain,
-// trainable Linear layers until an adapter is attached); the MLP lives in a
-// Sequential and the blocks in a ModuleList.
+// A small character-level transformer in ordinary LibTorch style, with one
+// of two bodies:
+// - its own blocks: the attention projections are typed
+//   `torchlora::LoRALinear` members (plain, trainable Linear layers until an
+//   adapter is attached), the MLP lives in a Sequential and the blocks in a
+//   ModuleList;
+// - LibTorch's own `torch::nn::TransformerEncoder` (a causal mask, GELU, no
+//   dropout), whose layers torchlora binds rather than swaps: its forward
+//   then runs inside a `torchlora::AdaptedWeights` scope.
 
 #include <torchlora/torchlora.h>
 
 #include <cmath>
+#include <limits>
 
 namespace words {
 
+/// Which transformer blocks the model is made of.
+enum class Body {
+  kOwnBlocks, ///< `Block`s below, declared in this file
+  kTorchEncoder, ///< `torch::nn::TransformerEncoder`
+};
+
 struct ModelOptions {
+  Body body = Body::kOwnBlocks;
   int64_t vocabulary = 0;
   int64_t width = 128;
   int64_t heads = 4;
@@ -90,9 +103,21 @@ struct CharTransformerImpl : torch::nn::Module {
         "embed", torch::nn::Embedding(options.vocabulary, options.width));
     position = register_module(
         "position", torch::nn::Embedding(options.max_length, options.width));
-    blocks = register_module("blocks", torch::nn::ModuleList());
-    for (int64_t i = 0; i < options.layers; ++i) {
-      blocks->push_back(Block(options.width, options.heads));
+    if (options.body == Body::kTorchEncoder) {
+      namespace nn = torch::nn;
+      encoder = register_module(
+          "encoder",
+          nn::TransformerEncoder(nn::TransformerEncoderOptions(
+              nn::TransformerEncoderLayerOptions(options.width, options.heads)
+                  .dim_feedforward(4 * options.width)
+                  .dropout(0)
+                  .activation(torch::kGELU),
+              options.layers)));
+    } else {
+      blocks = register_module("blocks", torch::nn::ModuleList());
+      for (int64_t i = 0; i < options.layers; ++i) {
+        blocks->push_back(Block(options.width, options.heads));
+      }
     }
     norm = register_module(
         "norm",
@@ -105,6 +130,16 @@ struct CharTransformerImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& ids) {
     const auto positions = torch::arange(ids.size(1), ids.options());
     auto x = embed(ids) + position(positions);
+    if (encoder) {
+      // LibTorch's encoder takes [T, B, width] and an additive mask: -inf
+      // where a character would see the ones after it.
+      const auto T = ids.size(1);
+      const auto future =
+          torch::full(
+              {T, T}, -std::numeric_limits<double>::infinity(), x.options())
+              .triu(1);
+      return head(norm(encoder(x.transpose(0, 1), future).transpose(0, 1)));
+    }
     for (const auto& block : *blocks) {
       x = block->as<BlockImpl>()->forward(x);
     }
@@ -113,6 +148,7 @@ struct CharTransformerImpl : torch::nn::Module {
 
   torch::nn::Embedding embed{nullptr}, position{nullptr};
   torch::nn::ModuleList blocks{nullptr};
+  torch::nn::TransformerEncoder encoder{nullptr};
   torch::nn::LayerNorm norm{nullptr};
   torch::nn::Linear head{nullptr};
 };

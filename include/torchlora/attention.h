@@ -228,15 +228,6 @@ class LoRAMultiheadAttentionImpl final
         ": the adapter is applied as one weight W + s B A over the packed "
         "q/k/v projection, so its input cannot be dropped out");
   }
-
-  /// `weight += s B A`.
-  static void add_delta_weight(
-      torch::Tensor& weight,
-      const torch::Tensor& A,
-      const torch::Tensor& B,
-      double s) {
-    weight.addmm_(B, A, /*beta=*/1, /*alpha=*/s);
-  }
 };
 
 /// A `ModuleHolder` for `LoRAMultiheadAttentionImpl`.

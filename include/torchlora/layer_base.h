@@ -121,13 +121,13 @@ inline void init_lora_matrices(
 /// - `std::pair<Tensor, Tensor> create_matrices(name, rank, device, dtype)`:
 ///   A and B, registered under the kind's names;
 /// - `void remove_matrices(name, bool last)`: unregisters them;
-/// - `void add_delta_weight(Tensor& weight, A, B, double s)`: adds
-///   `s * delta(A, B)` to a weight of the base's shape, or throws a
-///   `torchlora:` error when the delta has no such form;
 /// - `Tensor adapter_product(const Adapter&, const Tensor& input)`: the
 ///   adapter's unscaled output for the (dropped-out) input, in A's dtype;
 /// - `static constexpr const char* kBaseName`: e.g. "torch::nn::Linear";
-/// and may replace `init_matrices`, `check_adapter_options`,
+/// and may replace `add_delta_weight(Tensor& weight, A, B, double s)`
+/// (adds `s * delta(A, B)` to a weight of the base's shape, or throws a
+/// `torchlora:` error when the delta has no such form; by default
+/// `s B A`), `init_matrices`, `check_adapter_options`,
 /// `check_delta_fits`, `bias_of`, `adapter_input` (dropout) and
 /// `add_adapter_output` (y += s * product, fused where it can be).
 template <typename Derived, typename BaseImpl>
@@ -679,6 +679,16 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// "torchlora::" and the kind's name: what `name()` returns.
   static std::string module_name() {
     return std::string("torchlora::") + Derived::kName;
+  }
+
+  /// `weight += s B A`: the delta of a kind whose adapter is a product of
+  /// matrices shaped like its weight (Linear, the packed attention).
+  static void add_delta_weight(
+      torch::Tensor& weight,
+      const torch::Tensor& A,
+      const torch::Tensor& B,
+      double s) {
+    weight.addmm_(B, A, /*beta=*/1, /*alpha=*/s);
   }
 
   /// Adopts `base` (sharing its tensors), with no adapter and without

@@ -177,15 +177,6 @@ class LoRALinearImplT final
     detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
   }
 
-  /// `weight += s B A`.
-  static void add_delta_weight(
-      torch::Tensor& weight,
-      const torch::Tensor& A,
-      const torch::Tensor& B,
-      double s) {
-    weight.addmm_(B, A, /*beta=*/1, /*alpha=*/s);
-  }
-
   /// `(x A^T) B^T` in A's dtype.
   static torch::Tensor adapter_product(
       const detail::Adapter& adapter,
