@@ -16,10 +16,10 @@
 #include <torchlora/distributed.h>
 #include <torchlora/torchlora.h>
 
+#include "run_context.h"
+
 #include <benchmark/benchmark.h>
 #include <nlohmann/json.hpp>
-
-#include <sstream>
 
 #include <algorithm>
 #include <fstream>
@@ -27,6 +27,7 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -203,6 +204,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   benchmark::Initialize(&count, args.data());
+  bench::add_run_context();
   register_cases();
   Reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
@@ -259,8 +261,11 @@ int main(int argc, char** argv) {
                 << ratio.str() << "\n";
     }
   }
+  bench::print_run_context(std::cout);
   if (!report.empty()) {
-    std::ofstream(report) << rows.dump(2) << "\n";
+    const nlohmann::json written = {
+        {"context", bench::run_context()}, {"rows", rows}};
+    std::ofstream(report) << written.dump(2) << "\n";
     std::cout << "distributed_benchmark: wrote " << report << "\n";
   }
   return 0;

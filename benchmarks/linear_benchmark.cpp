@@ -304,6 +304,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(count, arguments.data())) {
     return 1;
   }
+  bench::add_run_context();
   bench::CapturingReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -312,6 +313,7 @@ int main(int argc, char** argv) {
     const auto memory = bench::memory_rows();
     const auto mixed = bench::mixed_rows(reporter.times(), rows);
     const auto merge_memory = bench::merge_memory_rows();
+    bench::print_run_context(std::cout);
     bench::print_tables(rows, memory, std::cout);
     bench::print_serving_tables(mixed, merge_memory, std::cout);
     bench::write_report(report, rows, memory, mixed, merge_memory);

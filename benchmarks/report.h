@@ -2,6 +2,8 @@
 // What the benchmark programs share: the cases, their names, a reporter that
 // keeps each benchmark's median time, and the ratio report (table, JSON, SVG).
 
+#include "run_context.h"
+
 #include <torch/torch.h>
 
 #include <benchmark/benchmark.h>
@@ -411,8 +413,8 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       << "\" text-anchor=\"middle\">1.00x plain</text>\n</svg>\n";
 }
 
-/// Writes `<prefix>.json` (the rows), `<prefix>-memory.json` and
-/// `<prefix>.svg`.
+/// Writes `<prefix>.json` (the run's context and the rows),
+/// `<prefix>-memory.json` and `<prefix>.svg`.
 inline void write_report(
     const std::string& prefix,
     const std::vector<Row>& rows,
@@ -449,7 +451,9 @@ inline void write_report(
          {"fwd_ratio", row.fwd_ratio},
          {"fwd_ratio_to_single", row.fwd_ratio_to_single}});
   }
-  std::ofstream(prefix + ".json") << list.dump(2) << "\n";
+  const nlohmann::ordered_json report = {
+      {"context", run_context()}, {"rows", list}};
+  std::ofstream(prefix + ".json") << report.dump(2) << "\n";
   nlohmann::ordered_json memory_list = nlohmann::ordered_json::array();
   for (const auto& m : memory) {
     memory_list.push_back(

@@ -6,8 +6,9 @@
 #   scripts/run-tests-debian13.sh           # as root
 #   scripts/run-tests-debian13.sh --fresh   # rebuild the chroot first
 #
-# The chroot is made with debootstrap from Debian's archive the first time
-# (a few minutes) and kept in $TORCHLORA_DEBIAN13_DIR (default
+# The chroot is made with debootstrap the first time (a few minutes), from
+# the Debian archive that this machine's apt sources name (or
+# $TORCHLORA_DEBIAN_MIRROR), and kept in $TORCHLORA_DEBIAN13_DIR (default
 # /var/cache/torchlora/debian13) for later runs. The source tree is copied
 # into it afresh on every run (without build/), and scripts/run-tests.sh
 # runs there, the install script included. /proc, /sys and /dev are mounted
@@ -16,13 +17,13 @@ set -euo pipefail
 
 name="run-tests-debian13"
 root="${TORCHLORA_DEBIAN13_DIR:-/var/cache/torchlora/debian13}"
-mirror="${TORCHLORA_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+mirror="${TORCHLORA_DEBIAN_MIRROR:-}"
 fresh=0
 for argument in "$@"; do
   case "$argument" in
     --fresh) fresh=1 ;;
     -h | --help)
-      sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
@@ -39,6 +40,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 source_dir="$(cd "$(dirname "$0")/.." && pwd)"
+
+if [ -z "$mirror" ]; then
+  mirror="$("$source_dir/scripts/debian-mirror.sh")" || {
+    echo "$name: set TORCHLORA_DEBIAN_MIRROR to a Debian archive to make the chroot from" >&2
+    exit 1
+  }
+fi
 
 mounted=()
 cleanup() {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/blas_threads.h>
 #include <torchlora/detail/adapted_weight_function.h>
 #include <torchlora/detail/forward_count.h>
 #include <torchlora/detail/member_sentinel.h>
@@ -192,6 +193,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
     adapters_.push_back(std::move(adapter));
     freeze_base();
+    detail::check_blas_threads_once();
   }
 
   /// Removes adapter `name`; its tensors leave `named_parameters()`. Without

@@ -17,6 +17,7 @@
 #include <torchlora/adapter_io.h>
 #include <torchlora/adapters.h>
 #include <torchlora/attention.h>
+#include <torchlora/blas_threads.h>
 #include <torchlora/config.h>
 #include <torchlora/conv.h>
 #include <torchlora/embedding.h>
