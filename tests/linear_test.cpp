@@ -628,6 +628,10 @@ TEST_F(LoRALinearTest, BadAdapterNamesAreErrors) {
       layer->add_adapter("a.b", LoRAOptions(2)),
       "an adapter name must not contain '.', got \"a.b\"");
   EXPECT_TORCHLORA_ERROR(
+      layer->add_adapter("/tmp/x", LoRAOptions(2)),
+      "an adapter name must not contain '/' or '\\' (it names a folder of "
+      "adapter files), got \"/tmp/x\"");
+  EXPECT_TORCHLORA_ERROR(
       layer->add_adapter("default", LoRAOptions(2)),
       "already has an adapter named \"default\"");
   expect_unchanged(before, *layer);

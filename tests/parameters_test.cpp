@@ -1,7 +1,8 @@
 // Tests of count_parameters and mark_only_lora_as_trainable
-// (include/torchlora/parameters.h).
+// (include/torchlora/parameters.h) and clone_keeping_trainable (clone.h).
 #include "test_support.h"
 
+#include <torchlora/clone.h>
 #include <torchlora/inject.h>
 #include <torchlora/linear.h>
 #include <torchlora/parameters.h>
@@ -202,15 +203,57 @@ struct RegistryNetImpl : torch::nn::Cloneable<RegistryNetImpl> {
 
 } // namespace
 
-TEST_F(ParametersTest, CloneKeepingTrainableExplainsWhatLibTorchCannotClone) {
+TEST_F(
+    ParametersTest,
+    CloneKeepingTrainableClonesModelsThatRebuildPlainLayers) {
+  // LibTorch's own clone fails here: reset() builds a plain Linear where
+  // inject_lora put a LoRALinear.
   auto model = std::make_shared<RegistryNetImpl>();
   torchlora::inject_lora(
       *model, torchlora::LoRAConfig(2).target_modules({"fc"}));
+  {
+    torch::NoGradGuard no_grad;
+    model->named_parameters()["fc.lora_B.default.weight"].normal_();
+  }
+  EXPECT_THROW(model->clone(), c10::Error);
+  const auto copy = torchlora::clone_keeping_trainable(model);
+  ASSERT_NE(copy, nullptr);
+  auto* fc = copy->named_children()["fc"]->as<torchlora::LoRALinear>();
+  ASSERT_NE(fc, nullptr);
+  const auto x = torch::randn({3, 4});
+  const auto* original =
+      model->named_children()["fc"]->as<torchlora::LoRALinear>();
+  EXPECT_TRUE(torch::equal(
+      fc->forward(x),
+      const_cast<torchlora::LoRALinearImpl*>(original)->forward(x)));
+  EXPECT_EQ(trainable_flags(*copy), trainable_flags(*model));
+  EXPECT_NE(
+      copy->named_parameters()["fc.lora_B.default.weight"].data_ptr(),
+      model->named_parameters()["fc.lora_B.default.weight"].data_ptr());
+}
+
+namespace {
+
+// A module that does not implement clone().
+struct NotClonable : torch::nn::Module {
+  NotClonable() {
+    register_module("fc", torch::nn::Linear(4, 4));
+  }
+};
+
+} // namespace
+
+TEST_F(ParametersTest, CloneKeepingTrainableExplainsWhatLibTorchCannotClone) {
+  NotClonable model;
+  torchlora::inject_lora(
+      model, torchlora::LoRAConfig(2).target_modules({"fc"}));
+  const auto before = torchlora_test::module_tree(model);
   EXPECT_TORCHLORA_ERROR(
       torchlora::clone_keeping_trainable(model),
       "clone_keeping_trainable: LibTorch could not clone the model (");
   EXPECT_TORCHLORA_ERROR(
       torchlora::clone_keeping_trainable(model),
-      "A model whose reset() builds plain torch::nn::Linear children cannot be "
-      "cloned after inject_lora replaced them");
+      "Every module of the model must implement clone()");
+  // The LoRA layer set aside for LibTorch's clone is back in place.
+  EXPECT_EQ(torchlora_test::module_tree(model), before);
 }

@@ -7,6 +7,7 @@
 #include <torch/nn/module.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -34,7 +35,9 @@ namespace torchlora {
 /// changing adapters, scales, `DisableAdapters` or merging is refused:
 /// do those before making it. For inference, make one under
 /// `torch::NoGradGuard` (the weights are then the merged ones, bit for
-/// bit), or `merge` the model. Models without such layers need no scope
+/// bit), or `merge` the model. Scopes nest: each computes its weights in
+/// its own grad mode, and when an inner one ends the outer one's weights
+/// are back. Models without such layers need no scope
 /// (one is then a no-op). Use a model's scopes from one thread.
 ///
 /// Example:
@@ -57,15 +60,12 @@ class AdaptedWeights {
         layers_.push_back(layer);
       }
     }
-    size_t done = 0;
     try {
-      for (; done < layers_.size(); ++done) {
-        layers_[done]->hold_member_weight();
+      for (auto* layer : layers_) {
+        tokens_.push_back(layer->hold_member_weight());
       }
     } catch (...) {
-      while (done-- > 0) {
-        layers_[done]->release_member_weight();
-      }
+      release();
       throw;
     }
   }
@@ -75,11 +75,10 @@ class AdaptedWeights {
   AdaptedWeights(AdaptedWeights&&) = delete;
   AdaptedWeights& operator=(AdaptedWeights&&) = delete;
 
-  /// Puts the sentinels back (or the merged weights).
+  /// Gives the members back what they held before: an outer scope's
+  /// weights, or the sentinels (or the merged weights).
   ~AdaptedWeights() {
-    for (auto* layer : layers_) {
-      layer->release_member_weight();
-    }
+    release();
   }
 
   /// How many members it computed.
@@ -88,8 +87,16 @@ class AdaptedWeights {
   }
 
  private:
+  void release() {
+    for (size_t i = tokens_.size(); i-- > 0;) {
+      layers_[i]->release_member_weight(tokens_[i]);
+    }
+    tokens_.clear();
+  }
+
   std::vector<std::shared_ptr<torch::nn::Module>> held_;
   std::vector<LoRALayer*> layers_;
+  std::vector<int64_t> tokens_;
 };
 
 } // namespace torchlora

@@ -117,8 +117,41 @@ inline void save_adapter(
           params[kind.parameter_name(matrix, name)].detach());
     }
     if (detail::peft_module_path(path, attentions) == path) {
-      // (An adapted attention's out_proj comes with it, in peft and here.)
       contents.layers.emplace_back(path, layer->adapter_options(name));
+    } else {
+      // An adapted attention's out_proj comes with it, in peft and here,
+      // with the attention's options: the file cannot hold others.
+      const auto attention = path.substr(0, path.size() - 9); // ".out_proj"
+      const auto& own = layer->adapter_options(name);
+      for (const auto& [other, other_layer] : index.lora_layers()) {
+        if (other->paths.front() != attention) {
+          continue;
+        }
+        const auto& theirs = other_layer->adapter_options(name);
+        TORCH_CHECK(
+            own.rank() == theirs.rank() && own.alpha() == theirs.alpha() &&
+                own.use_rslora() == theirs.use_rslora(),
+            "torchlora: save_adapter: '",
+            path,
+            "' has adapter \"",
+            name,
+            "\" with rank ",
+            own.rank(),
+            ", alpha ",
+            own.alpha(),
+            ", use_rslora ",
+            own.use_rslora(),
+            ", but its attention '",
+            attention,
+            "' has rank ",
+            theirs.rank(),
+            ", alpha ",
+            theirs.alpha(),
+            ", use_rslora ",
+            theirs.use_rslora(),
+            "; peft adapts an attention's out_proj with the attention's "
+            "options, so one file cannot hold both. Nothing was written");
+      }
     }
     with_adapter.insert(path);
     if (layer->scale(name) != 1.0) {
@@ -204,7 +237,8 @@ inline void save_adapter(
 }
 
 /// Loads a peft LoRA adapter (`adapter_config.json` and
-/// `adapter_model.safetensors` in `dir`, or in `dir/<adapter_name>`) into
+/// `adapter_model.safetensors` in `dir/<adapter_name>` where that folder has
+/// them, as `save_adapter` writes a named adapter, else in `dir`) into
 /// `model` as adapter `adapter_name`. Where the model has no such adapter
 /// yet, it is injected first as the config says; then every tensor is
 /// copied in, converted to the layer's adapter dtype. Every key of the file
@@ -226,11 +260,13 @@ inline void load_adapter(
     const std::string& adapter_name = "default") {
   namespace fs = std::filesystem;
   auto& model = model_ref.get();
+  // Where save_adapter puts a named adapter: dir/<name> first (dir itself
+  // may hold the default adapter's files next to it).
   auto folder = dir;
-  if (!fs::exists(fs::path(folder) / "adapter_config.json") &&
-      adapter_name != "default" &&
-      fs::exists(fs::path(dir) / adapter_name / "adapter_config.json")) {
-    folder = (fs::path(dir) / adapter_name).string();
+  const auto named = detail::adapter_folder(dir, adapter_name);
+  if (adapter_name != "default" &&
+      fs::exists(fs::path(named) / "adapter_config.json")) {
+    folder = named;
   }
   const auto config_path = (fs::path(folder) / "adapter_config.json").string();
   TORCH_CHECK(
@@ -244,6 +280,7 @@ inline void load_adapter(
     const detail::ModelIndex index(model);
     detail::check_not_merged(index, "", "load_adapter");
     detail::check_no_forward_running(index, "load_adapter");
+    detail::check_not_routed(index, "load_adapter");
   }
   const auto tensors = safetensors::load(
       (fs::path(folder) / "adapter_model.safetensors").string());
@@ -301,8 +338,9 @@ inline void load_adapter(
   if (inject) {
     const auto plan = detail::plan_injection(index, matcher);
     for (const auto& planned : plan) {
-      if (dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(
-              planned.entry->module)) {
+      // A MultiheadAttention, plain or a LoRA layer without this adapter.
+      if (planned.kind->plain_name ==
+          std::string("torch::nn::MultiheadAttention")) {
         attentions.insert(planned.entry->paths.front());
       }
     }

@@ -122,6 +122,7 @@ inline void delete_adapter(ModuleRef model, const std::string& name) {
   detail::check_adapter_exists(index, name, "delete_adapter");
   detail::check_not_merged(index, name, "delete_adapter");
   detail::check_no_forward_running(index, "delete_adapter");
+  detail::check_not_routed(index, "delete_adapter");
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->has_adapter(name)) {
       continue;
@@ -162,7 +163,11 @@ inline void set_scale(ModuleRef model, const std::string& name, double scale) {
 /// every LoRA layer is switched off (merged layers are unmerged first). At
 /// scope exit, also on an exception, every layer gets its state back (merged
 /// layers are merged again). `modules_to_save` are trained in place, so the
-/// guard does not undo their training. The guard keeps the layers alive.
+/// guard does not undo their training. While it lives, `inject_lora` is
+/// refused. Layers the model drops meanwhile (`unload`) are left as they
+/// are, and the guard does not keep them alive (it never counts as a
+/// reference held outside the model); LoRA layers that a later
+/// `inject_lora` makes in their place are not switched off.
 ///
 /// Example:
 /// ```
@@ -187,6 +192,7 @@ class DisableAdapters {
       for (const auto& [entry, layer] : layers) {
         saved_.push_back(Saved{
             detail::share(*entry),
+            entry->registrations.empty(),
             layer,
             layer->adapters_enabled(),
             layer->merged(),
@@ -209,7 +215,9 @@ class DisableAdapters {
 
  private:
   struct Saved {
-    std::shared_ptr<torch::nn::Module> module;
+    std::weak_ptr<torch::nn::Module> module;
+    /// The model itself is the layer (the caller keeps it alive).
+    bool root;
     LoRALayer* layer;
     bool enabled;
     bool merged;
@@ -218,6 +226,10 @@ class DisableAdapters {
 
   void restore() noexcept {
     for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      const auto alive = it->module.lock();
+      if (!alive && !it->root) {
+        continue; // no longer part of any model
+      }
       try {
         it->layer->set_adapters_enabled(it->enabled);
         if (it->merged_in_place) {

@@ -320,6 +320,9 @@ inline std::vector<std::string> inject_lora(
   auto& model = model_ref.get();
   const TargetMatcher matcher(config);
   const detail::ModelIndex index(model);
+  detail::check_not_routed(index, "inject_lora");
+  detail::check_no_forward_running(index, "inject_lora");
+  detail::check_adapters_enabled(index, "inject_lora");
   const auto planned = detail::plan_injection(index, matcher);
 
   // The walk held no references; each plain target is now held here once.
@@ -353,8 +356,15 @@ inline std::vector<std::string> inject_lora(
           extended.push_back(layer);
         } else {
           auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
-          dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
-              name, planned[i].options);
+          try {
+            dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
+                name, planned[i].options);
+          } catch (...) {
+            // A LoRAMultiheadAttention took its base's out_proj over when
+            // made: unloading gives it back.
+            dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
+            throw;
+          }
           swapped.emplace_back(i, wrapped);
           detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
           if (!bindings[i].empty()) {

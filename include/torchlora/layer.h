@@ -7,7 +7,9 @@
 #include <torch/types.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -76,6 +78,12 @@ class LoRALayer {
   /// The tensors of the active adapters.
   virtual std::vector<torch::Tensor> active_adapter_parameters() const = 0;
 
+  /// The base layer's weight (merged while the layer is merged); undefined
+  /// for a layer type that does not say (merges then cannot check ties).
+  virtual torch::Tensor base_weight() const {
+    return torch::Tensor();
+  }
+
   /// The frozen base layer's bias; undefined when the base has none.
   virtual torch::Tensor base_bias() const = 0;
 
@@ -132,6 +140,19 @@ class LoRALayer {
   /// The base layer as an `AnyModule`, to put back into a `Sequential`.
   virtual torch::nn::AnyModule base_any_module() const = 0;
 
+  /// Gives `copy`, a LoRA layer of the same kind over a copy of the base
+  /// layer and without adapters, this layer's adapters (values, scales,
+  /// flags), its enabled and merged state and its training mode: what a
+  /// model's clone does for each LoRA layer.
+  virtual void copy_state_into(
+      LoRALayer& /*copy*/,
+      const c10::optional<torch::Device>& /*device*/) const {
+    TORCH_CHECK(
+        false,
+        "torchlora: this LoRA layer type cannot copy its state into a clone; "
+        "clone the model with LibTorch's clone()");
+  }
+
   // ------------------------------------------------------------ members
 
   /// True when a module of LibTorch reads this layer's base weight through
@@ -154,12 +175,16 @@ class LoRALayer {
   }
 
   /// Points the bound member at the adapted weight, `W + sum s B A`
-  /// (differentiable in every A and B), until as many
-  /// `release_member_weight` calls: what `AdaptedWeights` does.
-  virtual void hold_member_weight() {}
+  /// computed now (differentiable in every A and B when gradients are
+  /// recorded), until `release_member_weight` with the returned token:
+  /// what `AdaptedWeights` does. Holds nest: the innermost one's weight is
+  /// the member's, and releasing it gives back the one before.
+  virtual int64_t hold_member_weight() {
+    return 0;
+  }
 
-  /// Ends one `hold_member_weight`.
-  virtual void release_member_weight() {}
+  /// Ends the `hold_member_weight` that returned `token`.
+  virtual void release_member_weight(int64_t /*token*/) {}
 
   /// How many `AdaptedWeights` scopes hold this layer's member now. Changing
   /// the layer's adapters is refused while one does.

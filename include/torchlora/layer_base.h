@@ -5,6 +5,7 @@
 #include <torchlora/detail/forward_count.h>
 #include <torchlora/detail/member_sentinel.h>
 #include <torchlora/detail/row_routing.h>
+#include <torchlora/detail/tensor_bits.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
 #include <torchlora/options.h>
@@ -193,6 +194,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
     adapters_.push_back(std::move(adapter));
     freeze_base();
+    // The new matrices' modules take the layer's training mode.
+    this->train(this->is_training());
     detail::check_blas_threads_once();
   }
 
@@ -203,6 +206,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void delete_adapter(const std::string& name) override {
     check_not_merged("delete_adapter");
     check_no_forward_running("delete_adapter");
+    detail::check_not_routed(
+        this, "delete_adapter", std::string("this ") + Derived::kName);
     const auto& adapter = find_adapter(name);
     const auto index = static_cast<size_t>(&adapter - adapters_.data());
     const bool was_active = adapter.active;
@@ -255,6 +260,17 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         enabled || !merged_,
         "torchlora: cannot disable the adapters of a merged layer; unmerge() "
         "it first (torchlora::DisableAdapters does both)");
+    if (enabled && !enabled_ && member_weight_holds() > 0) {
+      // A DisableAdapters that ends before an AdaptedWeights made inside
+      // it: the held weights take the adapters again.
+      detail::check_no_forward_running(
+          running_forwards_.running(),
+          "set_adapters_enabled",
+          std::string("this ") + Derived::kName);
+      enabled_ = true;
+      refresh_member(/*recompute_held=*/true);
+      return;
+    }
     check_no_forward_running("set_adapters_enabled");
     enabled_ = enabled;
   }
@@ -331,7 +347,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// Restores the weight from before `merge`, bit for bit. A merged weight
   /// changed in place since (an optimizer step on it) is an error here, as
   /// restoring would silently drop that change. After `merge_in_place`, the
-  /// deltas are subtracted (a change made since stays).
+  /// deltas that merge added are subtracted (from copies of the adapters
+  /// taken then, so adapters changed since do not matter; a change of the
+  /// weight made since stays).
   void unmerge() override {
     if (!merged_) {
       return;
@@ -342,10 +360,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (keeps_original_) {
       weight.set_data(original_weight_);
     } else {
-      add_active_deltas_in_place(-1.0);
+      add_deltas_in_place(merged_deltas_, -1.0);
     }
-    original_weight_ = torch::Tensor();
-    merged_ = false;
+    forget_merge();
     refresh_member();
   }
 
@@ -395,14 +412,15 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       check_restorable("unload()");
     }
     check_no_forward_running("unload");
+    detail::check_not_routed(
+        this, "unload", std::string("this ") + Derived::kName);
     torch::NoGradGuard no_grad;
     if (merge_first && !merged_) {
       weight.set_data(weight_with_adapters());
     } else if (!merge_first && merged_) {
       weight.set_data(weight_before_merge());
     }
-    original_weight_ = torch::Tensor();
-    merged_ = false;
+    forget_merge();
     enabled_ = true;
     while (!adapters_.empty()) {
       delete_adapter(adapters_.back().name);
@@ -412,6 +430,19 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       Derived::member_weight(*base_) = weight;
       member_ = MemberBinding();
     }
+  }
+
+  torch::Tensor base_weight() const override {
+    return weight;
+  }
+
+  /// Sets training or evaluation mode here, on the adapters and on the base
+  /// module, which is not a registered child (its tensors are registered
+  /// here under their own names) but whose forward LibTorch may call
+  /// through its own member (a MultiheadAttention's dropout).
+  void train(bool on = true) override {
+    torch::nn::Module::train(on);
+    base_->train(on);
   }
 
   std::shared_ptr<torch::nn::Module> base_module() const override {
@@ -432,19 +463,19 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       override {
     torch::nn::Module::to(device, dtype, non_blocking);
     follow_weight();
-    refresh_member();
+    refresh_member(/*recompute_held=*/true);
   }
 
   void to(torch::Dtype dtype, bool non_blocking = false) override {
     torch::nn::Module::to(dtype, non_blocking);
     follow_weight();
-    refresh_member();
+    refresh_member(/*recompute_held=*/true);
   }
 
   void to(torch::Device device, bool non_blocking = false) override {
     torch::nn::Module::to(device, non_blocking);
     follow_weight();
-    refresh_member();
+    refresh_member(/*recompute_held=*/true);
   }
 
   /// Saves like any module; a merged layer saves its unmerged weight, so a
@@ -490,6 +521,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       kept.emplace_back(tensor, tensor.detach());
     }
     const auto kept_original = original_weight_;
+    const auto kept_deltas = merged_deltas_;
+    const auto kept_stamps = merged_stamps_;
     const bool keep_original = keeps_original_;
     unmerge();
     try {
@@ -502,8 +535,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       if (keep_original) {
         original_weight_ = kept_original;
         merged_ = true;
-        merged_stamps_ = adapter_stamps();
+        merged_deltas_ = kept_deltas;
+        merged_stamps_ = kept_stamps;
         merged_weight_version_ = weight._version();
+        merged_weight_checksum_ = weight_checksum();
       } else {
         merge_keeping_original(/*safe=*/false, /*keep_original=*/false);
       }
@@ -528,7 +563,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     refresh_member();
   }
 
-  void hold_member_weight() override {
+  int64_t hold_member_weight() override {
     TORCH_CHECK(
         member_.bound,
         "torchlora: hold_member_weight on a ",
@@ -537,26 +572,30 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (merged_) {
       check_merged_weight_is_current();
     }
-    ++member_.holds;
-    try {
-      refresh_member();
-    } catch (...) {
-      --member_.holds;
-      throw;
-    }
+    // Computed now, in this scope's grad mode; an inner scope's weight
+    // never replaces an outer one's for good.
+    MemberHold hold;
+    hold.token = ++member_.last_token;
+    hold.grad = at::GradMode::is_enabled();
+    hold.weight = merged_ ? weight : adapted_weight();
+    member_.holds.push_back(std::move(hold));
+    refresh_member();
+    return member_.holds.back().token;
   }
 
-  void release_member_weight() override {
-    if (member_.holds > 0) {
-      --member_.holds;
-      if (member_.holds == 0) {
-        refresh_member();
-      }
+  void release_member_weight(int64_t token) override {
+    const auto found = std::find_if(
+        member_.holds.begin(), member_.holds.end(), [&](const auto& hold) {
+          return hold.token == token;
+        });
+    if (found != member_.holds.end()) {
+      member_.holds.erase(found);
+      refresh_member();
     }
   }
 
   int member_weight_holds() const override {
-    return member_.holds;
+    return static_cast<int>(member_.holds.size());
   }
 
   /// The weight this layer computes with: `weight` plus every active
@@ -566,7 +605,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// `AdaptedWeights`. Without gradients to record it equals the merged
   /// weight bit for bit.
   torch::Tensor adapted_weight() const {
-    if (merged_ || !enabled_ || !has_active_adapter()) {
+    if (merged_) {
+      check_merged_weight_is_current(/*in_forward=*/true);
+      return weight;
+    }
+    if (!enabled_ || !has_active_adapter()) {
       return weight;
     }
     bool record = false;
@@ -597,40 +640,27 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   std::shared_ptr<torch::nn::Module> clone(
       const c10::optional<torch::Device>& device =
           c10::nullopt) const override {
-    if (merged_) {
-      // A copy of a stale merge would look current (its stamps are new).
-      check_merged_weight_is_current();
-    }
+    check_clonable();
     torch::NoGradGuard no_grad;
     auto base_copy = std::dynamic_pointer_cast<BaseImpl>(base_->clone(device));
     TORCH_INTERNAL_ASSERT(base_copy, "torchlora: base layer clone failed");
     auto copy = std::make_shared<Derived>(BaseHolder(base_copy));
-    for (const auto& adapter : adapters_) {
-      copy->add_adapter(adapter.name, adapter.options);
-      auto& target = copy->adapters_.back();
-      target.scale = adapter.scale;
-      target.active = adapter.active;
-      copy_tensor(adapter.A, target.A, device);
-      copy_tensor(adapter.B, target.B, device);
-    }
-    copy->enabled_ = enabled_;
-    copy->merged_ = merged_;
-    copy->keeps_original_ = keeps_original_;
-    if (merged_ && keeps_original_) {
-      copy->original_weight_ = device && original_weight_.device() != *device
-          ? original_weight_.to(*device)
-          : original_weight_.clone();
-    }
-    if (merged_) {
-      copy->merged_stamps_ = copy->adapter_stamps();
-      copy->merged_weight_version_ = copy->weight._version();
-    }
-    copy->weight.set_requires_grad(weight.requires_grad());
-    if (bias.defined()) {
-      copy->bias.set_requires_grad(bias.requires_grad());
-    }
-    copy->train(this->is_training());
+    copy_state_to(*copy, device);
     return copy;
+  }
+
+  void copy_state_into(
+      LoRALayer& copy,
+      const c10::optional<torch::Device>& device) const override {
+    auto* same_kind = dynamic_cast<Derived*>(&copy);
+    TORCH_INTERNAL_ASSERT(
+        same_kind != nullptr && same_kind->adapters_.empty(),
+        "torchlora: copy_state_into needs a ",
+        Derived::kName,
+        " without adapters");
+    check_clonable();
+    torch::NoGradGuard no_grad;
+    copy_state_to(*same_kind, device);
   }
 
   /// Prints the kind, its base options and each adapter, e.g.
@@ -693,9 +723,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     weight.addmm_(B, A, /*beta=*/1, /*alpha=*/s);
   }
 
-  /// Adopts `base` (sharing its tensors), with no adapter and without
-  /// changing which of its tensors are trainable. (Before LibTorch 2.2 the
-  /// kind's constructor names the module, see
+  /// Adopts `base` (sharing its tensors and its training mode), with no
+  /// adapter and without changing which of its tensors are trainable.
+  /// (Before LibTorch 2.2 the kind's constructor names the module, see
   /// TORCHLORA_MODULE_IS_VIRTUAL_BASE.)
   explicit LoRALayerImpl(const BaseHolder& base)
       : torch::nn::Cloneable<Derived>(module_name()),
@@ -708,6 +738,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         "torch::nn::Module as its version says; "
         "TORCHLORA_MODULE_IS_VIRTUAL_BASE needs updating");
     reset();
+    // A layer made for a module in eval mode starts in eval mode.
+    torch::nn::Module::train(base_->is_training());
   }
 
   /// For the wrapping constructor of a kind, once the kind's own members
@@ -774,7 +806,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// layer whose adapters changed since is an error), enabled, one active.
   bool adapters_in_use() const {
     if (merged_) {
-      check_merged_weight_is_current();
+      check_merged_weight_is_current(/*in_forward=*/true);
       return false;
     }
     return enabled_ && has_active_adapter();
@@ -893,6 +925,47 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     return adapters_;
   }
 
+  /// A merged layer whose adapters changed since `merge` cannot be copied:
+  /// the copy's merge would look current.
+  void check_clonable() const {
+    if (merged_) {
+      check_merged_weight_is_current();
+    }
+  }
+
+  /// Gives `copy` (this kind, over a copy of the base layer, no adapters)
+  /// this layer's adapters with their values, scales and flags, the enabled
+  /// and merged state, the base tensors' trainable flags and the training
+  /// mode.
+  void copy_state_to(Derived& copy, const c10::optional<torch::Device>& device)
+      const {
+    for (const auto& adapter : adapters_) {
+      copy.add_adapter(adapter.name, adapter.options);
+      auto& target = copy.adapters_.back();
+      target.scale = adapter.scale;
+      target.active = adapter.active;
+      copy_tensor(adapter.A, target.A, device);
+      copy_tensor(adapter.B, target.B, device);
+    }
+    copy.enabled_ = enabled_;
+    copy.merged_ = merged_;
+    copy.keeps_original_ = keeps_original_;
+    if (merged_ && keeps_original_) {
+      copy.original_weight_ = device && original_weight_.device() != *device
+          ? original_weight_.to(*device)
+          : original_weight_.clone();
+    }
+    if (merged_) {
+      copy.remember_merge();
+    }
+    copy.weight.set_requires_grad(weight.requires_grad());
+    if (bias.defined()) {
+      copy.bias.set_requires_grad(bias.requires_grad());
+    }
+    copy.train(this->is_training());
+    copy.refresh_member();
+  }
+
   bool has_active_adapter() const {
     return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
       return a.active;
@@ -911,20 +984,45 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
   /// weight's dtype. `weight` itself is not changed.
   torch::Tensor weight_with_adapters(double sign = 1.0) const {
+    return weight_plus(active_deltas(), sign);
+  }
+
+  /// One adapter's delta as a merge adds it: its matrices and its scale.
+  struct Delta {
+    torch::Tensor A;
+    torch::Tensor B;
+    double s;
+  };
+
+  /// The active adapters' deltas, their matrices as they are now (not
+  /// copied).
+  std::vector<Delta> active_deltas() const {
+    std::vector<Delta> deltas;
+    for (const auto& adapter : adapters_) {
+      if (adapter.active) {
+        deltas.push_back(Delta{
+            adapter.A.detach(),
+            adapter.B.detach(),
+            adapter.effective_scaling()});
+      }
+    }
+    return deltas;
+  }
+
+  /// `weight` plus `sign` times each of `deltas`, computed in fp32 for
+  /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
+  /// weight's dtype.
+  torch::Tensor weight_plus(const std::vector<Delta>& deltas, double sign)
+      const {
     torch::NoGradGuard no_grad;
     const auto dtype = weight.scalar_type();
     const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
     const auto compute = half ? torch::kFloat : dtype;
     auto result =
         weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        derived().add_delta_weight(
-            result,
-            adapter.A.detach().to(compute),
-            adapter.B.detach().to(compute),
-            sign * adapter.effective_scaling());
-      }
+    for (const auto& delta : deltas) {
+      derived().add_delta_weight(
+          result, delta.A.to(compute), delta.B.to(compute), sign * delta.s);
     }
     return result.to(dtype);
   }
@@ -958,6 +1056,13 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         "torchlora: an adapter name must not contain '.', got \"",
         name,
         "\"");
+    // It names a folder in adapter files (save_adapter).
+    TORCH_CHECK(
+        name.find_first_of("/\\") == std::string::npos,
+        "torchlora: an adapter name must not contain '/' or '\\' (it names "
+        "a folder of adapter files), got \"",
+        name,
+        "\"");
     TORCH_CHECK(
         !has_adapter(name),
         "torchlora: this layer already has an adapter named \"",
@@ -982,18 +1087,18 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         operation,
         std::string("this ") + Derived::kName);
     detail::check_no_member_hold(
-        member_.holds, operation, std::string("this ") + Derived::kName);
+        member_weight_holds(),
+        operation,
+        std::string("this ") + Derived::kName);
   }
 
   /// Throws when `what` cannot give back the weight from before `merge`:
-  /// the kept copy would drop a change made to the merged weight since;
-  /// after `merge_in_place`, adapters changed since would subtract a delta
-  /// that was never added.
+  /// the kept copy would drop a change made to the merged weight since.
+  /// (After `merge_in_place` the deltas merge added are subtracted, from
+  /// copies taken then: always possible.)
   void check_restorable(const char* what) const {
     if (merged_ && keeps_original_) {
       check_weight_unchanged_since_merge(what);
-    } else if (merged_) {
-      check_merged_weight_is_current();
     }
   }
 
@@ -1014,13 +1119,48 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       if (safe) {
         check_safe_merge(safe, weight_with_adapters());
       }
-      add_active_deltas_in_place(1.0);
+      add_deltas_in_place(active_deltas(), 1.0);
     }
     keeps_original_ = keep_original;
     merged_ = true;
+    remember_merge();
+    refresh_member();
+  }
+
+  /// Records what the merge just added: copies of the active adapters'
+  /// matrices (adapter-sized) with their scales, their stamps, and the
+  /// merged weight's version.
+  void remember_merge() {
+    merged_deltas_.clear();
+    for (const auto& delta : active_deltas()) {
+      merged_deltas_.push_back(
+          Delta{delta.A.clone(), delta.B.clone(), delta.s});
+    }
     merged_stamps_ = adapter_stamps();
     merged_weight_version_ = weight._version();
-    refresh_member();
+    if (keeps_original_) {
+      merged_weight_checksum_ = weight_checksum();
+    }
+  }
+
+  /// Two sums of the weight in float64 (plain and weighted by position):
+  /// what tells a merged weight changed through `.data()`, which no
+  /// version counter sees, without a copy of the weight.
+  torch::Tensor weight_checksum() const {
+    torch::NoGradGuard no_grad;
+    const auto flat = weight.detach().reshape(-1).to(torch::kDouble);
+    const auto positions = torch::arange(
+        1, flat.numel() + 1, flat.options().dtype(torch::kDouble));
+    return torch::stack({flat.sum(), flat.mul(positions).sum()});
+  }
+
+  /// Back to unmerged: nothing kept.
+  void forget_merge() {
+    original_weight_ = torch::Tensor();
+    merged_weight_checksum_ = torch::Tensor();
+    merged_deltas_.clear();
+    merged_stamps_.clear();
+    merged_ = false;
   }
 
   void check_safe_merge(bool safe, const torch::Tensor& merged_weight) const {
@@ -1031,25 +1171,20 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         ") gives NaN or Inf weights; nothing was changed");
   }
 
-  /// `weight += sign * s * delta` for each active adapter, in the weight's
+  /// `weight += sign * s * delta` for each of `deltas`, in the weight's
   /// own memory. fp16/bf16 weights are computed in fp32 and rounded once
   /// (a passing fp32 copy), as `merge` does, so both merges agree.
-  void add_active_deltas_in_place(double sign) {
+  void add_deltas_in_place(const std::vector<Delta>& deltas, double sign) {
     torch::NoGradGuard no_grad;
     auto target = weight.detach();
     const auto dtype = target.scalar_type();
     if (dtype == torch::kHalf || dtype == torch::kBFloat16) {
-      target.copy_(weight_with_adapters(sign));
+      target.copy_(weight_plus(deltas, sign));
       return;
     }
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        derived().add_delta_weight(
-            target,
-            adapter.A.detach().to(dtype),
-            adapter.B.detach().to(dtype),
-            sign * adapter.effective_scaling());
-      }
+    for (const auto& delta : deltas) {
+      derived().add_delta_weight(
+          target, delta.A.to(dtype), delta.B.to(dtype), sign * delta.s);
     }
   }
 
@@ -1059,7 +1194,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (keeps_original_) {
       return original_weight_;
     }
-    return weight_with_adapters(-1.0);
+    return weight_plus(merged_deltas_, -1.0);
   }
 
   const detail::Adapter& find_adapter(const std::string& name) const {
@@ -1114,13 +1249,39 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     return stamps;
   }
 
+  /// True when the active adapters differ from what `merge` added: other
+  /// adapters or scales, or other values. Values are compared (a step
+  /// through `.data()`, as LibTorch 1.13's SGD takes it, changes no
+  /// version counter) unless `values` is false: then only the stamps
+  /// (version counters and memory).
+  bool adapters_changed_since_merge(bool values = true) const {
+    const auto now = active_deltas();
+    if (now.size() != merged_deltas_.size()) {
+      return true;
+    }
+    if (!values) {
+      return !(adapter_stamps() == merged_stamps_);
+    }
+    for (size_t i = 0; i < now.size(); ++i) {
+      const auto& then = merged_deltas_[i];
+      if (now[i].s != then.s || !detail::same_bits(now[i].A, then.A) ||
+          !detail::same_bits(now[i].B, then.B)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   /// A merged weight holds the adapters as they were at `merge`: if they
-  /// changed since, using it would silently ignore the change. (A change
-  /// through `.data()`, which has a version counter of its own, cannot be
-  /// seen.)
-  void check_merged_weight_is_current() const {
+  /// changed since, using it would silently ignore the change. Compared by
+  /// value; in the forward of a layer off the CPU by stamps only, which
+  /// cost no device synchronization (a step through `.data()` is then seen
+  /// at `unmerge`, `save`, `clone` and the next merge check, not by the
+  /// forward).
+  void check_merged_weight_is_current(bool in_forward = false) const {
+    const bool values = !in_forward || weight.device().is_cpu();
     TORCH_CHECK(
-        adapter_stamps() == merged_stamps_,
+        !adapters_changed_since_merge(values),
         "torchlora: an adapter of this merged layer (",
         detail::quoted_list(active_adapters()),
         ") was changed after merge(), so the merged weight is stale; "
@@ -1131,7 +1292,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// since `merge`: the weight from before `merge` would drop the change.
   void check_weight_unchanged_since_merge(const char* what) const {
     TORCH_CHECK(
-        weight._version() == merged_weight_version_,
+        weight._version() == merged_weight_version_ &&
+            detail::same_bits(weight_checksum(), merged_weight_checksum_),
         "torchlora: the weight of this merged layer was changed after "
         "merge() (an optimizer step or an in-place op on it), so ",
         what,
@@ -1146,11 +1308,20 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (merged_ && keeps_original_) {
       original_weight_ =
           original_weight_.to(weight.device(), weight.scalar_type());
+      // A conversion changes the merged weight's values: not a change.
+      merged_weight_checksum_ = weight_checksum();
     }
     if (merged_) {
       const auto moved = adapter_stamps();
       for (size_t i = 0; i < moved.size() && i < merged_stamps_.size(); ++i) {
         merged_stamps_[i].data = moved[i].data;
+      }
+      // The copies of what merge added move and convert as the adapters do.
+      const auto now = active_deltas();
+      for (size_t i = 0; i < now.size() && i < merged_deltas_.size(); ++i) {
+        auto& then = merged_deltas_[i];
+        then.A = then.A.to(now[i].A.device(), now[i].A.scalar_type());
+        then.B = then.B.to(now[i].B.device(), now[i].B.scalar_type());
       }
     }
   }
@@ -1174,12 +1345,22 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
 
   /// A member of a LibTorch module that reads the base weight directly
   /// (`bind_member`).
+  /// One `AdaptedWeights` scope's hold: its token, the grad mode it was
+  /// made in and the weight it computed.
+  struct MemberHold {
+    int64_t token = 0;
+    bool grad = true;
+    torch::Tensor weight;
+  };
+
   struct MemberBinding {
     bool bound = false;
     /// The layer in messages: "'layers.0.linear1' (read by ...)".
     std::string where;
-    /// `AdaptedWeights` scopes holding the member now.
-    int holds = 0;
+    /// The `AdaptedWeights` scopes holding the member now, innermost last.
+    /// The member holds the innermost one's weight.
+    std::vector<MemberHold> holds;
+    int64_t last_token = 0;
   };
 
   /// Refuses an adapter a bound member cannot honour: the member holds one
@@ -1207,15 +1388,23 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// Points the bound member at what it must hold now: the merged weight;
   /// the adapted weight inside `AdaptedWeights`; a sentinel that refuses
   /// every use otherwise.
-  void refresh_member() {
+  void refresh_member(bool recompute_held = false) {
     if (!member_.bound) {
       return;
+    }
+    if (recompute_held) {
+      // After a move, a conversion or re-enabling: the held weights,
+      // computed anew, each in its scope's grad mode.
+      for (auto& hold : member_.holds) {
+        const at::AutoGradMode grad_mode(hold.grad);
+        hold.weight = merged_ ? weight : adapted_weight();
+      }
     }
     auto& member = Derived::member_weight(*base_);
     if (merged_) {
       member = weight;
-    } else if (member_.holds > 0) {
-      member = adapted_weight();
+    } else if (!member_.holds.empty()) {
+      member = member_.holds.back().weight;
     } else {
       member = detail::member_sentinel(
           weight,
@@ -1241,10 +1430,15 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   detail::ForwardCount running_forwards_;
   /// The weight before `merge`, kept for an exact `unmerge`.
   torch::Tensor original_weight_;
+  /// What `merge` added: copies of the active adapters' matrices and their
+  /// scales (adapter-sized).
+  std::vector<Delta> merged_deltas_;
   /// `adapter_stamps()` at `merge`.
   std::vector<Stamp> merged_stamps_;
   /// The weight's version right after `merge`.
   int64_t merged_weight_version_ = 0;
+  /// `weight_checksum()` right after a `merge` that kept the original.
+  torch::Tensor merged_weight_checksum_;
 };
 
 } // namespace torchlora

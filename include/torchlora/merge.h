@@ -6,10 +6,17 @@
 #include <torchlora/module_ref.h>
 
 #include <torch/arg.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace torchlora {
 
@@ -69,6 +76,112 @@ inline void check_mergeable(const ModelIndex& index, bool safe) {
   }
 }
 
+/// Appends `layer`'s `weight` and `bias` members to `tensors` if `module`
+/// is a `Layer`; returns whether it is.
+template <typename Layer>
+bool add_weight_and_bias(
+    const torch::nn::Module& module,
+    std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+  const auto* layer = dynamic_cast<const Layer*>(&module);
+  if (layer == nullptr) {
+    return false;
+  }
+  for (const auto& [name, tensor] :
+       {std::make_pair("weight", layer->weight),
+        std::make_pair("bias", layer->bias)}) {
+    if (tensor.defined()) {
+      tensors.emplace_back(name, tensor);
+    }
+  }
+  return true;
+}
+
+/// The tensors a plain LibTorch layer's forward reads through its own
+/// members, which may not be the ones it registered: `b->weight =
+/// a->weight` ties a weight without registering it.
+inline std::vector<std::pair<std::string, torch::Tensor>> member_tensors(
+    const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  if (const auto* embedding =
+          dynamic_cast<const torch::nn::EmbeddingImpl*>(&module)) {
+    tensors.emplace_back("weight", embedding->weight);
+  } else if (
+      !add_weight_and_bias<torch::nn::LinearImpl>(module, tensors) &&
+      !add_weight_and_bias<torch::nn::Conv1dImpl>(module, tensors) &&
+      !add_weight_and_bias<torch::nn::Conv2dImpl>(module, tensors)) {
+    add_weight_and_bias<torch::nn::Conv3dImpl>(module, tensors);
+  }
+  return tensors;
+}
+
+/// Throws, naming the layer and the other tensor, if merging the active
+/// adapters of a layer of `index` (into its weight itself when `in_place`)
+/// would change a tensor that another module of `model` uses too: a weight
+/// that is also another module's (tied weights, `b->weight = a->weight`,
+/// seen in the registries and in the members of LibTorch's Linear,
+/// Embedding and Conv layers) is never merged, as merging replaces the
+/// tensor's values wherever it is used; a weight that only shares memory
+/// with another tensor is merged keeping the original (which gives it
+/// memory of its own), never in place.
+inline void check_merge_changes_no_other_tensor(
+    torch::nn::Module& model,
+    const ModelIndex& index,
+    bool in_place) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& entry : index.entries()) {
+    for (const auto& [name, tensor] : member_tensors(*entry.module)) {
+      tensors.emplace_back(entry.paths.front() + "." + name, tensor);
+    }
+  }
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (layer->merged() || layer->active_adapters().empty()) {
+      continue;
+    }
+    const auto weight = layer->base_weight();
+    if (!weight.defined()) {
+      continue;
+    }
+    const auto owner_of = [](const std::string& key) {
+      const auto dot = key.rfind('.');
+      return dot == std::string::npos ? std::string() : key.substr(0, dot);
+    };
+    for (const auto& [key, tensor] : tensors) {
+      const bool own =
+          std::find(entry->paths.begin(), entry->paths.end(), owner_of(key)) !=
+          entry->paths.end();
+      if (tensor.unsafeGetTensorImpl() == weight.unsafeGetTensorImpl()) {
+        TORCH_CHECK(
+            own,
+            "torchlora: cannot merge '",
+            entry->paths.front(),
+            "': its weight is also '",
+            key,
+            "' (tied weights), so merging would change that module too. "
+            "Serve the model unmerged, or give each module a weight of its "
+            "own before inject_lora. Nothing was merged");
+      } else if (
+          in_place && tensor.defined() && tensor.has_storage() &&
+          weight.has_storage() && tensor.is_alias_of(weight)) {
+        TORCH_CHECK(
+            false,
+            "torchlora: cannot merge '",
+            entry->paths.front(),
+            "' in place: its weight shares memory with '",
+            key,
+            "', which would change too. Merge keeping the original "
+            "(MergeOptions().keep_original(true)), which gives the merged "
+            "weight memory of its own. Nothing was merged");
+      }
+    }
+  }
+}
+
 /// Throws, naming the layer, if unmerging the model would fail on any layer.
 inline void check_unmergeable(const ModelIndex& index) {
   check_no_forward_running(index, "unmerge");
@@ -125,6 +238,8 @@ inline void unload_layers(const ModelIndex& index, bool merge_first) {
 inline void merge(ModuleRef model, const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
   detail::check_mergeable(index, options.safe());
+  detail::check_merge_changes_no_other_tensor(
+      model.get(), index, !options.keep_original());
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (options.keep_original()) {
       layer->merge(/*safe=*/false);
@@ -154,6 +269,9 @@ inline void merge_and_unload(
     const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
   detail::check_mergeable(index, options.safe());
+  detail::check_not_routed(index, "merge_and_unload");
+  detail::check_merge_changes_no_other_tensor(
+      model.get(), index, /*in_place=*/false);
   detail::unload_layers(index, /*merge_first=*/true);
 }
 
@@ -163,6 +281,7 @@ inline void merge_and_unload(
 inline void unload(ModuleRef model) {
   const detail::ModelIndex index(model.get());
   detail::check_unmergeable(index);
+  detail::check_not_routed(index, "unload");
   detail::unload_layers(index, /*merge_first=*/false);
 }
 

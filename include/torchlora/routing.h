@@ -37,8 +37,10 @@ namespace torchlora {
 /// Other threads do not see the routing: threads serving different requests
 /// on one model each make their own. Routings nest (the innermost whose
 /// model holds a layer applies). Destroy it on the thread that made it.
-/// The routing covers the LoRA layers the model has when it is made: make
-/// a new one after `inject_lora`.
+/// The routing covers the LoRA layers the model has when it is made. While
+/// it lives, `delete_adapter`, `unload`, `merge_and_unload` and
+/// `inject_lora` on the model are refused (on any thread): they would route
+/// rows to adapters or layers that are gone, or miss new layers.
 ///
 /// Example:
 /// ```
@@ -63,6 +65,9 @@ class AdapterRouting {
       held_.push_back(detail::share(*entry));
       layers_.insert(layer);
     }
+    for (const auto* layer : layers_) {
+      detail::RoutedLayers::instance().add(layer);
+    }
     active_.groups = &groups_;
     active_.layers = &layers_;
     active_.outer = detail::current_routing();
@@ -83,6 +88,9 @@ class AdapterRouting {
     }
     if (*link == &active_) {
       *link = active_.outer;
+    }
+    for (const auto* layer : layers_) {
+      detail::RoutedLayers::instance().remove(layer);
     }
   }
 

@@ -18,6 +18,7 @@
 #include <torchlora/adapters.h>
 #include <torchlora/attention.h>
 #include <torchlora/blas_threads.h>
+#include <torchlora/clone.h>
 #include <torchlora/config.h>
 #include <torchlora/conv.h>
 #include <torchlora/embedding.h>

@@ -211,6 +211,43 @@ int train(const std::string& out) {
     check(other == mine, "bf16 gradients averaged alike on both ranks");
   }
 
+  // A rank that had no gradient gets the mean in the parameter's dtype, and
+  // its optimizer steps like the other's (an fp32 gradient on a bf16
+  // parameter made LibTorch's step fail on that rank alone).
+  {
+    torch::manual_seed(7);
+    torch::nn::Sequential half(torch::nn::Linear(6, 4));
+    torchlora::inject_lora(
+        half,
+        torchlora::LoRAConfig(2).dtype(torch::kBFloat16).target_modules({"0"}));
+    {
+      torch::NoGradGuard no_grad;
+      half->named_parameters()["0.lora_B.default.weight"].normal_();
+    }
+    dist::AdapterSync half_sync(half, world);
+    if (world.rank() == 0) {
+      half->forward(torch::randn({2, 6})).sum().backward();
+    }
+    half_sync.all_reduce_gradients();
+    std::vector<torch::Tensor> trainables;
+    for (const auto& p : half->parameters()) {
+      if (p.requires_grad()) {
+        check(
+            p.grad().defined() && p.grad().scalar_type() == torch::kBFloat16,
+            "a rank without a gradient gets a bf16 mean");
+        trainables.push_back(p);
+      }
+    }
+    torch::optim::SGD(trainables, torch::optim::SGDOptions(0.1)).step();
+    torch::optim::Adam(trainables, torch::optim::AdamOptions(0.1)).step();
+    const auto mine = raw_bytes(trainables);
+    world.store()->set(
+        "worker/bf16_none/" + std::to_string(world.rank()), mine);
+    const auto other = world.store()->get(
+        "worker/bf16_none/" + std::to_string(1 - world.rank()));
+    check(other == mine, "both ranks step alike after a rank had no gradient");
+  }
+
   try {
     dist::shard_rows(torch::zeros({7, 2}), world);
     check(false, "7 rows over 2 processes are refused");

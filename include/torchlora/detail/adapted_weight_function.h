@@ -8,6 +8,8 @@
 // optimizer step inside the scope): a gradient for an old weight would
 // otherwise be applied to the new adapters in silence. Not part of the API.
 
+#include <torchlora/detail/tensor_bits.h>
+
 #include <torch/autograd.h>
 #include <torch/types.h>
 
@@ -67,8 +69,8 @@ struct AdaptedWeightFunction
     const auto A = ctx->saved_data["A"].toTensor();
     const auto B = ctx->saved_data["B"].toTensor();
     TORCH_CHECK(
-        torch::equal(A.detach(), ctx->saved_data["A_values"].toTensor()) &&
-            torch::equal(B.detach(), ctx->saved_data["B_values"].toTensor()),
+        same_bits(A.detach(), ctx->saved_data["A_values"].toTensor()) &&
+            same_bits(B.detach(), ctx->saved_data["B_values"].toTensor()),
         "torchlora: the weight of ",
         ctx->saved_data["where"].toStringRef(),
         " was computed by a torchlora::AdaptedWeights before its adapters "

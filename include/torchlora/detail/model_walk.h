@@ -4,6 +4,7 @@
 // lifecycle functions. Not part of the API.
 
 #include <torchlora/detail/forward_count.h>
+#include <torchlora/detail/row_routing.h>
 #include <torchlora/layer.h>
 
 #include <torch/nn/module.h>
@@ -142,6 +143,34 @@ inline void check_no_forward_running(
     detail::check_no_forward_running(
         layer->running_forwards(), operation, name);
     detail::check_no_member_hold(layer->member_weight_holds(), operation, name);
+  }
+}
+
+/// Throws, naming the layer, while an `AdapterRouting` made for a LoRA layer
+/// of the model lives: `operation` would remove adapters or layers it routes
+/// rows to, or add layers it does not cover.
+inline void check_not_routed(const ModelIndex& index, const char* operation) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    detail::check_not_routed(
+        layer, operation, "'" + entry->paths.front() + "'");
+  }
+}
+
+/// Throws, naming the layer, while the adapters of a LoRA layer of the
+/// model are switched off (`DisableAdapters`): adapters added meanwhile
+/// would be on inside the guard's scope.
+inline void check_adapters_enabled(
+    const ModelIndex& index,
+    const char* operation) {
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    TORCH_CHECK(
+        layer->adapters_enabled(),
+        "torchlora: ",
+        operation,
+        " while the adapters of '",
+        entry->paths.front(),
+        "' are disabled (DisableAdapters); add adapters after the guard's "
+        "scope. Nothing was changed");
   }
 }
 

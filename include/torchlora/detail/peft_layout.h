@@ -118,6 +118,13 @@ inline std::string plain_matrix_key(
 inline std::string adapter_folder(
     const std::string& dir,
     const std::string& name) {
+  TORCH_CHECK(
+      !name.empty() && name != "." && name != ".." &&
+          name.find_first_of("/\\") == std::string::npos,
+      "torchlora: adapter name \"",
+      name,
+      "\" cannot name a folder of adapter files (it is empty, \".\" or "
+      "\"..\", or holds '/' or '\\')");
   return name == "default" ? dir : (std::filesystem::path(dir) / name).string();
 }
 

@@ -6,12 +6,15 @@
 #include <torch/types.h>
 
 #include <c10/core/Device.h>
+#include <c10/util/Exception.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -153,6 +156,60 @@ inline const RowGroups* routing_for(const LoRALayer* layer) {
     }
   }
   return nullptr;
+}
+
+/// How many live `AdapterRouting`s (on any thread) were made for each
+/// layer: they route rows to its adapters by name, so removing an adapter
+/// or the layer meanwhile would send rows to nothing in silence.
+class RoutedLayers {
+ public:
+  static RoutedLayers& instance() {
+    static RoutedLayers routed;
+    return routed;
+  }
+
+  void add(const LoRALayer* layer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++counts_[layer];
+  }
+
+  void remove(const LoRALayer* layer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = counts_.find(layer);
+    if (found != counts_.end() && --found->second == 0) {
+      counts_.erase(found);
+    }
+  }
+
+  int count(const LoRALayer* layer) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = counts_.find(layer);
+    return found == counts_.end() ? 0 : found->second;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_map<const LoRALayer*, int> counts_;
+};
+
+/// Refuses `operation` on `layer` (described by `name`: "'0'", "this
+/// LoRALinear") while a routing made for it lives.
+inline void check_not_routed(
+    const LoRALayer* layer,
+    const char* operation,
+    const std::string& name) {
+  const int routings = RoutedLayers::instance().count(layer);
+  TORCH_CHECK(
+      routings == 0,
+      "torchlora: ",
+      operation,
+      " while a torchlora::AdapterRouting made for ",
+      name,
+      " lives (",
+      routings,
+      " routing(s)): it routes rows to this layer's adapters by name, and "
+      "would send them to nothing. End the routing's scope first. Nothing "
+      "was changed");
 }
 
 } // namespace detail

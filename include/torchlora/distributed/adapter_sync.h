@@ -154,7 +154,9 @@ class AdapterSync {
         if (tensor.grad().defined()) {
           tensor.mutable_grad().copy_(mean);
         } else {
-          tensor.mutable_grad() = mean.clone();
+          // In the tensor's own dtype: fp16/bf16 travel as fp32.
+          tensor.mutable_grad() = mean.to(
+              tensor.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
         }
       }
     }
