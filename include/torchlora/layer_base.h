@@ -1255,21 +1255,28 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// version counter) unless `values` is false: then only the stamps
   /// (version counters and memory).
   bool adapters_changed_since_merge(bool values = true) const {
-    const auto now = active_deltas();
-    if (now.size() != merged_deltas_.size()) {
-      return true;
-    }
     if (!values) {
-      return !(adapter_stamps() == merged_stamps_);
+      return merged_deltas_.size() != active_deltas().size() ||
+          !(adapter_stamps() == merged_stamps_);
     }
-    for (size_t i = 0; i < now.size(); ++i) {
-      const auto& then = merged_deltas_[i];
-      if (now[i].s != then.s || !detail::same_bits(now[i].A, then.A) ||
-          !detail::same_bits(now[i].B, then.B)) {
+    // Straight over the adapters: this runs in every forward of a merged
+    // layer.
+    size_t i = 0;
+    for (const auto& adapter : adapters_) {
+      if (!adapter.active) {
+        continue;
+      }
+      if (i == merged_deltas_.size()) {
+        return true;
+      }
+      const auto& then = merged_deltas_[i++];
+      if (adapter.effective_scaling() != then.s ||
+          !detail::same_bits(adapter.A, then.A) ||
+          !detail::same_bits(adapter.B, then.B)) {
         return true;
       }
     }
-    return false;
+    return i != merged_deltas_.size();
   }
 
   /// A merged weight holds the adapters as they were at `merge`: if they
