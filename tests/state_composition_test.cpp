@@ -387,8 +387,9 @@ TEST_F(StateCompositionTest, AModelWithAdaptedTransformerLayersClones) {
   EXPECT_TRUE(torch::equal(got, want));
   const auto keys = encoder->named_parameters().keys();
   EXPECT_EQ(copy->named_parameters().keys(), keys);
+  const auto originals = encoder->named_parameters();
   for (const auto& item : copy->named_parameters()) {
-    const auto& original = encoder->named_parameters()[item.key()];
+    const torch::Tensor original = originals[item.key()];
     EXPECT_NE(item.value().data_ptr(), original.data_ptr()) << item.key();
     EXPECT_EQ(item.value().requires_grad(), original.requires_grad())
         << item.key();
