@@ -17,7 +17,6 @@ set -euo pipefail
 
 name="run-tests-debian13"
 root="${TORCHLORA_DEBIAN13_DIR:-/var/cache/torchlora/debian13}"
-mirror="${TORCHLORA_DEBIAN_MIRROR:-}"
 fresh=0
 for argument in "$@"; do
   case "$argument" in
@@ -40,40 +39,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 source_dir="$(cd "$(dirname "$0")/.." && pwd)"
-
-if [ -z "$mirror" ]; then
-  mirror="$("$source_dir/scripts/debian-mirror.sh")" || {
-    echo "$name: set TORCHLORA_DEBIAN_MIRROR to a Debian archive to make the chroot from" >&2
-    exit 1
-  }
-fi
-
-mounted=()
-cleanup() {
-  local status=$?
-  trap - EXIT INT TERM
-  # Last mounted, first unmounted; lazily if something still holds it.
-  local index
-  for ((index = ${#mounted[@]} - 1; index >= 0; index--)); do
-    umount -R "${mounted[index]}" 2>/dev/null || umount -R -l "${mounted[index]}" || true
-  done
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-mount_into_chroot() { # <type-or-bind> <source> <target below the chroot>
-  local target="$root$3"
-  mkdir -p "$target"
-  if [ "$1" = bind ]; then
-    mount --rbind "$2" "$target"
-    mount --make-rslave "$target"
-  else
-    mount -t "$1" "$2" "$target"
-  fi
-  mounted+=("$target")
-}
+# shellcheck source=scripts/chroot-lib.sh
+. "$source_dir/scripts/chroot-lib.sh"
+chroot_lib_init "$name" "$root"
 
 if [ "$fresh" -eq 1 ] && [ -e "$root" ]; then
   if grep -q " $root/" /proc/mounts; then
@@ -83,30 +51,7 @@ if [ "$fresh" -eq 1 ] && [ -e "$root" ]; then
   echo "$name: --fresh: removing $root"
   rm -rf "$root"
 fi
-
-if [ ! -x "$root/usr/bin/apt-get" ] || [ ! -e "$root/.torchlora-complete" ]; then
-  if ! command -v debootstrap >/dev/null 2>&1; then
-    echo "$name: installing debootstrap"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      debootstrap || {
-      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        --no-install-recommends debootstrap
-    }
-  fi
-  echo "$name: creating a Debian 13 chroot in $root (debootstrap, a few minutes)"
-  rm -rf "$root"
-  mkdir -p "$root"
-  started=$SECONDS
-  debootstrap --variant=minbase trixie "$root" "$mirror" >"$root.debootstrap.log" 2>&1 || {
-    echo "$name: debootstrap failed; the last lines of $root.debootstrap.log:" >&2
-    tail -n 20 "$root.debootstrap.log" >&2
-    exit 1
-  }
-  touch "$root/.torchlora-complete"
-  echo "$name: chroot ready in $((SECONDS - started)) s"
-else
-  echo "$name: reusing the Debian 13 chroot in $root (--fresh rebuilds it)"
-fi
+chroot_make trixie "" || exit 1
 
 # Name resolution for apt inside, as on the host.
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
@@ -118,23 +63,17 @@ mkdir -p "$root$work"
 tar -C "$source_dir" --exclude=./build --exclude=./.git --exclude='./runs' -cf - . |
   tar -C "$root$work" -xf -
 
-mount_into_chroot proc proc /proc
-mount_into_chroot bind /sys /sys
-mount_into_chroot bind /dev /dev
-
-in_chroot() {
-  chroot "$root" /usr/bin/env -i HOME=/root TERM="${TERM:-dumb}" \
-    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 "$@"
-}
+chroot_mount proc proc /proc
+chroot_mount bind /sys /sys
+chroot_mount bind /dev /dev
 
 status=0
-in_chroot /bin/bash -c "cd $work && scripts/run-tests.sh" || status=$?
+chroot_run /bin/bash -c "cd $work && scripts/run-tests.sh" || status=$?
 
 version_of() {
-  in_chroot dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo "not installed"
+  chroot_run dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo "not installed"
 }
-gcc_version="$(in_chroot g++ -dumpfullversion 2>/dev/null || echo "not installed")"
+gcc_version="$(chroot_run g++ -dumpfullversion 2>/dev/null || echo "not installed")"
 echo "$name: tested on Debian $(cat "$root/etc/debian_version")," \
   "LibTorch $(version_of libtorch-dev), GCC $gcc_version," \
   "GoogleTest $(version_of libgtest-dev), CMake $(version_of cmake)"

@@ -152,8 +152,8 @@ TEST_F(AdapterIoTest, TheFilesUsePeftsKeysAndFields) {
   EXPECT_EQ(config["lora_alpha"], 16.0);
   EXPECT_EQ(config["lora_dropout"], 0.05);
   EXPECT_EQ(config["target_modules"], nlohmann::json({"q_proj", "mlp.2"}));
-  // Anchored: peft matches pattern keys on the path or a dotted suffix.
-  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"^mlp\\.2", 2}}));
+  // The bare path, as peft writes it: no other adapted layer ends with it.
+  EXPECT_EQ(config["rank_pattern"], nlohmann::json({{"mlp.2", 2}}));
   EXPECT_EQ(config["alpha_pattern"], nlohmann::json::object());
   EXPECT_EQ(config["bias"], "none");
   EXPECT_EQ(config["use_rslora"], false);
@@ -167,6 +167,44 @@ TEST_F(AdapterIoTest, TheFilesUsePeftsKeysAndFields) {
   EXPECT_TRUE(config["layers_pattern"].is_null());
   EXPECT_EQ(config["task_type"], "CAUSAL_LM");
   EXPECT_EQ(config["base_model_name_or_path"], "tiny");
+  // As peft writes it for a model that is not a transformers one.
+  ASSERT_TRUE(config.contains("auto_mapping"));
+  EXPECT_TRUE(config["auto_mapping"].is_null());
+}
+
+TEST_F(AdapterIoTest, WithItsConfigTheFileHoldsTargetsAndPatternsAsGiven) {
+  Net model;
+  const auto config = LoRAConfig(4)
+                          .alpha(8)
+                          .target_modules({"mlp.2", "q_proj"})
+                          .rank_pattern({{"mlp\\.2", 2}})
+                          .alpha_pattern({{"q_proj", 3.0}});
+  torchlora::inject_lora(model, config);
+  torchlora::save_adapter(*model, dir, config);
+  auto json = read_json(dir + "/adapter_config.json");
+  EXPECT_EQ(json["target_modules"], nlohmann::json({"mlp.2", "q_proj"}));
+  EXPECT_EQ(json["rank_pattern"], nlohmann::json({{"mlp\\.2", 2}}));
+  EXPECT_EQ(json["alpha_pattern"], nlohmann::json({{"q_proj", 3.0}}));
+  EXPECT_EQ(json["r"], 4);
+  EXPECT_EQ(json["lora_alpha"], 8.0);
+
+  // A config that no longer selects the adapted layers with their ranks
+  // (here: another rank) is not written; the paths are.
+  torchlora::save_adapter(
+      *model,
+      dir + "/other",
+      LoRAConfig(3).alpha(8).target_modules({"mlp.2", "q_proj"}));
+  json = read_json(dir + "/other/adapter_config.json");
+  EXPECT_EQ(json["target_modules"], nlohmann::json({"q_proj", "mlp.2"}));
+  // On a tie, the first layer's rank and alpha are the common ones.
+  EXPECT_EQ(json["r"], 4);
+  EXPECT_EQ(json["lora_alpha"], 3.0);
+  EXPECT_EQ(json["rank_pattern"], nlohmann::json({{"mlp.2", 2}}));
+  EXPECT_EQ(json["alpha_pattern"], nlohmann::json({{"mlp.2", 8.0}}));
+  Net copy;
+  torchlora::load_adapter(*copy, dir + "/other");
+  EXPECT_EQ(copy->named_parameters()["mlp.2.lora_A.default.weight"].size(0), 2);
+  EXPECT_DOUBLE_EQ(copy->q_proj->scaling("default"), 3.0 / 4.0);
 }
 
 TEST_F(AdapterIoTest, ANamedAdapterGoesIntoItsSubFolderAndLoadsUnderItsName) {
@@ -199,6 +237,90 @@ TEST_F(AdapterIoTest, ANamedAdapterGoesIntoItsSubFolderAndLoadsUnderItsName) {
   EXPECT_TRUE(torch::equal(other(x), pair.trained(x)));
 }
 
+TEST_F(AdapterIoTest, ConfigsPeftWouldReadOtherwiseAreWrittenAsPaths) {
+  // A pattern key given twice (the JSON object keeps one), a layer filter
+  // (peft versions count layer indices differently): the file holds the
+  // adapted paths, and both reload as they were.
+  for (const auto& config :
+       {LoRAConfig(2)
+            .alpha(2)
+            .target_modules({"q_proj", "v_proj"})
+            .alpha_pattern({{"q_proj", 4.0}, {"q_proj", 16.0}}),
+        LoRAConfig(2)
+            .target_modules({"q_proj", "v_proj"})
+            .rank_pattern({{"v_proj", 4}, {"v_proj", 3}}),
+        LoRAConfig(2)
+            .target_modules({"mlp.0", "mlp.2"})
+            .layers_to_transform({0})
+            .layers_pattern({"mlp"})}) {
+    auto pair = make_pair(dir + ".base.pt");
+    torchlora::inject_lora(
+        pair.trained, LoRAConfig(config).init(LoRAInit::random));
+    fs::remove_all(dir);
+    torchlora::save_adapter(*pair.trained, dir, config);
+    const auto json = read_json(dir + "/adapter_config.json");
+    EXPECT_TRUE(json["layers_to_transform"].is_null());
+    EXPECT_TRUE(json["layers_pattern"].is_null());
+    // As given, the reload would take the last alpha (x4 off) or the last
+    // rank (a shape error).
+    torchlora::load_adapter(*pair.fresh, dir);
+    const auto x = torch::randn({3, 8});
+    EXPECT_TRUE(torch::allclose(pair.fresh(x), pair.trained(x)));
+  }
+}
+
+TEST_F(AdapterIoTest, ModulesToSaveMatchAsPeftMatchesThem) {
+  // peft takes every module whose path ends with an entry, without a dot
+  // boundary: "cls" also names "heads.mcls" (and "heads.cls").
+  struct HeadsImpl : torch::nn::Module {
+    HeadsImpl() {
+      fc = register_module("fc", LoRALinear(8, 8));
+      heads = register_module("heads", torch::nn::ModuleDict());
+      heads->update({{"cls", torch::nn::Linear(8, 3).ptr()}});
+      heads->update({{"mcls", torch::nn::Linear(8, 3).ptr()}});
+    }
+    torch::Tensor forward(const torch::Tensor& x) {
+      const auto h = fc(x);
+      return torchlora::linear_forward(*heads["cls"], h) +
+          torchlora::linear_forward(*heads["mcls"], h);
+    }
+    LoRALinear fc{nullptr};
+    torch::nn::ModuleDict heads{nullptr};
+  };
+  auto trained = std::make_shared<HeadsImpl>();
+  auto fresh = std::make_shared<HeadsImpl>();
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& item : fresh->named_parameters()) {
+      item.value().copy_(trained->named_parameters()[item.key()]);
+    }
+  }
+  const auto config =
+      LoRAConfig(2).target_modules({"fc"}).modules_to_save({"cls"});
+  torchlora::inject_lora(*trained, config);
+  EXPECT_TRUE(trained->named_parameters()["heads.mcls.weight"].requires_grad());
+  {
+    torch::NoGradGuard no_grad;
+    trained->named_parameters()["heads.mcls.weight"].add_(1);
+    trained->named_parameters()["heads.cls.bias"].add_(1);
+  }
+  torchlora::save_adapter(*trained, dir, config);
+  const auto keys =
+      torchlora::safetensors::load(dir + "/adapter_model.safetensors").keys();
+  EXPECT_EQ(
+      std::set<std::string>(keys.begin(), keys.end()),
+      (std::set<std::string>{
+          "base_model.model.fc.lora_A.weight",
+          "base_model.model.fc.lora_B.weight",
+          "base_model.model.heads.cls.weight",
+          "base_model.model.heads.cls.bias",
+          "base_model.model.heads.mcls.weight",
+          "base_model.model.heads.mcls.bias"}));
+  torchlora::load_adapter(*fresh, dir);
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(fresh->forward(x), trained->forward(x)));
+}
+
 TEST_F(AdapterIoTest, ModulesToSaveAndBiasesTravelWithTheAdapter) {
   auto pair = make_pair(dir + ".base.pt");
   const auto config = LoRAConfig(2)
@@ -225,8 +347,8 @@ TEST_F(AdapterIoTest, ModulesToSaveAndBiasesTravelWithTheAdapter) {
           "base_model.model.heads.cls.weight",
           "base_model.model.heads.cls.bias"}));
   const auto json = read_json(dir + "/adapter_config.json");
-  // Written as full paths: peft matches modules_to_save by a bare suffix.
-  EXPECT_EQ(json["modules_to_save"], nlohmann::json({"heads.cls"}));
+  // As given, as peft writes them (both match them as a dotted suffix).
+  EXPECT_EQ(json["modules_to_save"], nlohmann::json({"cls"}));
   EXPECT_EQ(json["bias"], "lora_only");
 
   torchlora::load_adapter(*pair.fresh, dir);

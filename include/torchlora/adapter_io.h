@@ -21,8 +21,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -62,9 +64,122 @@ struct ExpectedTensor {
   std::vector<int64_t> shape;
   /// Another key the file may use for it; empty if none.
   std::string alternate = "";
-  /// The key found in the file.
+  /// The key found in the file; empty for an optional tensor it lacks.
   std::string file_key = "";
+  /// The file may lack it (a bias peft's save leaves out).
+  bool optional = false;
+  /// Multiplies the file's tensor: 2 for the B of an attention's out_proj
+  /// in a file whose out_proj deltas count twice.
+  double factor = 1.0;
 };
+
+/// The config the adapter was injected with, where it still selects exactly
+/// the layers that carry `name` (an attention's out_proj comes with its
+/// attention), with their ranks, alphas and rsLoRA: then save_adapter writes
+/// its targets and patterns as given. "all-linear" is never written (peft
+/// and torchlora may pick different output heads).
+inline std::optional<LoRAConfig> config_if_it_selects(
+    const ModelIndex& index,
+    const LoRAConfig& config,
+    const std::string& name,
+    const std::set<std::string>& attentions) {
+  const TargetMatcher matcher(config);
+  // Written as given only where peft reads it as torchlora does: not
+  // "all-linear" (the output head), not a layer filter (peft 0.20 counts a
+  // path's first numbered list, 0.15 its last, neither one at the top of
+  // the model), and no pattern key twice (the JSON object keeps one).
+  if (config.adapter_name() != name || matcher.targets_all_linear() ||
+      !config.layers_to_transform().empty() ||
+      !config.layers_pattern().empty()) {
+    return std::nullopt;
+  }
+  std::set<std::string> keys;
+  for (const auto& entry : config.rank_pattern()) {
+    if (!keys.insert(entry.first).second) {
+      return std::nullopt;
+    }
+  }
+  keys.clear();
+  for (const auto& entry : config.alpha_pattern()) {
+    if (!keys.insert(entry.first).second) {
+      return std::nullopt;
+    }
+  }
+  std::map<std::string, const LoRALayer*> carrying;
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    const auto& path = entry->paths.front();
+    if (layer->has_adapter(name) &&
+        peft_module_path(path, attentions) == path) {
+      carrying[path] = layer;
+    }
+  }
+  for (const auto& entry : index.entries()) {
+    const auto& path = entry.paths.front();
+    if (kind_of(*entry.module) == nullptr) {
+      continue;
+    }
+    if (peft_module_path(path, attentions) != path) {
+      // peft would give an adapted attention's out_proj a second adapter.
+      if (matcher.is_target(path)) {
+        return std::nullopt;
+      }
+      continue;
+    }
+    const auto found = carrying.find(path);
+    if (matcher.is_target(path) != (found != carrying.end())) {
+      return std::nullopt;
+    }
+    if (found != carrying.end()) {
+      const auto want = matcher.options_for(path);
+      const auto& have = found->second->adapter_options(name);
+      if (want.rank() != have.rank() || want.alpha() != have.alpha() ||
+          want.use_rslora() != have.use_rslora() ||
+          want.dropout() != have.dropout()) {
+        return std::nullopt;
+      }
+    }
+  }
+  return config;
+}
+
+inline void save_adapter_as(
+    ModuleRef model_ref,
+    const std::string& dir,
+    const SaveAdapterOptions& options,
+    const LoRAConfig* injected_with);
+
+/// Warns where `path` is the out_proj of a MultiheadAttention that does not
+/// carry adapter `name` itself: peft's attention reads out_proj's weight
+/// directly, so peft would ignore that adapter in its forward.
+inline void warn_if_out_proj_alone(
+    const ModelIndex& index,
+    const std::string& path,
+    const std::string& name) {
+  const std::string suffix = ".out_proj";
+  if (path.size() <= suffix.size() ||
+      path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return;
+  }
+  const auto parent = path.substr(0, path.size() - suffix.size());
+  for (const auto& entry : index.entries()) {
+    if (entry.paths.front() == parent &&
+        (dynamic_cast<const torch::nn::MultiheadAttentionImpl*>(entry.module) !=
+             nullptr ||
+         dynamic_cast<const LoRAMultiheadAttentionImpl*>(entry.module) !=
+             nullptr)) {
+      TORCH_WARN(
+          "torchlora: save_adapter: '",
+          path,
+          "' carries adapter \"",
+          name,
+          "\" but its attention '",
+          parent,
+          "' does not: peft's MultiheadAttention reads out_proj's weight "
+          "directly, so peft ignores this adapter in its forward (it counts "
+          "only once merged). Adapt the attention to carry it to peft");
+    }
+  }
+}
 
 } // namespace detail
 
@@ -76,12 +191,14 @@ struct ExpectedTensor {
 /// of adapted paths (or, where another layer's path ends with one of them,
 /// as a full-match regex of them), so peft adapts exactly the same layers;
 /// ranks and alphas that differ from the most common ones go into
-/// `rank_pattern` and `alpha_pattern`, anchored to their paths.
-/// `modules_to_save` are saved whole (parameters and buffers) under their
-/// plain keys, biases under peft's keys (`<path>.base_layer.bias` for an
-/// adapted layer). Run-time scales (`set_scale`) are not saved. Trainable
-/// parameters that the file would leave out (a module trained in full but
-/// not named in `modules_to_save`, say) are named in a warning: pass the
+/// `rank_pattern` and `alpha_pattern` under their paths (anchored where
+/// peft would match the bare path on another layer too). `modules_to_save`
+/// are saved whole (parameters and buffers) under their plain keys, biases
+/// under peft's keys (`<path>.base_layer.bias` for an adapted layer). An
+/// attention's out_proj B is written halved: peft adds that delta twice
+/// (huggingface/peft#3774). Run-time scales (`set_scale`) are not saved.
+/// Trainable parameters that the file would leave out (a module trained in full
+/// but not named in `modules_to_save`, say) are named in a warning: pass the
 /// `LoRAConfig` the model was injected with to save what it trains.
 ///
 /// Example:
@@ -92,6 +209,35 @@ inline void save_adapter(
     ModuleRef model_ref,
     const std::string& dir,
     const SaveAdapterOptions& options = {}) {
+  detail::save_adapter_as(model_ref, dir, options, nullptr);
+}
+
+/// `save_adapter` with the adapter name, `modules_to_save` and bias mode of
+/// the config the adapter was injected with; where that config still
+/// selects exactly the adapted layers, its `target_modules` (or regex),
+/// exclusions, layer filter and rank/alpha patterns are written as given,
+/// as peft writes them.
+inline void save_adapter(
+    ModuleRef model,
+    const std::string& dir,
+    const LoRAConfig& config) {
+  detail::save_adapter_as(
+      model,
+      dir,
+      SaveAdapterOptions()
+          .adapter_name(config.adapter_name())
+          .modules_to_save(config.modules_to_save())
+          .bias(config.bias()),
+      &config);
+}
+
+namespace detail {
+
+inline void save_adapter_as(
+    ModuleRef model_ref,
+    const std::string& dir,
+    const SaveAdapterOptions& options,
+    const LoRAConfig* injected_with) {
   auto& model = model_ref.get();
   const auto& name = options.adapter_name();
   const detail::ModelIndex index(model);
@@ -111,12 +257,19 @@ inline void save_adapter(
     const auto& path = entry->paths.front();
     const auto& kind = *detail::kind_of(*entry->module);
     const auto params = entry->module->named_parameters();
+    const bool attention_out_proj =
+        detail::peft_module_path(path, attentions) != path;
     for (const char* matrix : {"A", "B"}) {
+      auto tensor = params[kind.parameter_name(matrix, name)].detach();
+      if (attention_out_proj && *matrix == 'B') {
+        // peft adds this delta twice (huggingface/peft#3774): half of B
+        // makes it behave there as here (out_proj_delta_counts_twice).
+        tensor = tensor / 2;
+      }
       tensors.insert(
-          detail::peft_matrix_key(path, kind, matrix, attentions),
-          params[kind.parameter_name(matrix, name)].detach());
+          detail::peft_matrix_key(path, kind, matrix, attentions), tensor);
     }
-    if (detail::peft_module_path(path, attentions) == path) {
+    if (!attention_out_proj) {
       contents.layers.emplace_back(path, layer->adapter_options(name));
     } else {
       // An adapted attention's out_proj comes with it, in peft and here,
@@ -154,6 +307,9 @@ inline void save_adapter(
       }
     }
     with_adapter.insert(path);
+    if (!attention_out_proj) {
+      warn_if_out_proj_alone(index, path, name);
+    }
     if (layer->scale(name) != 1.0) {
       TORCH_WARN(
           "torchlora: save_adapter: the run-time scale ",
@@ -170,19 +326,16 @@ inline void save_adapter(
       name,
       "\"");
   for (const auto& [path, tensor] : detail::state_of_modules(
-           index,
-           options.modules_to_save(),
-           "save_adapter",
-           &contents.modules_to_save)) {
+           index, options.modules_to_save(), "save_adapter")) {
     tensors.insert(detail::kPeftPrefix + path, tensor.detach());
   }
   for (const auto& bias :
        detail::biases_of(model, index, options.bias(), adapted, with_adapter)) {
-    if (!tensors.contains(detail::kPeftPrefix + bias.key)) {
-      tensors.insert(detail::kPeftPrefix + bias.key, bias.tensor.detach());
+    if (!tensors.contains(kPeftPrefix + bias.key)) {
+      tensors.insert(kPeftPrefix + bias.key, bias.tensor.detach());
     }
   }
-  detail::warn_about_unsaved_trainables(model, index, tensors);
+  warn_about_unsaved_trainables(model, index, tensors);
 
   // A list entry also matches longer paths that end with "." + entry: where
   // another layer peft could adapt would match so, write a regex instead.
@@ -199,6 +352,11 @@ inline void save_adapter(
     }
   }
   contents.bias = options.bias();
+  contents.modules_to_save = options.modules_to_save();
+  if (injected_with != nullptr) {
+    contents.as_configured =
+        config_if_it_selects(index, *injected_with, name, attentions);
+  }
   contents.task_type = options.task_type();
   contents.base_model_name_or_path = options.base_model_name_or_path();
   const auto config = detail::config_to_json(contents);
@@ -221,20 +379,7 @@ inline void save_adapter(
       [&](std::ostream& out) { out << config.dump(2) << "\n"; });
 }
 
-/// `save_adapter` with the adapter name, `modules_to_save` and bias mode of
-/// the config the adapter was injected with.
-inline void save_adapter(
-    ModuleRef model,
-    const std::string& dir,
-    const LoRAConfig& config) {
-  save_adapter(
-      model,
-      dir,
-      SaveAdapterOptions()
-          .adapter_name(config.adapter_name())
-          .modules_to_save(config.modules_to_save())
-          .bias(config.bias()));
-}
+} // namespace detail
 
 /// Loads a peft LoRA adapter (`adapter_config.json` and
 /// `adapter_model.safetensors` in `dir/<adapter_name>` where that folder has
@@ -246,7 +391,12 @@ inline void save_adapter(
 /// in the file: otherwise an error names the key and both shapes, and the
 /// model is unchanged. Configs of another `peft_type`, or that use a peft
 /// feature torchlora does not implement (DoRA, fan_in_fan_out, an init that
-/// changes the base weights, ...), are refused by name. The loaded adapter
+/// changes the base weights, ...), are refused by name. Every layout peft
+/// writes loads: a `bias = "lora_only"` file without the biases (peft's save
+/// leaves them out; they keep the base's values, with a warning), a module
+/// to save's `modules_to_save.`/`original_module.` copies, and an
+/// attention's out_proj B, doubled where the config is peft's (it has
+/// `peft_version` or `auto_mapping`), as peft applies it. The loaded adapter
 /// is trainable (`inference_mode` is not applied; call
 /// `torchlora::set_adapter` or freeze it to serve).
 ///
@@ -274,7 +424,8 @@ inline void load_adapter(
       "torchlora: load_adapter: no adapter_config.json in '",
       dir,
       "'");
-  const auto config = detail::read_peft_config(config_path, adapter_name);
+  const auto file_config = detail::read_peft_config(config_path, adapter_name);
+  const auto& config = file_config.config;
   // Loading into a merged layer would leave its merged weight stale.
   {
     const detail::ModelIndex index(model);
@@ -293,6 +444,13 @@ inline void load_adapter(
   bool inject = true;
   const TargetMatcher matcher(config);
   auto attentions = detail::adapted_attentions(index, adapter_name);
+  // `attentions` grows below, before any attention's out_proj is seen.
+  const auto out_proj_factor = [&](const std::string& path, const char* m) {
+    return file_config.out_proj_twice && *m == 'B' &&
+            detail::peft_module_path(path, attentions) != path
+        ? 2.0
+        : 1.0;
+  };
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
       adapted.insert(entry->paths.begin(), entry->paths.end());
@@ -328,11 +486,13 @@ inline void load_adapter(
     for (const char* matrix : {"A", "B"}) {
       const auto tensor = params[kind.parameter_name(matrix, adapter_name)];
       const auto& path = entry->paths.front();
-      expected[detail::peft_matrix_key(path, kind, matrix, attentions)] =
-          detail::ExpectedTensor{
-              tensor,
-              tensor.sizes().vec(),
-              detail::plain_matrix_key(path, kind, matrix, attentions)};
+      auto& want =
+          expected[detail::peft_matrix_key(path, kind, matrix, attentions)];
+      want = detail::ExpectedTensor{
+          tensor,
+          tensor.sizes().vec(),
+          detail::plain_matrix_key(path, kind, matrix, attentions)};
+      want.factor = out_proj_factor(path, matrix);
     }
   }
   if (inject) {
@@ -351,40 +511,77 @@ inline void load_adapter(
       const auto shapes =
           planned.kind->shapes(*planned.entry->module, planned.options.rank());
       for (const char* matrix : {"A", "B"}) {
-        expected[detail::peft_matrix_key(
-            path, *planned.kind, matrix, attentions)] = detail::ExpectedTensor{
+        auto& want = expected[detail::peft_matrix_key(
+            path, *planned.kind, matrix, attentions)];
+        want = detail::ExpectedTensor{
             torch::Tensor(),
             *matrix == 'A' ? shapes.A : shapes.B,
             detail::plain_matrix_key(path, *planned.kind, matrix, attentions)};
+        want.factor = out_proj_factor(path, matrix);
       }
     }
   }
-  detail::check_biases_supported(config.bias(), attentions, "load_adapter");
-  for (const auto& [key, tensor] : detail::state_of_modules(
-           index, config.modules_to_save(), "load_adapter")) {
-    expected[detail::kPeftPrefix + key] =
-        detail::ExpectedTensor{tensor, tensor.sizes().vec()};
+  // peft's lora_only files hold no biases at all: they load (below, the
+  // biases are optional); torchlora cannot place peft's attention bias keys.
+  if (config.bias() != LoRABias::lora_only) {
+    detail::check_biases_supported(config.bias(), attentions, "load_adapter");
+  }
+  // peft's file may also hold a module to save's tensors under
+  // `<module>.modules_to_save.<name>` (the trained copy, as an alternate
+  // key) and `<module>.original_module.<name>` (the base's copy, which the
+  // model has already): with bias="all" its biases come so.
+  std::vector<std::string> module_paths;
+  const auto module_state = detail::state_of_modules(
+      index, config.modules_to_save(), "load_adapter", &module_paths);
+  std::map<std::string, std::vector<int64_t>> base_copies;
+  for (const auto& [key, tensor] : module_state) {
+    auto& want = expected[detail::kPeftPrefix + key];
+    want = detail::ExpectedTensor{tensor, tensor.sizes().vec()};
+    for (const auto& path : module_paths) {
+      if (key.size() > path.size() && key.compare(0, path.size(), path) == 0 &&
+          key[path.size()] == '.') {
+        const auto rest = key.substr(path.size());
+        want.alternate = detail::kPeftPrefix + path + ".modules_to_save" + rest;
+        base_copies[detail::kPeftPrefix + path + ".original_module" + rest] =
+            tensor.sizes().vec();
+        break;
+      }
+    }
   }
   for (const auto& bias :
        detail::biases_of(model, index, config.bias(), adapted, with_adapter)) {
     // An adapted layer's bias may also come as `<path>.bias`.
-    expected[detail::kPeftPrefix + bias.key] = detail::ExpectedTensor{
+    auto& want = expected[detail::kPeftPrefix + bias.key];
+    if (want.target.defined()) {
+      continue; // the bias of a module to save, expected already
+    }
+    want = detail::ExpectedTensor{
         bias.tensor,
         bias.tensor.sizes().vec(),
         bias.plain_key.empty() ? std::string()
                                : detail::kPeftPrefix + bias.plain_key};
+    // peft's save_pretrained leaves these out with bias="lora_only".
+    want.optional = config.bias() == LoRABias::lora_only;
   }
   std::set<std::string> known;
+  std::vector<std::string> biases_kept; // optional biases the file lacks
   for (auto& [key, want] : expected) {
     const auto* found = tensors.find(key);
-    if (found == nullptr && !want.alternate.empty()) {
-      found = tensors.find(want.alternate);
+    const auto* alternate =
+        want.alternate.empty() ? nullptr : tensors.find(want.alternate);
+    if (found == nullptr && alternate != nullptr) {
+      found = alternate;
       want.file_key = want.alternate;
     } else {
       want.file_key = key;
     }
     known.insert(key);
     known.insert(want.alternate);
+    if (found == nullptr && want.optional) {
+      want.file_key.clear();
+      biases_kept.push_back(key.substr(std::strlen(detail::kPeftPrefix)));
+      continue;
+    }
     TORCH_CHECK(
         found != nullptr,
         "torchlora: load_adapter: the file has no tensor \"",
@@ -408,6 +605,30 @@ inline void load_adapter(
         "\" has dtype ",
         found->scalar_type(),
         "; a floating-point tensor is needed");
+    TORCH_CHECK(
+        alternate == nullptr || alternate == found ||
+            (alternate->sizes() == found->sizes() &&
+             torch::equal(*alternate, *found)),
+        "torchlora: load_adapter: the file holds \"",
+        key,
+        "\" and \"",
+        want.alternate,
+        "\" (the same tensor under two keys), and they differ");
+  }
+  for (const auto& [key, shape] : base_copies) {
+    const auto* found = tensors.find(key);
+    if (found == nullptr) {
+      continue;
+    }
+    TORCH_CHECK(
+        found->sizes().vec() == shape,
+        "torchlora: load_adapter: tensor \"",
+        key,
+        "\" has shape ",
+        found->sizes(),
+        " in the file, but the module's own copy has ",
+        c10::IntArrayRef(shape));
+    known.insert(key); // the base's copy, which the model holds already
   }
   for (const auto& item : tensors) {
     TORCH_CHECK(
@@ -438,7 +659,24 @@ inline void load_adapter(
   }
   torch::NoGradGuard no_grad;
   for (const auto& [key, want] : expected) {
+    if (want.file_key.empty()) {
+      continue;
+    }
     want.target.copy_(tensors[want.file_key]);
+    if (want.factor != 1.0) {
+      // In the adapter's dtype: exact (only the exponent changes).
+      want.target.mul_(want.factor);
+    }
+  }
+  if (!biases_kept.empty()) {
+    TORCH_WARN(
+        "torchlora: load_adapter: the file has bias = \"lora_only\" but no ",
+        "tensor for ",
+        biases_kept.size(),
+        " bias(es) (",
+        detail::quoted_list(biases_kept),
+        "): peft's save_pretrained leaves them out. They keep the base "
+        "model's values, as they do when peft reloads the file");
   }
 }
 

@@ -91,7 +91,8 @@ struct LoRAConfig {
   /// The adapter's name. Default: "default".
   TORCH_ARG(std::string, adapter_name) = "default";
 
-  /// Modules trained in full (never adapted), matched like `target_modules`.
+  /// Modules trained in full (never adapted): as in peft, those whose path
+  /// ends with an entry, without a dot boundary ("head" names "lm_head").
   TORCH_ARG(std::vector<std::string>, modules_to_save) = {};
 
   /// Which biases stay trainable. Default: none.

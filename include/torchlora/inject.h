@@ -220,7 +220,7 @@ inline std::vector<PlannedLayer> plan_injection(
   for (const auto& name : config.modules_to_save()) {
     const bool found = std::any_of(
         index.entries().begin(), index.entries().end(), [&](const auto& entry) {
-          return TargetMatcher::matches_name(entry.paths.front(), {name});
+          return TargetMatcher::is_named_to_save(entry.paths.front(), {name});
         });
     TORCH_CHECK(
         found,

@@ -91,12 +91,14 @@ class TargetMatcher {
     if (exclude_regex_ && std::regex_match(path, *exclude_regex_)) {
       return true;
     }
-    for (const auto& name : config_.modules_to_save()) {
-      if (contains_segments(path, name)) {
+    // Inside a module to save: some dotted prefix of the path is one.
+    for (size_t end = path.find('.'); end != std::string::npos;
+         end = path.find('.', end + 1)) {
+      if (is_named_to_save(path.substr(0, end), config_.modules_to_save())) {
         return true;
       }
     }
-    return false;
+    return is_named_to_save(path, config_.modules_to_save());
   }
 
   /// True if the module at `path` is one the config names, exclusions and
@@ -155,7 +157,21 @@ class TargetMatcher {
 
   /// True if `path` is a module of `modules_to_save` (trained in full).
   bool is_module_to_save(const std::string& path) const {
-    return matches_name(path, config_.modules_to_save());
+    return is_named_to_save(path, config_.modules_to_save());
+  }
+
+  /// peft's rule for `modules_to_save`: a module is one when its path ends
+  /// with an entry, without a dot boundary ("head" also names "lm_head").
+  static bool is_named_to_save(
+      const std::string& path,
+      const std::vector<std::string>& names) {
+    for (const auto& name : names) {
+      if (!path.empty() && !name.empty() && path.size() >= name.size() &&
+          path.compare(path.size() - name.size(), name.size(), name) == 0) {
+        return true;
+      }
+    }
+    return false;
   }
 
   /// The adapter options for the module at `path`: the config's, with the
@@ -206,14 +222,6 @@ class TargetMatcher {
   }
 
  private:
-  /// True if `name`'s dotted segments appear in `path` on dot boundaries.
-  static bool contains_segments(
-      const std::string& path,
-      const std::string& name) {
-    const auto padded_path = "." + path + ".";
-    return padded_path.find("." + name + ".") != std::string::npos;
-  }
-
   static std::regex compile(const std::string& pattern, const char* what) {
     std::string problem;
     try {

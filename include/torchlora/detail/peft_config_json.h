@@ -12,11 +12,14 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -410,13 +413,66 @@ inline nlohmann::ordered_json read_json_file(const std::string& path) {
   return {};
 }
 
+/// The newest peft release whose files were checked against torchlora
+/// (scripts/run-peft-interop.sh).
+constexpr int kNewestCheckedPeftMinor = 20; // 0.20
+
+/// Whether the file's MultiheadAttention out_proj deltas count twice: peft
+/// (every release through 0.20, huggingface/peft#3774) adds an adapted
+/// attention's out_proj delta twice in forward and in merges, so an adapter
+/// it saved was trained and used that way. A file is taken as peft's when
+/// its config has `peft_version` (peft 0.18 on) or `auto_mapping` (every
+/// field of peft's config is written; torchlora writes it too, and halves
+/// those B matrices so that peft doubles them back). A config without either
+/// (torchlora before 0.5, or written by hand) counts the delta once. A
+/// `peft_version` newer than the newest checked release is taken as
+/// doubling too, with a warning.
+inline bool out_proj_delta_counts_twice(
+    const nlohmann::ordered_json& json,
+    const std::string& file) {
+  if (!json.is_object()) {
+    return false;
+  }
+  const auto version = json.find("peft_version");
+  if (version != json.end() && version->is_string()) {
+    const auto text = version->get<std::string>();
+    int major = 0;
+    int minor = 0;
+    if (std::sscanf(text.c_str(), "%d.%d", &major, &minor) == 2 &&
+        (major > 0 || minor > kNewestCheckedPeftMinor)) {
+      TORCH_WARN(
+          "torchlora: load_adapter: '",
+          file,
+          "' was written by peft ",
+          text,
+          ", newer than the newest release torchlora was checked against "
+          "(0.",
+          kNewestCheckedPeftMinor,
+          "); a MultiheadAttention's out_proj delta is taken to count twice, "
+          "as in peft up to 0.",
+          kNewestCheckedPeftMinor,
+          " (huggingface/peft#3774)");
+    }
+    return true;
+  }
+  return json.contains("peft_version") || json.contains("auto_mapping");
+}
+
+/// What load_adapter takes from an adapter_config.json.
+struct PeftFileConfig {
+  LoRAConfig config;
+  /// See `out_proj_delta_counts_twice`.
+  bool out_proj_twice = false;
+};
+
 /// The `LoRAConfig` of the adapter_config.json at `path`.
-inline LoRAConfig read_peft_config(
+inline PeftFileConfig read_peft_config(
     const std::string& path,
     const std::string& adapter_name) {
   const auto json = read_json_file(path);
   try {
-    return config_from_json(json, adapter_name, path);
+    auto config = config_from_json(json, adapter_name, path);
+    return {std::move(config), out_proj_delta_counts_twice(json, path)};
   } catch (const nlohmann::json::exception& error) {
     // Every field is checked before it is read; this is a safety net.
     TORCH_CHECK(
@@ -427,7 +483,7 @@ inline LoRAConfig read_peft_config(
         path,
         "')");
   }
-  return LoRAConfig(1);
+  return {LoRAConfig(1)};
 }
 
 // ---------------------------------------------------------------- writing
@@ -469,24 +525,61 @@ struct PeftConfigContents {
   /// entry matches every path that ends with "." + entry): then the paths
   /// are written as one full-match regex.
   bool list_is_exact = true;
+  /// As the caller gave them (peft matches them so too).
   std::vector<std::string> modules_to_save;
   LoRABias bias = LoRABias::none;
   std::string task_type;
   std::string base_model_name_or_path;
+  /// The config the adapter was injected with, where it still selects
+  /// exactly `layers` with their ranks and alphas: its targets and patterns
+  /// are written as given, as peft writes its own.
+  std::optional<LoRAConfig> as_configured;
 };
 
-/// peft's adapter_config.json for `contents`: the most common rank and
-/// alpha as `r` and `lora_alpha`, the others in `rank_pattern` and
-/// `alpha_pattern` keyed by their anchored paths. Layers that disagree on
-/// rsLoRA are an error (peft holds one `use_rslora`); differing dropouts are
-/// a warning (peft holds one `lora_dropout`, the first layer's is written).
+/// True when `path`, written unescaped as a `rank_pattern` key, matches no
+/// path of `paths` but itself under peft's rule (the key matches the path
+/// or a dot-bounded suffix of it, as a regex).
+inline bool is_unambiguous_pattern_key(
+    const std::string& path,
+    const std::vector<std::string>& paths) {
+  for (const char c : path) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '.') {
+      return false;
+    }
+  }
+  const std::regex key("(?:.*\\.)?(?:" + path + ")", std::regex::ECMAScript);
+  for (const auto& other : paths) {
+    if (other != path && std::regex_match(other, key)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// A JSON list of `values`, or null when empty.
+template <typename T>
+nlohmann::ordered_json list_or_null(const std::vector<T>& values) {
+  return values.empty() ? nlohmann::ordered_json()
+                        : nlohmann::ordered_json(values);
+}
+
+/// peft's adapter_config.json for `contents`, its fields in peft's order.
+/// With `as_configured`, that config's targets, ranks, alphas and patterns
+/// as given. Otherwise the most common rank and alpha as `r` and
+/// `lora_alpha`, the others in `rank_pattern` and `alpha_pattern` keyed by
+/// their paths (escaped and anchored where a bare path would also match
+/// another adapted layer). Layers that disagree on rsLoRA are an error
+/// (peft holds one `use_rslora`); differing dropouts are a warning (peft
+/// holds one `lora_dropout`, the first layer's is written).
 inline nlohmann::ordered_json config_to_json(
     const PeftConfigContents& contents) {
   std::vector<int64_t> ranks;
   std::vector<double> alphas;
+  std::vector<std::string> paths;
   for (const auto& [path, lora] : contents.layers) {
     ranks.push_back(lora.rank());
     alphas.push_back(lora.alpha());
+    paths.push_back(path);
   }
   const auto& first = contents.layers.front().second;
   for (const auto& [path, lora] : contents.layers) {
@@ -505,55 +598,84 @@ inline nlohmann::ordered_json config_to_json(
       break;
     }
   }
-  const auto rank = most_common(ranks);
-  const auto alpha = most_common(alphas);
+  auto rank = most_common(ranks);
+  auto alpha = most_common(alphas);
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
   nlohmann::ordered_json alpha_pattern = nlohmann::ordered_json::object();
-  std::vector<std::string> targets;
-  std::string targets_regex;
-  for (size_t i = 0; i < contents.layers.size(); ++i) {
-    const auto& path = contents.layers[i].first;
-    targets.push_back(path);
-    targets_regex += (i ? "|" : "") + regex_escape(path);
-    // peft matches pattern keys on the path or a dotted suffix of it: the
-    // anchor keeps the key to this very path.
-    if (ranks[i] != rank) {
-      rank_pattern["^" + regex_escape(path)] = ranks[i];
+  nlohmann::ordered_json targets;
+  nlohmann::ordered_json excludes;
+  nlohmann::ordered_json layers_to_transform;
+  nlohmann::ordered_json layers_pattern;
+  if (contents.as_configured) {
+    const auto& config = *contents.as_configured;
+    rank = config.rank();
+    alpha = config.alpha();
+    for (const auto& [key, value] : config.rank_pattern()) {
+      rank_pattern[key] = value;
     }
-    if (alphas[i] != alpha) {
-      alpha_pattern["^" + regex_escape(path)] = alphas[i];
+    for (const auto& [key, value] : config.alpha_pattern()) {
+      alpha_pattern[key] = value;
     }
+    targets = config.target_regex().empty()
+        ? nlohmann::ordered_json(config.target_modules())
+        : nlohmann::ordered_json(config.target_regex());
+    excludes = config.exclude_regex().empty()
+        ? list_or_null(config.exclude_modules())
+        : nlohmann::ordered_json(config.exclude_regex());
+    layers_to_transform = list_or_null(config.layers_to_transform());
+    layers_pattern = list_or_null(config.layers_pattern());
+  } else {
+    std::string targets_regex;
+    for (size_t i = 0; i < paths.size(); ++i) {
+      const auto& path = paths[i];
+      targets_regex += (i ? "|" : "") + regex_escape(path);
+      if (ranks[i] == rank && alphas[i] == alpha) {
+        continue;
+      }
+      // peft matches a pattern key on the path or a dotted suffix of it: a
+      // bare path that would also match another layer gets an anchor.
+      const auto key = is_unambiguous_pattern_key(path, paths)
+          ? path
+          : "^" + regex_escape(path);
+      if (ranks[i] != rank) {
+        rank_pattern[key] = ranks[i];
+      }
+      if (alphas[i] != alpha) {
+        alpha_pattern[key] = alphas[i];
+      }
+    }
+    targets = contents.list_is_exact ? nlohmann::ordered_json(paths)
+                                     : nlohmann::ordered_json(targets_regex);
   }
   auto null_if_empty = [](const std::string& text) {
     return text.empty() ? nlohmann::ordered_json()
                         : nlohmann::ordered_json(text);
   };
   return {
-      {"peft_type", "LORA"},
       {"task_type", null_if_empty(contents.task_type)},
+      {"peft_type", "LORA"},
+      // Written as peft writes it for a model that is not a transformers
+      // one; its presence marks the file as following peft's conventions
+      // (see out_proj_delta_counts_twice).
+      {"auto_mapping", nullptr},
       {"base_model_name_or_path",
        null_if_empty(contents.base_model_name_or_path)},
       {"revision", nullptr},
       {"inference_mode", true},
       {"r", rank},
+      {"target_modules", targets},
+      {"exclude_modules", excludes},
       {"lora_alpha", alpha},
       {"lora_dropout", first.dropout()},
-      {"target_modules",
-       contents.list_is_exact ? nlohmann::ordered_json(targets)
-                              : nlohmann::ordered_json(targets_regex)},
-      {"exclude_modules", nullptr},
+      {"fan_in_fan_out", false},
       {"bias", to_string(contents.bias)},
       {"use_rslora", first.use_rslora()},
+      {"modules_to_save", list_or_null(contents.modules_to_save)},
       {"init_lora_weights", true},
-      {"modules_to_save",
-       contents.modules_to_save.empty()
-           ? nlohmann::ordered_json()
-           : nlohmann::ordered_json(contents.modules_to_save)},
+      {"layers_to_transform", layers_to_transform},
+      {"layers_pattern", layers_pattern},
       {"rank_pattern", rank_pattern},
       {"alpha_pattern", alpha_pattern},
-      {"layers_to_transform", nullptr},
-      {"layers_pattern", nullptr},
-      {"fan_in_fan_out", false},
       {"use_dora", false}};
 }
 

@@ -17,6 +17,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -129,32 +130,19 @@ inline std::string adapter_folder(
 }
 
 /// The parameters and buffers (as peft saves a module's state dict) of the
-/// modules `names` selects (matched like target_modules), by their paths in
-/// the model; `paths`, if given, receives the selected modules' paths.
+/// modules `names` selects (peft's rule: the path ends with a name), by
+/// their paths in the model; `paths`, if given, receives the selected
+/// modules' paths. A module inside another selected one comes with it.
 inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
     const ModelIndex& index,
     const std::vector<std::string>& names,
     const char* operation,
     std::vector<std::string>* paths = nullptr) {
-  std::vector<std::pair<std::string, torch::Tensor>> state;
   for (const auto& name : names) {
-    bool found = false;
-    for (const auto& entry : index.entries()) {
-      const auto& path = entry.paths.front();
-      if (!TargetMatcher::matches_name(path, {name})) {
-        continue;
-      }
-      found = true;
-      if (paths != nullptr) {
-        paths->push_back(path);
-      }
-      for (const auto& item : entry.module->named_parameters()) {
-        state.emplace_back(path + "." + item.key(), item.value());
-      }
-      for (const auto& item : entry.module->named_buffers()) {
-        state.emplace_back(path + "." + item.key(), item.value());
-      }
-    }
+    const bool found = std::any_of(
+        index.entries().begin(), index.entries().end(), [&](const auto& e) {
+          return TargetMatcher::is_named_to_save(e.paths.front(), {name});
+        });
     TORCH_CHECK(
         found,
         "torchlora: ",
@@ -162,6 +150,28 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
         ": modules_to_save entry \"",
         name,
         "\" matches no module of the model");
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> state;
+  std::vector<std::string> selected;
+  for (const auto& entry : index.entries()) {
+    const auto& path = entry.paths.front();
+    const bool inside = std::any_of(
+        selected.begin(), selected.end(), [&](const std::string& outer) {
+          return path.compare(0, outer.size() + 1, outer + ".") == 0;
+        });
+    if (inside || !TargetMatcher::is_named_to_save(path, names)) {
+      continue;
+    }
+    selected.push_back(path);
+    for (const auto& item : entry.module->named_parameters()) {
+      state.emplace_back(path + "." + item.key(), item.value());
+    }
+    for (const auto& item : entry.module->named_buffers()) {
+      state.emplace_back(path + "." + item.key(), item.value());
+    }
+  }
+  if (paths != nullptr) {
+    *paths = selected;
   }
   return state;
 }
