@@ -75,9 +75,9 @@ struct ExpectedTensor {
 
 /// The config the adapter was injected with, where it still selects exactly
 /// the layers that carry `name` (an attention's out_proj comes with its
-/// attention), with their ranks, alphas and rsLoRA: then save_adapter writes
-/// its targets and patterns as given. "all-linear" is never written (peft
-/// and torchlora may pick different output heads).
+/// attention), with their ranks, alphas, rsLoRA and dropout, and peft reads
+/// it as torchlora does: then save_adapter writes its targets and patterns
+/// as given. Otherwise nullopt (save_adapter writes the adapted paths).
 inline std::optional<LoRAConfig> config_if_it_selects(
     const ModelIndex& index,
     const LoRAConfig& config,
@@ -214,9 +214,10 @@ inline void save_adapter(
 
 /// `save_adapter` with the adapter name, `modules_to_save` and bias mode of
 /// the config the adapter was injected with; where that config still
-/// selects exactly the adapted layers, its `target_modules` (or regex),
-/// exclusions, layer filter and rank/alpha patterns are written as given,
-/// as peft writes them.
+/// selects exactly the adapted layers and peft reads it the same way (no
+/// "all-linear", layer filter or repeated pattern key), its
+/// `target_modules` (or regex), exclusions and rank/alpha patterns are
+/// written as given, as peft writes them.
 inline void save_adapter(
     ModuleRef model,
     const std::string& dir,
