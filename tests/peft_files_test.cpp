@@ -29,7 +29,10 @@ using torchlora_test::expect_unchanged;
 using torchlora_test::message_of;
 using torchlora_test::snapshot;
 
-const Case& case_named(const std::string& name) {
+/// A copy of the case `name` (by value: a reference into the static list,
+/// bound to a call with a temporary argument, trips GCC 14's
+/// -Wdangling-reference).
+Case case_named(const std::string& name) {
   static const auto all = torchlora_interop::cases();
   for (const auto& test : all) {
     if (test.name == name) {
@@ -108,7 +111,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 TEST(PeftFile, ALoraOnlyFileWithoutBiasesKeepsTheBaseBiasesAndSaysSo) {
-  const auto& test = case_named("bias_lora_only");
+  const auto test = case_named("bias_lora_only");
   const auto folder = fixture("0.20.0", test.name);
   const auto file = torchlora::safetensors::load(
       folder + "/peft_adapter/adapter_model.safetensors");
@@ -131,7 +134,7 @@ TEST(PeftFile, ALoraOnlyFileWithoutBiasesKeepsTheBaseBiasesAndSaysSo) {
 }
 
 TEST(PeftFile, ABiasAllFileWithModulesToSaveLoadsPeftsExtraKeys) {
-  const auto& test = case_named("rslora_bias_all_modules_to_save");
+  const auto test = case_named("rslora_bias_all_modules_to_save");
   const auto folder = fixture("0.20.0", test.name);
   const std::string prefix = "base_model.model.head.";
   const auto file = torchlora::safetensors::load(
@@ -146,7 +149,7 @@ TEST(PeftFile, ABiasAllFileWithModulesToSaveLoadsPeftsExtraKeys) {
 }
 
 TEST(PeftFile, ExtraKeysOfAModuleToSaveThatDisagreeAreRefused) {
-  const auto& test = case_named("rslora_bias_all_modules_to_save");
+  const auto test = case_named("rslora_bias_all_modules_to_save");
   const auto folder =
       copy_of(fixture("0.20.0", test.name), "modules_to_save_keys");
   const auto path = folder + "/peft_adapter/adapter_model.safetensors";
@@ -189,7 +192,7 @@ TEST(PeftFile, ExtraKeysOfAModuleToSaveThatDisagreeAreRefused) {
 }
 
 TEST(PeftFile, AnAttentionsOutProjDeltaCountsTwiceAsInPeft) {
-  const auto& test = case_named("mixed");
+  const auto test = case_named("mixed");
   const auto folder = fixture("0.20.0", test.name);
   const auto file = torchlora::safetensors::load(
       folder + "/peft_adapter/adapter_model.safetensors");
@@ -258,7 +261,7 @@ void rewrite_adapter(
 }
 
 TEST(PeftFile, TheOutProjDoublingHoldsForEveryKeyAndDtype) {
-  const auto& test = case_named("mixed");
+  const auto test = case_named("mixed");
   const std::string out_proj = "base_model.model.attn.base_layer.out_proj.";
   // An fp16 file into a float32 model: doubled in float32, no overflow.
   auto folder = copy_of(fixture("0.20.0", test.name), "out_proj_fp16");
@@ -297,7 +300,7 @@ TEST(PeftFile, TheOutProjDoublingHoldsForEveryKeyAndDtype) {
 
 TEST(PeftFile, ALoraOnlyFileWithAnAttentionLoads) {
   // peft's lora_only files hold no bias at all, attentions or not.
-  const auto& test = case_named("mixed");
+  const auto test = case_named("mixed");
   const auto folder = copy_of(fixture("0.20.0", test.name), "lora_only_attn");
   auto json = read_json(folder + "/peft_adapter/adapter_config.json");
   json["bias"] = "lora_only";
@@ -320,7 +323,7 @@ TEST(PeftFile, ALoraOnlyFileWithAnAttentionLoads) {
 }
 
 TEST(PeftFile, AnOutProjAdaptedWithoutItsAttentionIsNamedInAWarning) {
-  const auto& test = case_named("mixed");
+  const auto test = case_named("mixed");
   auto model = test.make();
   torchlora::inject_lora(
       *model, torchlora::LoRAConfig(2).target_modules({"attn.out_proj"}));
