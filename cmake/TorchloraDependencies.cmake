@@ -97,15 +97,29 @@ function(torchlora_find_gtest)
   endif()
 endfunction()
 
-# A dependency of an example or benchmark is missing: an error where the
-# build promises everything (TORCHLORA_REQUIRE_ALL_DEPS, on in the presets
-# that CI uses), else a warning and the target is left out.
+# A dependency of an example, test or benchmark is missing: an error where
+# the build promises everything (TORCHLORA_REQUIRE_ALL_DEPS, on in the
+# presets that CI uses), else a warning, the target is left out and each
+# test named after TESTS is registered as a skipped test giving the reason.
+#   torchlora_missing_dependency("text" "more text" [TESTS name...])
 option(TORCHLORA_REQUIRE_ALL_DEPS
-  "Fail when a dependency of an example or benchmark is missing" OFF)
-function(torchlora_missing_dependency text)
+  "Fail when a dependency of an example, test or benchmark is missing" OFF)
+function(torchlora_missing_dependency)
+  cmake_parse_arguments(PARSE_ARGV 0 missing "" "" "TESTS")
+  string(CONCAT text ${missing_UNPARSED_ARGUMENTS})
   if(TORCHLORA_REQUIRE_ALL_DEPS)
     message(FATAL_ERROR "torchlora: ${text}")
-  else()
-    message(WARNING "torchlora: ${text}")
   endif()
+  message(WARNING "torchlora: ${text}")
+  foreach(test IN LISTS missing_TESTS)
+    torchlora_add_skipped_test(${test} "${text}")
+  endforeach()
+endfunction()
+
+# A CTest test NAME that cannot run here: it prints REASON and CTest counts it
+# as skipped (listed under "The following tests did not run"), so a missing
+# tool never makes a test disappear silently.
+function(torchlora_add_skipped_test name reason)
+  add_test(NAME ${name} COMMAND "${CMAKE_COMMAND}" -E echo "SKIPPED: ${reason}")
+  set_tests_properties(${name} PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED:")
 endfunction()

@@ -26,6 +26,7 @@ packages=(
   wamerican wfrench           # its English and French word lists
   dataset-fashion-mnist       # the images of the vision example
   zlib1g-dev                  # which it reads, gzipped, with zlib
+  python3                     # runs the peft interop check (tests/interop)
 )
 
 missing=()
