@@ -180,13 +180,10 @@ class DisableAdapters {
  public:
   explicit DisableAdapters(ModuleRef model) {
     const detail::ModelIndex index(model.get());
+    // Before anything changes: a layer refused half-way would leave the
+    // others disabled until their restore.
+    detail::check_no_forward_running(index, "DisableAdapters");
     const auto layers = index.lora_layers();
-    for (const auto& [entry, layer] : layers) {
-      detail::check_no_member_hold(
-          layer->member_weight_holds(),
-          "DisableAdapters",
-          "'" + entry->paths.front() + "'");
-    }
     saved_.reserve(layers.size());
     try {
       for (const auto& [entry, layer] : layers) {

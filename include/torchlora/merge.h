@@ -268,6 +268,7 @@ inline void merge_and_unload(
     ModuleRef model,
     const MergeOptions& options = {}) {
   const detail::ModelIndex index(model.get());
+  detail::check_no_forward_running(index, "merge_and_unload");
   detail::check_mergeable(index, options.safe());
   detail::check_not_routed(index, "merge_and_unload");
   detail::check_merge_changes_no_other_tensor(
@@ -280,6 +281,7 @@ inline void merge_and_unload(
 /// put back as `merge_and_unload` does.
 inline void unload(ModuleRef model) {
   const detail::ModelIndex index(model.get());
+  detail::check_no_forward_running(index, "unload");
   detail::check_unmergeable(index);
   detail::check_not_routed(index, "unload");
   detail::unload_layers(index, /*merge_first=*/false);
