@@ -853,6 +853,37 @@ TEST_F(AdapterIoTest, ConfigValuesOutOfRangeOrOfTheWrongKindAreErrors) {
       torchlora::adapter_names(*target), std::vector<std::string>{"default"});
 }
 
+TEST_F(AdapterIoTest, AMissingLoraAlphaIsPeftsDefaultAndANullOneIsAnError) {
+  Net source;
+  torchlora::inject_lora(
+      source, LoRAConfig(2).alpha(3).target_modules({"q_proj"}));
+  torchlora::save_adapter(*source, dir);
+  const auto path = dir + "/adapter_config.json";
+  const auto saved = read_json(path);
+  ASSERT_EQ(saved["r"], 2);
+  auto config = saved;
+  config.erase("lora_alpha");
+  write_json(path, config);
+  {
+    Net target;
+    torchlora::load_adapter(*target, dir);
+    // peft's LoraConfig default lora_alpha = 8, over the file's r = 2.
+    EXPECT_EQ(target->q_proj->scaling("default"), 8.0 / 2);
+  }
+  for (const char* key : {"lora_alpha", "r"}) {
+    auto with_null = saved;
+    with_null[key] = nullptr;
+    write_json(path, with_null);
+    Net target;
+    const auto before = snapshot(*target);
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::load_adapter(*target, dir),
+        std::string("\"") + key + "\" must be a number > 0, got null");
+    expect_unchanged(before, *target);
+    EXPECT_TRUE(torchlora::adapter_names(*target).empty());
+  }
+}
+
 TEST_F(AdapterIoTest, PathsThatAreNotRegularFilesAreErrors) {
   Net source;
   torchlora::inject_lora(source, LoRAConfig(2).target_modules({"q_proj"}));

@@ -9,10 +9,15 @@ namespace {
 class LoRAConfigTest : public torchlora_test::Seeded {};
 } // namespace
 
-TEST_F(LoRAConfigTest, DefaultsMatchPeft) {
+// torchlora's defaults (README, "API"): peft's, except alpha, which is 1 as
+// in LoRAOptions (peft's LoraConfig has lora_alpha 8, which load_adapter
+// applies to a file without it: adapter_io_test's
+// AMissingLoraAlphaIsPeftsDefaultAndANullOneIsAnError).
+TEST_F(LoRAConfigTest, DefaultsAreTheDocumentedOnes) {
   const LoRAConfig config(8);
   EXPECT_EQ(config.rank(), 8);
   EXPECT_EQ(config.alpha(), 1.0);
+  EXPECT_EQ(config.alpha(), torchlora::LoRAOptions(8).alpha());
   EXPECT_EQ(config.dropout(), 0.0);
   EXPECT_FALSE(config.use_rslora());
   EXPECT_EQ(config.init(), torchlora::LoRAInit::kaiming_uniform);

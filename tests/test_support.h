@@ -104,6 +104,20 @@ inline std::vector<std::string> module_tree(const torch::nn::Module& model) {
     }                                                              \
   } while (false)
 
+/// Expects `statement` to throw a c10::Error of LibTorch's own (not one of
+/// torchlora's) whose message contains `text`.
+#define EXPECT_LIBTORCH_ERROR(statement, text)                     \
+  do {                                                             \
+    try {                                                          \
+      statement;                                                   \
+      ADD_FAILURE() << "expected an error containing: " << (text); \
+    } catch (const c10::Error& error) {                            \
+      const auto message = torchlora_test::message_of(error);      \
+      EXPECT_NE(message.rfind("torchlora:", 0), 0u) << message;    \
+      EXPECT_NE(message.find(text), std::string::npos) << message; \
+    }                                                              \
+  } while (false)
+
 /// Skips a `*_CUDA` test cleanly on a machine without a CUDA device.
 #define SKIP_WITHOUT_CUDA()                                    \
   do {                                                         \

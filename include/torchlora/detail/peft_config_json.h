@@ -49,7 +49,7 @@ inline std::string shown_value(const nlohmann::ordered_json& value) {
 
 /// Reads the fields of one adapter_config.json; every error names the
 /// field, the value found and the file. A field that is absent or null
-/// takes peft's default.
+/// takes peft's default (r and lora_alpha: absent only; null is an error).
 class PeftConfigReader {
  public:
   PeftConfigReader(const nlohmann::ordered_json& json, std::string file)
@@ -59,6 +59,12 @@ class PeftConfigReader {
         json_.is_object(),
         "must hold a JSON object, got ",
         shown_value(json_));
+  }
+
+  /// True when `key` is present with the value null.
+  bool is_null(const char* key) const {
+    const auto found = json_.find(key);
+    return found != json_.end() && found->is_null();
   }
 
   /// The value of `key`, or nullptr when it is absent or null.
@@ -295,6 +301,16 @@ inline LoRAConfig config_from_json(
     }
   }
 
+  // peft's defaults where a field is absent; a null r or lora_alpha is an
+  // error (peft itself fails on it: scaling = lora_alpha / r).
+  for (const char* key : {"r", "lora_alpha"}) {
+    TORCHLORA_CONFIG_CHECK(
+        read,
+        !read.is_null(key),
+        "\"",
+        key,
+        "\" must be a number > 0, got null (peft cannot load it either)");
+  }
   const auto rank = read.integer("r").value_or(8);
   TORCHLORA_CONFIG_CHECK(read, rank > 0, "\"r\" must be > 0, got ", rank);
   const auto alpha = read.number("lora_alpha").value_or(8.0);
