@@ -1,6 +1,7 @@
 # Run with cmake -P: builds the fuzz project with clang and runs the
 # safetensors fuzz target for SECONDS seconds on a copy of the seed corpus.
-# Variables: SOURCE_DIR (torchlora), WORK_DIR, CLANGXX, SECONDS, PREFIX_PATH.
+# Variables: SOURCE_DIR (torchlora), WORK_DIR, CLANGXX, SECONDS, PREFIX_PATH,
+# MIN_RUNS (the fewest inputs the run must execute; 10000).
 cmake_minimum_required(VERSION 3.18)
 function(run_step what)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
@@ -24,4 +25,13 @@ run_step("run" "${WORK_DIR}/build/safetensors_fuzz"
 string(REGEX MATCH "Done [0-9]+ runs in [0-9]+ second\\(s\\)" done "${step_output}")
 string(REGEX MATCH "stat::number_of_executed_units: *[0-9]+" units "${step_output}")
 string(REGEX MATCH "cov: [0-9]+" coverage "${step_output}")
+# A run that executed (almost) nothing found nothing either: fail it.
+if(NOT DEFINED MIN_RUNS)
+  set(MIN_RUNS 10000)
+endif()
+string(REGEX MATCH "[0-9]+$" executed "${units}")
+if(executed STREQUAL "" OR executed LESS MIN_RUNS)
+  message(FATAL_ERROR "fuzz test: the target ran only '${executed}' inputs "
+          "(at least ${MIN_RUNS} expected in ${SECONDS} s):\n${step_output}")
+endif()
 message(STATUS "fuzz test: no finding. ${done}; ${units}; ${coverage}")

@@ -1,6 +1,7 @@
 // libFuzzer target for the safetensors reader: any bytes must give either a
 // header whose every tensor lies inside the buffer, or a FormatError. A
-// valid header is written again and must parse to the same tensors.
+// valid header is written again, with the tensors' bytes, and must parse to
+// the same metadata and tensors (names, shapes, dtypes, offsets, bytes).
 //
 //   cmake -S fuzz -B build/fuzz -DCMAKE_CXX_COMPILER=clang++
 //   cmake --build build/fuzz
@@ -11,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -49,13 +51,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const auto again =
       st::parse(reinterpret_cast<const uint8_t*>(file.data()), file.size());
   if (again.tensors.size() != header.tensors.size() ||
-      again.metadata.size() != header.metadata.size()) {
+      again.metadata != header.metadata) {
     std::abort();
   }
+  // Same tensors in the same order (both parses sort by offset), at the
+  // offsets format_header gave them, holding the same bytes.
+  const auto* written = reinterpret_cast<const uint8_t*>(file.data());
   for (size_t i = 0; i < again.tensors.size(); ++i) {
-    if (again.tensors[i].name != tensors[i].name ||
-        again.tensors[i].shape != tensors[i].shape ||
-        again.tensors[i].dtype != tensors[i].dtype) {
+    const auto& read = again.tensors[i];
+    const auto& original = header.tensors[i];
+    if (read.name != original.name || read.shape != original.shape ||
+        read.dtype != original.dtype || read.begin != tensors[i].begin ||
+        read.end != tensors[i].end ||
+        read.end - read.begin != original.end - original.begin ||
+        std::memcmp(
+            written + again.data_start + read.begin,
+            data + header.data_start + original.begin,
+            read.end - read.begin) != 0) {
       std::abort();
     }
   }
