@@ -7,12 +7,15 @@
 
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <grp.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -439,13 +442,64 @@ TEST_F(SafetensorsTest, PathsThatAreNotReadableRegularFilesAreErrors) {
   EXPECT_TORCHLORA_ERROR(
       st::load(file + "/below"),
       "cannot read safetensors file '" + file + "/below': Not a directory");
-  if (geteuid() != 0) { // root reads whatever the mode says
-    fs::permissions(file, fs::perms::none);
-    EXPECT_TORCHLORA_ERROR(
-        st::load(file),
-        "cannot read safetensors file '" + file + "': Permission denied");
-    fs::permissions(file, fs::perms::owner_all);
+}
+
+/// Exits 0 when loading `file` fails with a message holding `expected`,
+/// else 1 after printing what happened (run in a death test's child).
+[[noreturn]] static void exit_on_load_error(
+    const std::string& file,
+    const std::string& expected) {
+  try {
+    torchlora::safetensors::load(file);
+    std::fprintf(stderr, "loaded '%s' without an error\n", file.c_str());
+  } catch (const c10::Error& error) {
+    const auto message = torchlora_test::message_of(error);
+    if (message.find(expected) != std::string::npos) {
+      std::_Exit(0);
+    }
+    std::fprintf(stderr, "unexpected error: %s\n", message.c_str());
   }
+  std::_Exit(1);
+}
+
+TEST_F(SafetensorsTest, AnUnreadableFileIsAnError) {
+  namespace fs = std::filesystem;
+  // A folder everybody may enter, so that only the file's own mode denies.
+  const auto folder = ::testing::TempDir() + "torchlora_unreadable";
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  fs::permissions(
+      folder,
+      fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+          fs::perms::others_read | fs::perms::others_exec);
+  const auto file = folder + "/unreadable.safetensors";
+  st::save(file, st::Tensors{});
+  fs::permissions(file, fs::perms::none);
+  const auto expected =
+      "cannot read safetensors file '" + file + "': Permission denied";
+  if (geteuid() != 0) {
+    EXPECT_TORCHLORA_ERROR(st::load(file), expected);
+  } else {
+    // Root reads whatever the mode says: the load runs in a child process
+    // that gives up root for the user "nobody" first.
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+    const uid_t nobody = 65534;
+    EXPECT_EXIT(
+        {
+          if (setgroups(0, nullptr) != 0 || setgid(nobody) != 0 ||
+              setuid(nobody) != 0 || geteuid() != nobody) {
+            std::fprintf(
+                stderr,
+                "could not give up root for uid %d\n",
+                static_cast<int>(nobody));
+            std::_Exit(2);
+          }
+          exit_on_load_error(file, expected);
+        },
+        ::testing::ExitedWithCode(0),
+        "");
+  }
+  fs::remove_all(folder);
 }
 
 TEST_F(SafetensorsTest, AFileTooLargeForMemoryIsAnError) {
