@@ -9,6 +9,7 @@
 #include <torchlora/detail/conv_input_gradient.h>
 #include <torchlora/embedding.h>
 
+#include <cmath>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -36,30 +37,63 @@ std::string adapter_name(size_t i) {
   return "adapter" + std::to_string(i);
 }
 
+/// One random adapter's settings, as given to the layer.
+struct AdapterSettings {
+  std::string name;
+  int64_t rank;
+  double alpha;
+  bool rslora;
+  bool active;
+  double scale = 1.0;
+
+  /// Its factor in the output, from the settings alone: alpha / r (alpha /
+  /// sqrt(r) with rsLoRA) times the run-time scale.
+  double factor() const {
+    return alpha /
+        (rslora ? std::sqrt(static_cast<double>(rank))
+                : static_cast<double>(rank)) *
+        scale;
+  }
+};
+
 /// Adapters with random ranks (multiples of `rank_step`), alphas, rsLoRA and
-/// run-time scales, some inactive, attached to `layer`; returns how many.
+/// run-time scales, some inactive, attached to `layer`; returns their
+/// settings, in the order of adapter_name(i).
 template <typename Layer>
-size_t add_random_adapters(std::mt19937& rng, Layer& layer, int64_t rank_step) {
+std::vector<AdapterSettings> add_random_adapters(
+    std::mt19937& rng,
+    Layer& layer,
+    int64_t rank_step) {
   const auto count = static_cast<size_t>(uniform(rng, 1, 3));
+  std::vector<AdapterSettings> settings;
   std::vector<std::string> active;
   for (size_t i = 0; i < count; ++i) {
-    layer->add_adapter(
+    AdapterSettings adapter{
         adapter_name(i),
-        LoRAOptions(rank_step * uniform(rng, 1, 3))
-            .alpha(uniform_real(rng, 0.5, 8))
-            .use_rslora(coin(rng, 0.3))
+        rank_step * uniform(rng, 1, 3),
+        uniform_real(rng, 0.5, 8),
+        coin(rng, 0.3),
+        false};
+    layer->add_adapter(
+        adapter.name,
+        LoRAOptions(adapter.rank)
+            .alpha(adapter.alpha)
+            .use_rslora(adapter.rslora)
             .init(LoRAInit::random));
     if (i == 0 || coin(rng, 0.7)) {
-      active.push_back(adapter_name(i));
+      adapter.active = true;
+      active.push_back(adapter.name);
     }
+    settings.push_back(adapter);
   }
   layer->set_active_adapters(active);
-  for (const auto& name : active) {
-    if (coin(rng, 0.3)) {
-      layer->set_scale(name, uniform_real(rng, -2, 2));
+  for (auto& adapter : settings) {
+    if (adapter.active && coin(rng, 0.3)) {
+      adapter.scale = uniform_real(rng, -2, 2);
+      layer->set_scale(adapter.name, adapter.scale);
     }
   }
-  return count;
+  return settings;
 }
 
 /// `a` and `b` equal up to `tolerance` (relative to b's magnitude), both
@@ -234,7 +268,7 @@ void check_embedding_case(std::mt19937& rng, int seed) {
   }
   torchlora::LoRAEmbedding layer{torch::nn::Embedding(options)};
   layer->to(c.dtype);
-  add_random_adapters(rng, layer, 1);
+  const auto adapters = add_random_adapters(rng, layer, 1);
   layer->weight.set_requires_grad(c.base_trainable);
   // The reference adds the adapters to the weight as it was before merging.
   const auto weight = c.merged ? layer->weight.detach().clone() : layer->weight;
@@ -269,15 +303,13 @@ void check_embedding_case(std::mt19937& rng, int seed) {
   shape.push_back(c.dim);
   auto expected =
       with_row_gradient_factor(leaves[0], factor).index_select(0, flat);
-  for (size_t i = 0; i < layer->adapter_names().size(); ++i) {
-    const auto name = adapter_name(i);
-    const auto& active = layer->active_adapters();
-    if (std::find(active.begin(), active.end(), name) == active.end()) {
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    if (!adapters[i].active) {
       continue;
     }
     const auto& A = leaves[1 + 2 * i];
     const auto& B = leaves[2 + 2 * i];
-    const double s = layer->scaling(name) * layer->scale(name);
+    const double s = adapters[i].factor();
     expected = expected +
         with_row_gradient_factor(A.t(), factor)
                 .index_select(0, flat)
@@ -490,7 +522,7 @@ bool check_conv_case(std::mt19937& rng, int seed) {
   torch::nn::ModuleHolder<LoRAImpl> layer{
       torch::nn::ModuleHolder<BaseImpl>(options)};
   layer->to(c.dtype);
-  add_random_adapters(rng, layer, c.groups);
+  const auto adapters = add_random_adapters(rng, layer, c.groups);
   layer->eval(); // dropout is checked on its own below
   layer->weight.set_requires_grad(c.base_trainable);
   if (c.bias) {
@@ -547,7 +579,6 @@ bool check_conv_case(std::mt19937& rng, int seed) {
   // adapter as one convolution with its dense delta weight or, `as_layer`,
   // as torchlora computes it, A's convolution then B's 1x1 one, each run as
   // torchlora runs it.
-  const auto active = layer->active_adapters();
   const auto formula = [&](const std::vector<torch::Tensor>& t,
                            bool as_layer = false) {
     const auto batched_x = c.batched ? t[0] : t[0].unsqueeze(0);
@@ -557,12 +588,11 @@ bool check_conv_case(std::mt19937& rng, int seed) {
     auto result = as_layer
         ? as_torchlora(base, t[1], c.bias ? t[2] : torch::Tensor(), c.groups)
         : base(t[1], c.bias ? t[2] : torch::Tensor());
-    for (size_t i = 0; i < layer->adapter_names().size(); ++i) {
-      const auto name = adapter_name(i);
-      if (std::find(active.begin(), active.end(), name) == active.end()) {
+    for (size_t i = 0; i < adapters.size(); ++i) {
+      if (!adapters[i].active) {
         continue;
       }
-      const double s = layer->scaling(name) * layer->scale(name);
+      const double s = adapters[i].factor();
       const auto& A = t[first_adapter + 2 * i];
       const auto& B = t[first_adapter + 2 * i + 1];
       const auto a_conv = [&](const torch::Tensor& w, const torch::Tensor&) {

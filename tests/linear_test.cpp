@@ -59,6 +59,12 @@ torch::Tensor B_of(
   return layer->named_parameters()["lora_B." + name + ".weight"];
 }
 
+/// alpha / r (alpha / sqrt(r) with rsLoRA), from the options as given.
+double factor_of(const LoRAOptions& options) {
+  const auto rank = static_cast<double>(options.rank());
+  return options.alpha() / (options.use_rslora() ? std::sqrt(rank) : rank);
+}
+
 torch::Tensor reference_of(const LoRALinear& layer, const torch::Tensor& x) {
   return reference_forward(
       x,
@@ -66,7 +72,7 @@ torch::Tensor reference_of(const LoRALinear& layer, const torch::Tensor& x) {
       layer->bias,
       A_of(layer),
       B_of(layer),
-      layer->scaling("default"));
+      factor_of(layer->adapter_options("default")));
 }
 
 } // namespace
@@ -147,7 +153,12 @@ TEST_F(LoRALinearTest, OnlyAdaptersReceiveGradientsEqualToTheReference) {
   const auto A = A_of(layer).detach().clone().requires_grad_(true);
   const auto B = B_of(layer).detach().clone().requires_grad_(true);
   (reference_forward(
-       x, layer->weight, layer->bias, A, B, layer->scaling("default")) *
+       x,
+       layer->weight,
+       layer->bias,
+       A,
+       B,
+       factor_of(layer->adapter_options("default"))) *
    upstream)
       .sum()
       .backward();
@@ -779,7 +790,12 @@ TEST_F(LoRALinearTest, BothStrategiesAreChosenAndAgree) {
     const auto B = B_of(layer).detach().requires_grad_(true);
     const auto expected = torch::autograd::grad(
         {(reference_forward(
-              x, layer->weight, layer->bias, A, B, layer->scaling("default")) *
+              x,
+              layer->weight,
+              layer->bias,
+              A,
+              B,
+              factor_of(layer->adapter_options("default"))) *
           upstream)
              .sum()},
         {x, A, B});
