@@ -12,12 +12,19 @@ message(STATUS "${quick_output}")
 if(NOT quick_rc EQUAL 0)
   message(FATAL_ERROR "${quick_program} --quick failed (${quick_rc})")
 endif()
+# Kept for checks that compare two runs.
+file(WRITE "${OUT}/quick-output.txt" "${quick_output}")
 
-# Fails unless every file named after the program's name exists under OUT.
+# Fails unless every file named after the program's name exists under OUT
+# and is not empty.
 function(require_quick_outputs)
   foreach(file ${ARGN})
     if(NOT EXISTS "${OUT}/${file}")
       message(FATAL_ERROR "${quick_program} --quick wrote no ${file}")
+    endif()
+    file(SIZE "${OUT}/${file}" size)
+    if(size EQUAL 0)
+      message(FATAL_ERROR "${quick_program} --quick wrote an empty ${file}")
     endif()
   endforeach()
 endfunction()

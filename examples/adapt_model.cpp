@@ -97,13 +97,17 @@ int main(int argc, char** argv) {
   torch::optim::AdamW optimizer(trainable, torch::optim::AdamWOptions(1e-2));
   const auto tokens = torch::randint(64, {16, 12});
   const auto labels = torch::randint(5, {16});
+  double first_loss = 0;
+  double last_loss = 0;
   for (int step = 1; step <= 30; ++step) {
     optimizer.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(model(tokens), labels);
     loss.backward();
     optimizer.step();
+    last_loss = loss.item<double>();
+    first_loss = step == 1 ? last_loss : first_loss;
     if (step == 1 || step % 10 == 0) {
-      std::cout << "step " << step << ": loss " << loss.item<double>() << "\n";
+      std::cout << "step " << step << ": loss " << last_loss << "\n";
     }
   }
 
@@ -117,5 +121,20 @@ int main(int argc, char** argv) {
   }
   std::cout << "base weights unchanged: " << std::boolalpha << unchanged
             << "\n";
-  return unchanged && paths.size() == 3 ? 0 : 1;
+
+  // 5. Later: build the model, inject the same way and load the adapted
+  // checkpoint; it computes what the trained model computes.
+  Classifier reloaded(32);
+  torchlora::inject_lora(
+      reloaded,
+      torchlora::LoRAConfig(8).alpha(16).target_modules(
+          {"query", "value", "mlp.0"}));
+  torch::load(reloaded, (folder / "adapted.pt").string());
+  model->eval();
+  reloaded->eval();
+  const bool same_output = torch::equal(reloaded(tokens), model(tokens));
+  std::cout << "reloaded model gives the same output: " << same_output << "\n";
+  const bool learned = last_loss < 0.5 * first_loss;
+  std::cout << "loss at least halved: " << learned << "\n";
+  return unchanged && paths.size() == 3 && same_output && learned ? 0 : 1;
 }

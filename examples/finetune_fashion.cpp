@@ -420,7 +420,10 @@ int run_example(const Settings& settings) {
               << " is not clearly above the base's " << base_new << "\n";
     ok = false;
   }
-  if (!(reload_difference < 1e-4)) {
+  // Bit for bit on CPU (the same tensors, the same ops); CUDA may pick
+  // other kernels for the two models.
+  const double reload_tolerance = device.is_cuda() ? 1e-5 : 0.0;
+  if (!(reload_difference <= reload_tolerance)) {
     std::cerr << "finetune_fashion: the reloaded adapter differs by "
               << reload_difference << "\n";
     ok = false;
