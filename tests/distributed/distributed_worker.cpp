@@ -18,6 +18,7 @@
 #include <torchlora/distributed.h>
 #include <torchlora/torchlora.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -309,7 +310,18 @@ int train(const std::string& out) {
       worst < 1e-5,
       "data-parallel adapters equal the single process's (max abs diff " +
           std::to_string(worst) + ")");
-  check(numel_of(params) > 0 && worst >= 0, "there are adapters");
+  // Equal adapters prove nothing if neither moved: both trained.
+  auto start = make_model(100);
+  const auto start_params = trainable(start);
+  double moved = 0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    moved = std::max(
+        moved, (params[i] - start_params[i]).abs().max().item<double>());
+  }
+  check(
+      numel_of(params) > 0 && moved > 1e-3,
+      "training moved the adapters from rank 0's start (max abs change " +
+          std::to_string(moved) + ")");
   // Many small buckets instead of one: the same bits.
   auto bucketed = make_model(100 + world.rank());
   dist::AdapterSync bucketed_sync(
@@ -455,6 +467,42 @@ int mismatch(const std::string& what) {
   return 0;
 }
 
+/// Compares two adapter folders' tensors: the same names and shapes, values
+/// within `tolerance`. Prints the largest difference; 0 when they agree.
+int compare_adapters(
+    const std::string& first,
+    const std::string& second,
+    double tolerance) {
+  const auto a =
+      torchlora::safetensors::load(first + "/adapter_model.safetensors");
+  const auto b =
+      torchlora::safetensors::load(second + "/adapter_model.safetensors");
+  if (a.size() != b.size() || a.is_empty()) {
+    std::cout << "compare-adapters: " << a.size() << " tensors against "
+              << b.size() << std::endl;
+    return 1;
+  }
+  double worst = 0;
+  for (const auto& item : a) {
+    const auto* other = b.find(item.key());
+    if (other == nullptr || other->sizes() != item.value().sizes()) {
+      std::cout << "compare-adapters: " << item.key()
+                << " differs in name or shape" << std::endl;
+      return 1;
+    }
+    worst = std::max(
+        worst,
+        (item.value().to(torch::kFloat64) - other->to(torch::kFloat64))
+            .abs()
+            .max()
+            .item<double>());
+  }
+  std::cout << "compare-adapters: " << a.size()
+            << " tensors, largest difference " << worst << " (at most "
+            << tolerance << ")" << std::endl;
+  return worst <= tolerance ? 0 : 1;
+}
+
 } // namespace
 
 int torchlora_test::run_worker(const std::vector<std::string>& args) {
@@ -468,12 +516,16 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
     if (args.size() == 2 && args[0] == "mismatch") {
       return mismatch(args[1]);
     }
+    if (args.size() == 4 && args[0] == "compare-adapters") {
+      return compare_adapters(args[1], args[2], std::stod(args[3]));
+    }
   } catch (const std::exception& error) {
     std::cerr << "distributed_worker: " << error.what() << std::endl;
     return 2;
   }
   std::cerr
-      << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch rank|buckets|setup"
+      << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch "
+         "rank|buckets|setup | compare-adapters DIR DIR TOLERANCE"
       << std::endl;
   return 2;
 }
