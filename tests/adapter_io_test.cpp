@@ -878,7 +878,9 @@ TEST_F(AdapterIoTest, AMissingLoraAlphaIsPeftsDefaultAndANullOneIsAnError) {
     const auto before = snapshot(*target);
     EXPECT_TORCHLORA_ERROR(
         torchlora::load_adapter(*target, dir),
-        std::string("\"") + key + "\" must be a number > 0, got null");
+        std::string("\"") + key + "\" must be " +
+            (std::string(key) == "r" ? "an integer" : "a number") +
+            " > 0, got null, which peft cannot load either");
     expect_unchanged(before, *target);
     EXPECT_TRUE(torchlora::adapter_names(*target).empty());
   }

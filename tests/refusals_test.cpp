@@ -202,11 +202,13 @@ struct LayerState {
   std::map<std::string, double> scales;
   bool enabled;
   bool merged;
+  bool merged_in_place;
 
   explicit LayerState(const LoRALayer& layer)
       : active(layer.active_adapters()),
         enabled(layer.adapters_enabled()),
-        merged(layer.merged()) {
+        merged(layer.merged()),
+        merged_in_place(layer.merged_in_place()) {
     for (const auto& name : layer.adapter_names()) {
       scales[name] = layer.scale(name);
     }
@@ -214,7 +216,8 @@ struct LayerState {
 
   bool operator==(const LayerState& other) const {
     return active == other.active && scales == other.scales &&
-        enabled == other.enabled && merged == other.merged;
+        enabled == other.enabled && merged == other.merged &&
+        merged_in_place == other.merged_in_place;
   }
 };
 

@@ -465,6 +465,8 @@ TEST_F(SafetensorsTest, PathsThatAreNotReadableRegularFilesAreErrors) {
 TEST_F(SafetensorsTest, AnUnreadableFileIsAnError) {
   namespace fs = std::filesystem;
   // A folder everybody may enter, so that only the file's own mode denies.
+  // A fixed name: the death test's child (a new process running this test
+  // again) must use the same folder.
   const auto folder = ::testing::TempDir() + "torchlora_unreadable";
   fs::remove_all(folder);
   fs::create_directories(folder);

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -490,12 +491,16 @@ int compare_adapters(
                 << " differs in name or shape" << std::endl;
       return 1;
     }
-    worst = std::max(
-        worst,
+    const double difference =
         (item.value().to(torch::kFloat64) - other->to(torch::kFloat64))
             .abs()
             .max()
-            .item<double>());
+            .item<double>();
+    // NaN anywhere is a difference too (std::max would drop it).
+    worst = std::isnan(difference) ? difference : std::max(worst, difference);
+    if (std::isnan(worst)) {
+      break;
+    }
   }
   std::cout << "compare-adapters: " << a.size()
             << " tensors, largest difference " << worst << " (at most "

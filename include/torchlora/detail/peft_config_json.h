@@ -309,7 +309,9 @@ inline LoRAConfig config_from_json(
         !read.is_null(key),
         "\"",
         key,
-        "\" must be a number > 0, got null (peft cannot load it either)");
+        "\" must be ",
+        std::string(key) == "r" ? "an integer" : "a number",
+        " > 0, got null, which peft cannot load either");
   }
   const auto rank = read.integer("r").value_or(8);
   TORCHLORA_CONFIG_CHECK(read, rank > 0, "\"r\" must be > 0, got ", rank);
