@@ -10,8 +10,15 @@
 //                 with a torchlora: error that names it, files intact.
 //   stall RANK OUT  the same with rank RANK hanging instead: the others fail
 //                 within the 5 s timeout.
-//   mismatch      rank 1's adapters have another rank: every rank fails
-//                 with the error naming the difference.
+//   mismatch WHAT rank 1's adapters have another rank (rank), its
+//                 SyncOptions differ (buckets), it has nothing trainable
+//                 (setup), or its base model has another shape (state):
+//                 every rank fails with the error naming the difference.
+//   vanish RANK   3 ranks, of which only 0 and 1 start: rank RANK is killed
+//                 2 s after it joined, while the group waits for rank 2;
+//                 the others must fail soon, not at the 5-minute timeout.
+//   bad-interface RANK  rank RANK names a network interface that does not
+//                 exist: the others must fail at once with its reason.
 
 #include "distributed/distributed_worker.h"
 
@@ -21,6 +28,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -160,6 +168,17 @@ int train(const std::string& out) {
   auto world = dist::init_from_env(
       dist::InitOptions().timeout(std::chrono::seconds(30)));
   check(world.is_distributed(), "train runs with several processes");
+  // Only rank 0 writes: where a rank's OUT is a folder of its own (its own
+  // machine's), that folder must not appear.
+  if (world.is_main()) {
+    world.store()->set(
+        "worker/out", std::vector<uint8_t>(out.begin(), out.end()));
+  }
+  const auto main_out = world.store()->get("worker/out");
+  const bool own_folder = std::string(main_out.begin(), main_out.end()) != out;
+  if (own_folder) {
+    std::filesystem::remove_all(out);
+  }
   constexpr int kSteps = 5;
   const auto batches = fixed_batches(kSteps);
 
@@ -248,6 +267,39 @@ int train(const std::string& out) {
     const auto other = world.store()->get(
         "worker/bf16_none/" + std::to_string(1 - world.rank()));
     check(other == mine, "both ranks step alike after a rank had no gradient");
+  }
+
+  // broadcast_state gives every rank rank 0's parameters and buffers, bit
+  // for bit, bf16 included; the other ranks' own values are gone.
+  {
+    torch::manual_seed(400 + world.rank());
+    torch::nn::Sequential whole(
+        torch::nn::Linear(6, 4), torch::nn::BatchNorm1d(4));
+    whole->to(torch::kFloat64);
+    whole->forward(torch::randn({5, 6}, torch::kFloat64)); // running stats
+    torch::nn::Linear bf16(3, 2);
+    bf16->to(torch::kBFloat16);
+    whole->push_back(bf16);
+    const auto state_of = [](torch::nn::Module& module) {
+      std::vector<torch::Tensor> state;
+      for (const auto& p : module.parameters()) {
+        state.push_back(p);
+      }
+      for (const auto& b : module.buffers()) {
+        state.push_back(b);
+      }
+      return state;
+    };
+    const auto before = raw_bytes(state_of(*whole));
+    dist::broadcast_state(whole, world);
+    const auto mine = raw_bytes(state_of(*whole));
+    world.store()->set("worker/state/" + std::to_string(world.rank()), mine);
+    check(
+        world.store()->get("worker/state/0") == mine,
+        "broadcast_state gives rank 0's bits");
+    check(
+        world.is_main() == (before == mine),
+        "broadcast_state keeps rank 0's values and replaces the others'");
   }
 
   try {
@@ -376,6 +428,9 @@ int train(const std::string& out) {
         "the saved adapter reloads with equal outputs");
   }
   world.barrier();
+  check(
+      !own_folder || !std::filesystem::exists(out),
+      "rank " + std::to_string(world.rank()) + " wrote nothing in " + out);
   std::cout << "train: OK on " << world.describe() << ": adapters within "
             << worst << " of one process, bit-identical across ranks, "
             << sync.bytes_per_step() << " bytes per step (base " << base_bytes
@@ -454,7 +509,13 @@ int mismatch(const std::string& what) {
       odd && what == "buckets" ? 64 : int64_t{1} << 20);
   const auto start = std::chrono::steady_clock::now();
   try {
-    dist::AdapterSync sync(*net, world, options);
+    if (what == "state") {
+      torch::nn::Sequential whole(
+          torch::nn::Linear(6, odd ? 5 : 4), torch::nn::ReLU());
+      dist::broadcast_state(whole, world);
+    } else {
+      dist::AdapterSync sync(*net, world, options);
+    }
   } catch (const c10::Error& error) {
     std::cout << "mismatch: " << world.describe() << " after "
               << std::chrono::duration<double>(
@@ -465,6 +526,54 @@ int mismatch(const std::string& what) {
   }
   std::cout << "mismatch: " << world.describe() << " accepted different models"
             << std::endl;
+  return 0;
+}
+
+/// Seconds since `start`.
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+/// Joins a world of 3 with the default options (a 5-minute timeout), of
+/// which rank 2 never starts; rank `killed` is killed 2 s in, after it
+/// joined. The others must give up on it within 30 s.
+int vanish(int killed) {
+  const auto start = std::chrono::steady_clock::now();
+  const char* rank_text = std::getenv("RANK");
+  if (rank_text != nullptr && std::atoi(rank_text) == killed) {
+    std::thread([] {
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+      std::cout << "vanish: killing myself" << std::endl;
+      std::raise(SIGKILL);
+    }).detach();
+  }
+  try {
+    dist::init_from_env();
+  } catch (const c10::Error& error) {
+    std::cout << "vanish: failed after " << seconds_since(start)
+              << " s: " << error.what_without_backtrace() << std::endl;
+    return 1;
+  }
+  std::cout << "vanish: joined a world whose rank 2 never started" << std::endl;
+  return 0;
+}
+
+/// Rank `bad` names a network interface that does not exist.
+int bad_interface(int bad) {
+  const auto start = std::chrono::steady_clock::now();
+  const char* rank_text = std::getenv("RANK");
+  if (rank_text != nullptr && std::atoi(rank_text) == bad) {
+    ::setenv("GLOO_SOCKET_IFNAME", "torchlora-none", 1);
+  }
+  try {
+    dist::init_from_env(dist::InitOptions().timeout(std::chrono::seconds(60)));
+  } catch (const c10::Error& error) {
+    std::cout << "bad-interface: failed after " << seconds_since(start)
+              << " s: " << error.what_without_backtrace() << std::endl;
+    return 1;
+  }
+  std::cout << "bad-interface: made a group with a bad interface" << std::endl;
   return 0;
 }
 
@@ -521,6 +630,12 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
     if (args.size() == 2 && args[0] == "mismatch") {
       return mismatch(args[1]);
     }
+    if (args.size() == 2 && args[0] == "vanish") {
+      return vanish(std::stoi(args[1]));
+    }
+    if (args.size() == 2 && args[0] == "bad-interface") {
+      return bad_interface(std::stoi(args[1]));
+    }
     if (args.size() == 4 && args[0] == "compare-adapters") {
       return compare_adapters(args[1], args[2], std::stod(args[3]));
     }
@@ -530,7 +645,8 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
   }
   std::cerr
       << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch "
-         "rank|buckets|setup | compare-adapters DIR DIR TOLERANCE"
+         "rank|buckets|setup|state | vanish RANK | bad-interface RANK | "
+         "compare-adapters DIR DIR TOLERANCE"
       << std::endl;
   return 2;
 }

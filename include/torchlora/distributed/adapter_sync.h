@@ -4,6 +4,7 @@
 // whatever else requires a gradient): equal starting values on every rank,
 // and gradients averaged over the ranks in a few flat buckets.
 
+#include <torchlora/distributed/agreement.h>
 #include <torchlora/distributed/world.h>
 #include <torchlora/module_ref.h>
 
@@ -14,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,7 +56,8 @@ class AdapterSync {
       : model_(&model.get()), world_(std::move(world)) {
     // Taken on every rank of a distributed World, failing or not, so that
     // the store keys match (a single-process AdapterSync takes none).
-    const auto generation = world_.is_distributed() ? store_generation() : -1;
+    const auto generation =
+        world_.is_distributed() ? detail::next_agreement() : -1;
     // A problem of this rank's own is told to the others through the store
     // before it is thrown, so that they fail at once with it, not later.
     std::string problem;
@@ -230,139 +231,45 @@ class AdapterSync {
     }
   }
 
-  static std::string describe_tensor(
-      const std::string& name,
-      const at::Tensor& tensor) {
-    std::ostringstream text;
-    text << "'" << name << "' " << tensor.sizes() << " "
-         << c10::toString(tensor.scalar_type());
-    return text.str();
-  }
-
   /// One line per trainable tensor: what every rank must agree on.
   std::vector<std::string> description() const {
     std::vector<std::string> lines;
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
-      lines.push_back(describe_tensor(names_[i], tensors_[i]));
+      lines.push_back(detail::describe_tensor(names_[i], tensors_[i]));
     }
     return lines;
   }
 
-  static std::string join(const std::vector<std::string>& lines) {
-    std::string text;
-    for (const auto& line : lines) {
-      text += line;
-      text += '\n';
-    }
-    return text;
-  }
-
-  static std::vector<std::string> split(const std::string& text) {
-    std::vector<std::string> lines;
-    std::istringstream stream(text);
-    for (std::string line; std::getline(stream, line);) {
-      lines.push_back(line);
-    }
-    return lines;
-  }
-
-  /// Every rank writes its description into the store and reads all the
-  /// others': every rank finds the same first difference, so all of them
-  /// fail with the same error, and no collective is left waiting.
+  /// Every rank publishes how it buckets (the buckets must pair up) and
+  /// its trainable tensors, or its own problem, and checks the others'.
   void check_same_tensors_on_every_rank(
       int64_t generation,
       const std::string& problem,
       int64_t bucket_bytes) {
-    const auto& store = world_.store();
-    const std::string prefix =
-        "torchlora/adapter_sync/" + std::to_string(generation) + "/";
-    // The first line says how the tensors are bucketed: the ranks' buckets
-    // must pair up. A rank that failed publishes "!" and its error instead.
-    const auto mine = problem.empty() ? "bucket_bytes " +
-            std::to_string(bucket_bytes) + "\n" + join(description())
-                                      : "!" + problem;
-    try {
-      store->set(
-          prefix + std::to_string(world_.rank()),
-          std::vector<uint8_t>(mine.begin(), mine.end()));
-    } catch (const std::exception& error) {
-      TORCH_CHECK(
-          false,
-          "torchlora: AdapterSync on ",
-          world_.describe(),
-          " could not reach the store: ",
-          detail::message_of(error));
-    }
+    auto lines = description();
+    lines.insert(lines.begin(), "bucket_bytes " + std::to_string(bucket_bytes));
+    const auto all = detail::exchange_lines(
+        world_,
+        "torchlora/adapter_sync/" + std::to_string(generation) + "/",
+        lines,
+        problem,
+        "AdapterSync");
     if (!problem.empty()) {
       return; // the constructor throws it
     }
-    std::vector<std::vector<std::string>> all;
-    for (int rank = 0; rank < world_.world_size(); ++rank) {
-      std::vector<uint8_t> bytes;
-      try {
-        bytes = store->get(prefix + std::to_string(rank));
-      } catch (const std::exception& error) {
-        TORCH_CHECK(
-            false,
-            "torchlora: AdapterSync on ",
-            world_.describe(),
-            ": rank ",
-            rank,
-            " did not describe its model within ",
-            world_.timeout().count(),
-            " ms (it exited, or makes no AdapterSync): ",
-            detail::message_of(error));
-      }
-      const std::string text(bytes.begin(), bytes.end());
+    for (std::size_t rank = 1; rank < all.size(); ++rank) {
       TORCH_CHECK(
-          text.empty() || text[0] != '!',
-          "torchlora: AdapterSync on ",
-          world_.describe(),
-          ": rank ",
-          rank,
-          " could not make its AdapterSync: ",
-          text.substr(std::min<std::size_t>(1, text.size())));
-      all.push_back(split(text));
-    }
-    for (int rank = 1; rank < world_.world_size(); ++rank) {
-      const auto& first = all[0];
-      const auto& other = all[static_cast<std::size_t>(rank)];
-      TORCH_CHECK(
-          first[0] == other[0],
+          all[0][0] == all[rank][0],
           "torchlora: the processes' AdapterSyncs differ: SyncOptions ",
-          first[0],
+          all[0][0],
           " on rank 0 and ",
-          other[0],
+          all[rank][0],
           " on rank ",
           rank,
           " (their buckets must pair up: use the same options everywhere)");
-      for (std::size_t line = 1; line < std::max(first.size(), other.size());
-           ++line) {
-        const std::string theirs =
-            line < other.size() ? other[line] : "nothing more";
-        const std::string ours =
-            line < first.size() ? first[line] : "nothing more";
-        TORCH_CHECK(
-            theirs == ours,
-            "torchlora: the processes' models differ, so AdapterSync cannot "
-            "keep them in step: trainable tensor ",
-            line,
-            " is ",
-            ours,
-            " on rank 0 and ",
-            theirs,
-            " on rank ",
-            rank,
-            " (every process must build, adapt and set up the same model)");
-      }
     }
-  }
-
-  /// Each AdapterSync of a process takes the next number; processes make
-  /// them in the same order, so their keys in the store match.
-  static int64_t store_generation() {
-    static int64_t next = 0;
-    return next++;
+    detail::check_same_tensors(
+        all, 1, "AdapterSync cannot keep them in step", "trainable tensor");
   }
 
   void broadcast_from_rank_0() {

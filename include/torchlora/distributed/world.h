@@ -5,7 +5,9 @@
 // c10d TCPStore on rank 0, and a c10d process group (Gloo for CPU tensors,
 // NCCL for CUDA tensors where LibTorch has it).
 
+#include <torchlora/distributed/address.h>
 #include <torchlora/distributed/collective.h>
+#include <torchlora/distributed/rendezvous.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -27,9 +29,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace torchlora {
 namespace distributed {
@@ -37,7 +42,15 @@ namespace distributed {
 /// How `init_from_env` joins the processes.
 struct InitOptions {
   /// How long any rendezvous or collective may wait for a peer before it
-  /// fails with a `torchlora:` error (the store's and the group's timeout).
+  /// fails with a `torchlora:` error (the store's and the group's timeout):
+  /// how long a rank that never starts is waited for, and how long a
+  /// collective waits on a peer that is alive but stopped answering. A
+  /// peer that exits or fails is noticed sooner: while the group forms, by
+  /// its published reason or within 10 s of its last heartbeat; afterwards,
+  /// by its closed connections. 5 minutes by default: longer than any
+  /// pause between two steps of one rank (a checkpoint written by rank 0,
+  /// an evaluation), short enough not to hold a machine for long. Raise it
+  /// when one rank works alone for longer while the others wait.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(5);
   /// Where the tensors to communicate live: CPU tensors use Gloo, CUDA
   /// tensors NCCL (an error where this LibTorch was built without NCCL).
@@ -156,12 +169,8 @@ inline int integer_variable(
   return static_cast<int>(value);
 }
 
-inline bool is_loopback_address(const std::string& address) {
-  return address == "localhost" || address.rfind("127.", 0) == 0 ||
-      address == "::1";
-}
-
-/// Options of the TCPStore: rank 0 serves it, every rank waits for all.
+/// Options of the TCPStore: rank 0 serves it; the ranks then meet through
+/// an InitRendezvous, which names the missing ones.
 inline c10d::TCPStoreOptions store_options(
     int rank,
     int world_size,
@@ -171,7 +180,7 @@ inline c10d::TCPStoreOptions store_options(
   options.port = static_cast<std::uint16_t>(port);
   options.isServer = rank == 0;
   options.numWorkers = static_cast<std::size_t>(world_size);
-  options.waitWorkers = true;
+  options.waitWorkers = false;
   options.timeout = timeout;
 #if TORCH_VERSION_MAJOR > 2 || \
     (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
@@ -214,15 +223,90 @@ inline int loopback_listening_socket(int port) {
 }
 #endif
 
-inline std::shared_ptr<::gloo::transport::Device> gloo_device(
-    const std::string& master_address) {
+/// Where this rank's Gloo device listens, and why: the interface
+/// GLOO_SOCKET_IFNAME names, else the local address that routes to
+/// MASTER_ADDR (the loopback when MASTER_ADDR is on it).
+struct GlooAddress {
+  std::string interface; ///< GLOO_SOCKET_IFNAME, if set
+  std::string host; ///< otherwise: the numeric address to listen on
+  std::string why; ///< how it was chosen, for the log and errors
+
+  std::string describe() const {
+    return (interface.empty() ? host : "interface " + interface) + " (" + why +
+        ")";
+  }
+};
+
+inline GlooAddress choose_gloo_address(
+    const std::string& master_address,
+    int master_port) {
+  GlooAddress chosen;
   if (const auto interface = environment_variable("GLOO_SOCKET_IFNAME")) {
-    return c10d::ProcessGroupGloo::createDeviceForInterface(*interface);
+    chosen.interface = *interface;
+    chosen.why = "GLOO_SOCKET_IFNAME";
+    return chosen;
   }
-  if (is_loopback_address(master_address)) {
-    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  std::string failure;
+  chosen.host = route_source(master_address, master_port, &failure);
+  TORCH_CHECK(
+      !chosen.host.empty(),
+      "torchlora: found no local address that reaches MASTER_ADDR ",
+      master_address,
+      " (",
+      failure,
+      "); set GLOO_SOCKET_IFNAME to the network interface to use");
+  chosen.why = "the local address that routes to MASTER_ADDR " +
+      master_address + "; GLOO_SOCKET_IFNAME overrides it";
+  return chosen;
+}
+
+/// Rank 0 runs where MASTER_ADDR is, so its route there may be the
+/// loopback (a host name that resolves to 127.0.1.1 on its own machine)
+/// even when the others are elsewhere: it then takes the route towards
+/// the first rank that is not on the loopback.
+inline void reach_the_others(
+    GlooAddress& chosen,
+    const std::vector<std::string>& joined,
+    int port) {
+  if (!chosen.interface.empty() || !is_loopback_address(chosen.host)) {
+    return;
   }
-  return c10d::ProcessGroupGloo::createDefaultDevice();
+  for (std::size_t rank = 0; rank < joined.size(); ++rank) {
+    const auto& other = joined[rank];
+    if (other.rfind("host ", 0) != 0 || is_loopback_address(other.substr(5))) {
+      continue;
+    }
+    std::string failure;
+    const auto source = route_source(other.substr(5), port, &failure);
+    if (!source.empty() && !is_loopback_address(source)) {
+      chosen.why = "the local address that routes to rank " +
+          std::to_string(rank) + " at " + other.substr(5) +
+          ", as MASTER_ADDR is on the loopback here; GLOO_SOCKET_IFNAME "
+          "overrides it";
+      chosen.host = source;
+    }
+    return;
+  }
+}
+
+/// " rank 0 from host 10.0.0.1, rank 1 from interface lo;" (the first
+/// 8 ranks), or "" before the ranks have met.
+inline std::string list_addresses(const std::vector<std::string>& joined) {
+  std::string text;
+  for (std::size_t rank = 0; rank < joined.size() && rank < 8; ++rank) {
+    text += (rank == 0 ? " rank 0 from "
+                       : ", rank " + std::to_string(rank) + " from ") +
+        joined[rank];
+  }
+  return text.empty() ? text : text + ";";
+}
+
+inline std::shared_ptr<::gloo::transport::Device> gloo_device(
+    const GlooAddress& chosen) {
+  if (!chosen.interface.empty()) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(chosen.interface);
+  }
+  return c10d::ProcessGroupGloo::createDeviceForHostname(chosen.host);
 }
 
 } // namespace detail
@@ -326,29 +410,75 @@ inline World init_from_env(const InitOptions& options = {}) {
         " ms (every process must start, and rank 0 must listen there): ",
         detail::message_of(error));
   }
+  const std::string store_name = *address + ":" + std::to_string(port);
+  detail::InitRendezvous rendezvous(
+      world.store_,
+      world.rank_,
+      world.world_size_,
+      world.timeout_,
+      world.describe(),
+      store_name);
+  std::string advertised = "its NCCL address";
+  std::vector<std::string> joined; // what every rank communicates from
   try {
+    const auto store = world.store_;
+    const int rank = world.rank_;
+    const int size = world.world_size_;
+    const auto timeout = world.timeout_;
     if (cuda) {
 #if defined(USE_C10D_NCCL)
-      auto nccl = c10d::ProcessGroupNCCL::Options::create();
-      nccl->timeout = world.timeout_;
-      world.group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-          world.store_, world.rank_, world.world_size_, nccl);
+      rendezvous.join("nccl");
+      world.group_ =
+          rendezvous.while_watching<c10::intrusive_ptr<ProcessGroup>>(
+              [store, rank, size, timeout] {
+                auto nccl = c10d::ProcessGroupNCCL::Options::create();
+                nccl->timeout = timeout;
+                return c10::intrusive_ptr<ProcessGroup>(
+                    c10::make_intrusive<c10d::ProcessGroupNCCL>(
+                        store, rank, size, nccl));
+              });
 #endif
     } else {
-      auto gloo = c10d::ProcessGroupGloo::Options::create(world.timeout_);
-      gloo->devices.push_back(detail::gloo_device(*address));
-      world.group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(
-          world.store_, world.rank_, world.world_size_, gloo);
+      auto chosen = detail::choose_gloo_address(*address, port);
+      advertised = chosen.describe();
+      // A bad GLOO_SOCKET_IFNAME fails here, before the others wait on it.
+      auto device =
+          chosen.interface.empty() ? nullptr : detail::gloo_device(chosen);
+      joined = rendezvous.join(
+          chosen.interface.empty() ? "host " + chosen.host
+                                   : "interface " + chosen.interface);
+      detail::reach_the_others(chosen, joined, port);
+      advertised = chosen.describe();
+      if (!device) {
+        device = detail::gloo_device(chosen);
+      }
+      std::clog << "torchlora: " << world.describe() << " communicates from "
+                << advertised << "\n";
+      world.group_ =
+          rendezvous.while_watching<c10::intrusive_ptr<ProcessGroup>>(
+              [store, rank, size, timeout, device] {
+                auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
+                gloo->devices.push_back(device);
+                return c10::intrusive_ptr<ProcessGroup>(
+                    c10::make_intrusive<c10d::ProcessGroupGloo>(
+                        store, rank, size, gloo));
+              });
     }
+    rendezvous.finish();
   } catch (const std::exception& error) {
-    TORCH_CHECK(
-        false,
-        "torchlora: ",
-        world.describe(),
-        " could not make its process group within ",
-        world.timeout_.count(),
-        " ms: ",
-        detail::message_of(error));
+    auto message = detail::message_of(error);
+    if (message.rfind("torchlora: ", 0) != 0) {
+      message = "torchlora: " + world.describe() +
+          " could not make its process group: " + message +
+          " (this rank communicates from " + advertised + ";" +
+          detail::list_addresses(joined) +
+          " a rank on another machine cannot reach a loopback address: set "
+          "GLOO_SOCKET_IFNAME to the network interface that reaches the other "
+          "ranks, or unset it to use the address that routes to "
+          "MASTER_ADDR)";
+    }
+    rendezvous.publish_failure(message);
+    TORCH_CHECK(false, message);
   }
   return world;
 }
