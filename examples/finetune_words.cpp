@@ -26,9 +26,11 @@
 // them, so every forward runs inside a torchlora::AdaptedWeights scope (one
 // per training step); for the other model the scope does nothing.
 // With --distributed, started by scripts/launch.sh or torchrun, rank 0
-// trains (or loads) the base model, then every process trains on its share
-// of each batch (torchlora::distributed::AdapterSync averages the
-// gradients), and rank 0 alone reports and writes the files.
+// trains (or loads) the base model and sends it to the others
+// (torchlora::distributed::broadcast_state), then every process trains on
+// its share of each batch (torchlora::distributed::AdapterSync averages
+// the gradients). Rank 0 alone reads --out, reports and writes the files:
+// on several machines, each needs the program and the word lists only.
 #include "finetune_words/model.h"
 #include "finetune_words/report.h"
 #include "finetune_words/words.h"
@@ -37,6 +39,8 @@
 #include <torchlora/torchlora.h>
 
 #include <CLI/CLI.hpp>
+
+#include <sched.h>
 
 #include <array>
 #include <cmath>
@@ -503,12 +507,15 @@ int run(const Settings& settings) {
     world = dist::init_from_env(
         dist::InitOptions().timeout(std::chrono::minutes(15)));
     // One process per core share: torchrun's OMP_NUM_THREADS=1 in spirit.
+    // The cores are those this process may run on (taskset, cgroups).
     const char* local = std::getenv("LOCAL_WORLD_SIZE");
     const int local_processes = local ? std::max(1, std::atoi(local)) : 1;
-    torch::set_num_threads(std::max(
-        1,
-        static_cast<int>(std::thread::hardware_concurrency()) /
-            local_processes));
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    const int cores = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
+        ? CPU_COUNT(&allowed)
+        : static_cast<int>(std::thread::hardware_concurrency());
+    torch::set_num_threads(std::max(1, cores / local_processes));
     if (!world.is_main()) {
       // Rank 0 reports; the others print nothing (errors go to stderr).
       std::cout.setstate(std::ios::badbit);
@@ -555,16 +562,14 @@ int run(const Settings& settings) {
             << " held-out French words; " << vocabulary.size()
             << " characters\n";
 
-  // 1. The base model: trained once, then loaded from its checkpoint.
+  // 1. The base model: trained once, then loaded from its checkpoint. Only
+  // rank 0 reads or writes files: the others get its base model through
+  // the process group, so that no machine needs another's folder.
   const auto checkpoint = (out / "base_model.pt").string();
   CharTransformer base(plan.model);
   base->to(device);
-  bool loaded = false;
-  if (!world.is_main()) {
-    world.barrier(); // rank 0 has trained or checked the base model
-    torch::load(base, checkpoint, device);
-    loaded = true;
-  } else if (fs::exists(checkpoint)) {
+  bool loaded = !world.is_main();
+  if (world.is_main() && fs::exists(checkpoint)) {
     try {
       torch::load(base, checkpoint, device);
       loaded = true;
@@ -601,9 +606,16 @@ int run(const Settings& settings) {
               << std::setprecision(1) << result.seconds << " s\n";
     torch::save(base, checkpoint);
   }
-  if (world.is_main() && world.is_distributed()) {
-    world.barrier(); // the others may load the checkpoint now
-  }
+  // The others wait here (up to the 15-minute timeout) while rank 0 trains.
+  dist::broadcast_state(base, world);
+  // Every model below starts from this copy, kept in memory.
+  std::ostringstream base_stream;
+  torch::save(base, base_stream);
+  const std::string base_state = base_stream.str();
+  const auto load_base = [&](CharTransformer& model) {
+    std::istringstream in(base_state);
+    torch::load(model, in, device);
+  };
   const auto base_bits = bits_by_kind(base, french_heldout);
   const double base_bpc = base_bits.total;
   // The same fine-tuning whether the base model was trained or loaded.
@@ -621,7 +633,7 @@ int run(const Settings& settings) {
   for (const auto& placement : placements_for(settings)) {
     CharTransformer lora_model(plan.model);
     lora_model->to(device);
-    torch::load(lora_model, checkpoint, device);
+    load_base(lora_model);
     const auto config =
         torchlora::LoRAConfig(placement.rank)
             .alpha(placement.alpha)
@@ -665,7 +677,7 @@ int run(const Settings& settings) {
   // 3. Full fine-tuning of a copy of the base model, for reference.
   CharTransformer full_model(plan.model);
   full_model->to(device);
-  torch::load(full_model, checkpoint, device);
+  load_base(full_model);
   runs.push_back(fine_tune(
       "full",
       full_model,

@@ -27,6 +27,7 @@ packages=(
   dataset-fashion-mnist       # the images of the vision example
   zlib1g-dev                  # which it reads, gzipped, with zlib
   python3                     # runs the peft interop check (tests/interop)
+  iproute2                    # ip: the network namespaces of the multi-machine tests
 )
 
 missing=()

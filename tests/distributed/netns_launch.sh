@@ -4,12 +4,18 @@
 # 10.211.0.2, each with its own loopback and nothing else (no route leaves
 # them). In each, scripts/launch.sh starts node K of NODES:
 #
-#   netns_launch.sh NODES LAUNCH PROGRAM [ARGS...]
+#   netns_launch.sh [--private-dir DIR] NODES LAUNCH PROGRAM [ARGS...]
 #
 #   LAUNCH --nnodes NODES --node-rank K --master-addr 10.211.0.1 \
 #          --master-port 29500 1 PROGRAM ARGS...
 #
-# with "{node}" in ARGS replaced by K (separate folders per machine). Nodes
+# with "{node}" in ARGS replaced by K (separate folders per machine), and
+# each node on its own half of this machine's cores (taskset), as on
+# machines of their own. With
+# --private-dir, node 1 sees DIR as an empty folder of its own (a tmpfs in
+# its mount namespace), as on another machine: it cannot read node 0's
+# files there, and whatever it writes there is listed and is a failure
+# (only rank 0 may write). Nodes
 # 2 and up are never started. No Gloo variable is passed on. Output lines
 # keep launch.sh's "[rank K]" prefix. The exit status is the first
 # failure's, or 0; once a node has failed, the other gets
@@ -22,6 +28,11 @@
 set -uo pipefail
 
 name=netns_launch.sh
+private_dir=""
+if [ "${1:-}" = --private-dir ]; then
+  private_dir=${2:?--private-dir needs a folder}
+  shift 2
+fi
 if [ $# -lt 3 ] || ! [[ "$1" =~ ^[2-9]$ ]]; then
   echo "$name: usage: $name NODES LAUNCH PROGRAM [ARGS...] (NODES from 2 to 9, got '${1:-}')" >&2
   exit 2
@@ -79,15 +90,49 @@ if ! make_namespaces; then
 fi
 echo "$name: node 0 in ${namespaces[0]} at ${addresses[0]}, node 1 in ${namespaces[1]} at ${addresses[1]}, $nodes nodes"
 
+if [ -n "$private_dir" ]; then
+  mkdir -p "$private_dir" || exit 1
+fi
+# Node 1's command: DIR hidden behind an empty tmpfs (ip netns exec gives
+# it a mount namespace of its own), and a failure if it wrote there.
+private_run='
+  mount -t tmpfs torchlora-private "$0" || exit 1
+  "$@"
+  status=$?
+  written=$(find "$0" -mindepth 1)
+  if [ -n "$written" ]; then
+    echo "netns_launch.sh: node 1 wrote into $0, which only rank 0 may write:" $written >&2
+    [ "$status" -ne 0 ] || status=1
+  fi
+  exit "$status"'
+
+# The cores this script may use ("0-3,8" in /proc), one by one.
+cores=()
+allowed=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)
+IFS=, read -r -a ranges <<<"$allowed"
+for range in "${ranges[@]}"; do
+  for ((core = ${range%-*}; core <= ${range#*-}; core++)); do
+    cores+=("$core")
+  done
+done
+half=$((${#cores[@]} / 2))
 pids=()
 for node in 0 1; do
-  arguments=()
+  command=()
+  if [ "$half" -ge 1 ]; then
+    share="${cores[*]:$((node * half)):$half}"
+    command=(taskset -c "${share// /,}")
+  fi
+  command+=(env -u GLOO_SOCKET_IFNAME -u MASTER_ADDR -u MASTER_PORT "$launch"
+    --nnodes "$nodes" --node-rank "$node" --master-addr "${addresses[0]}"
+    --master-port 29500 1)
   for argument in "$@"; do
-    arguments+=("${argument//\{node\}/$node}")
+    command+=("${argument//\{node\}/$node}")
   done
-  ip netns exec "${namespaces[$node]}" env -u GLOO_SOCKET_IFNAME -u MASTER_ADDR \
-    -u MASTER_PORT "$launch" --nnodes "$nodes" --node-rank "$node" \
-    --master-addr "${addresses[0]}" --master-port 29500 1 "${arguments[@]}" &
+  if [ -n "$private_dir" ] && [ "$node" -eq 1 ]; then
+    command=(bash -c "$private_run" "$private_dir" "${command[@]}")
+  fi
+  ip netns exec "${namespaces[$node]}" "${command[@]}" &
   pids+=($!)
 done
 
