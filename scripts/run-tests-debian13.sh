@@ -12,7 +12,8 @@
 # /var/cache/torchlora/debian13) for later runs. The source tree is copied
 # into it afresh on every run (without build/), and scripts/run-tests.sh
 # runs there, the install script included. /proc, /sys and /dev are mounted
-# for the run and unmounted again however it ends.
+# for the run (the chroot itself is made a mount point) and unmounted again
+# however it ends.
 set -euo pipefail
 
 name="run-tests-debian13"
@@ -63,6 +64,10 @@ mkdir -p "$root$work"
 tar -C "$source_dir" --exclude=./build --exclude=./.git --exclude='./runs' -cf - . |
   tar -C "$root$work" -xf -
 
+# The chroot's / a mount point of its own, as `ip netns exec` (the tests
+# between network namespaces) needs for "mount --make-rslave /"; unmounting
+# it last also removes what those tests mount below it (/run/netns).
+chroot_mount bind "$root" /
 chroot_mount proc proc /proc
 chroot_mount bind /sys /sys
 chroot_mount bind /dev /dev

@@ -205,8 +205,53 @@ TEST(InitFromEnv, AStoreNobodyServesIsAnErrorAfterTheTimeout) {
 TEST(InitFromEnv, RankZeroAloneIsAnErrorAfterTheTimeout) {
   std::string port;
   const auto message = alone_on_unused_port(0, &port);
-  EXPECT_CONTAINS(message, "torchlora: rank 0 of 2 could not");
-  EXPECT_CONTAINS(message, "within 1500 ms");
+  EXPECT_CONTAINS(
+      message,
+      "torchlora: rank 0 of 2 could not make its process group: rank 1 did "
+      "not join within 1500 ms (InitOptions timeout)");
+}
+
+TEST(GlooAddress, IsTheLocalAddressThatRoutesToTheMaster) {
+  std::string why;
+  EXPECT_EQ(dist::detail::route_source("127.0.0.1", 29500, &why), "127.0.0.1");
+  const auto local_source =
+      dist::detail::route_source("localhost", 29500, &why);
+  EXPECT_TRUE(dist::detail::is_loopback_address(local_source)) << local_source;
+  EXPECT_EQ(
+      dist::detail::route_source("no-such-host.invalid", 29500, &why), "");
+  EXPECT_CONTAINS(why, "cannot resolve no-such-host.invalid");
+  for (const auto* loopback : {"localhost", "127.0.0.1", "127.0.1.1", "::1"}) {
+    EXPECT_TRUE(dist::detail::is_loopback_address(loopback)) << loopback;
+  }
+  EXPECT_FALSE(dist::detail::is_loopback_address("10.211.0.1"));
+
+  Environment environment({});
+  ::unsetenv("GLOO_SOCKET_IFNAME");
+  const auto chosen = dist::detail::choose_gloo_address("127.0.0.1", 29500);
+  EXPECT_EQ(chosen.host, "127.0.0.1");
+  EXPECT_TRUE(chosen.interface.empty());
+  EXPECT_CONTAINS(
+      chosen.describe(),
+      "127.0.0.1 (the local address that routes to MASTER_ADDR 127.0.0.1; "
+      "GLOO_SOCKET_IFNAME overrides it)");
+  EXPECT_TORCHLORA_ERROR(
+      dist::detail::choose_gloo_address("no-such-host.invalid", 29500),
+      "torchlora: found no local address that reaches MASTER_ADDR "
+      "no-such-host.invalid (cannot resolve no-such-host.invalid");
+  // Rank 0 on the loopback keeps it while every other rank is there too.
+  auto local = chosen;
+  dist::detail::reach_the_others(
+      local, {"host 127.0.0.1", "interface lo", "host 127.0.0.1"}, 29500);
+  EXPECT_EQ(local.host, "127.0.0.1");
+  EXPECT_EQ(
+      dist::detail::list_addresses({"host 10.0.0.1", "interface lo"}),
+      " rank 0 from host 10.0.0.1, rank 1 from interface lo;");
+
+  ::setenv("GLOO_SOCKET_IFNAME", "eth7", 1);
+  const auto named = dist::detail::choose_gloo_address("10.0.0.1", 29500);
+  ::unsetenv("GLOO_SOCKET_IFNAME");
+  EXPECT_EQ(named.interface, "eth7");
+  EXPECT_EQ(named.describe(), "interface eth7 (GLOO_SOCKET_IFNAME)");
 }
 
 /// A model with two adapters, "default" trainable.

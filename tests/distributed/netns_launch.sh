@@ -4,7 +4,8 @@
 # 10.211.0.2, each with its own loopback and nothing else (no route leaves
 # them). In each, scripts/launch.sh starts node K of NODES:
 #
-#   netns_launch.sh [--private-dir DIR] NODES LAUNCH PROGRAM [ARGS...]
+#   netns_launch.sh [--private-dir DIR] [--master-name NAME] NODES LAUNCH
+#                   PROGRAM [ARGS...]
 #
 #   LAUNCH --nnodes NODES --node-rank K --master-addr 10.211.0.1 \
 #          --master-port 29500 1 PROGRAM ARGS...
@@ -15,7 +16,10 @@
 # --private-dir, node 1 sees DIR as an empty folder of its own (a tmpfs in
 # its mount namespace), as on another machine: it cannot read node 0's
 # files there, and whatever it writes there is listed and is a failure
-# (only rank 0 may write). Nodes
+# (only rank 0 may write). With --master-name, the master address is NAME,
+# which node 0 resolves to 127.0.1.1 (as Debian's /etc/hosts maps a
+# machine's own name) and node 1 to 10.211.0.1 (a hosts file per namespace
+# under /etc/netns, removed afterwards). Nodes
 # 2 and up are never started. No Gloo variable is passed on. Output lines
 # keep launch.sh's "[rank K]" prefix. The exit status is the first
 # failure's, or 0; once a node has failed, the other gets
@@ -29,10 +33,15 @@ set -uo pipefail
 
 name=netns_launch.sh
 private_dir=""
-if [ "${1:-}" = --private-dir ]; then
-  private_dir=${2:?--private-dir needs a folder}
+master_name=""
+while [ "${1:-}" = --private-dir ] || [ "${1:-}" = --master-name ]; do
+  if [ "$1" = --private-dir ]; then
+    private_dir=${2:?--private-dir needs a folder}
+  else
+    master_name=${2:?--master-name needs a host name}
+  fi
   shift 2
-fi
+done
 if [ $# -lt 3 ] || ! [[ "$1" =~ ^[2-9]$ ]]; then
   echo "$name: usage: $name NODES LAUNCH PROGRAM [ARGS...] (NODES from 2 to 9, got '${1:-}')" >&2
   exit 2
@@ -64,7 +73,13 @@ cleanup() {
       kill -KILL $pids 2>/dev/null
     fi
     ip netns delete "$namespace" 2>/dev/null
+    if [ -n "$master_name" ]; then
+      rm -rf "/etc/netns/$namespace"
+    fi
   done
+  if [ -n "${made_etc_netns:-}" ]; then
+    rmdir /etc/netns 2>/dev/null
+  fi
   wait 2>/dev/null
 }
 trap cleanup EXIT
@@ -84,7 +99,20 @@ make_namespaces() {
     ip -n "${namespaces[$node]}" link set lo up || return 1
   done
 }
-if ! make_namespaces; then
+# ip netns exec mounts /etc/netns/NAMESPACE/hosts over /etc/hosts.
+name_the_master() {
+  local node
+  if [ ! -d /etc/netns ]; then
+    made_etc_netns=1
+  fi
+  for node in 0 1; do
+    mkdir -p "/etc/netns/${namespaces[$node]}" || return 1
+    printf '127.0.0.1 localhost\n%s %s\n' \
+      "$([ "$node" -eq 0 ] && echo 127.0.1.1 || echo "${addresses[0]}")" \
+      "$master_name" >"/etc/netns/${namespaces[$node]}/hosts" || return 1
+  done
+}
+if ! make_namespaces || { [ -n "$master_name" ] && ! name_the_master; }; then
   echo "$name: could not make the network namespaces" >&2
   exit 1
 fi
@@ -124,7 +152,7 @@ for node in 0 1; do
     command=(taskset -c "${share// /,}")
   fi
   command+=(env -u GLOO_SOCKET_IFNAME -u MASTER_ADDR -u MASTER_PORT "$launch"
-    --nnodes "$nodes" --node-rank "$node" --master-addr "${addresses[0]}"
+    --nnodes "$nodes" --node-rank "$node" --master-addr "${master_name:-${addresses[0]}}"
     --master-port 29500 1)
   for argument in "$@"; do
     command+=("${argument//\{node\}/$node}")

@@ -394,8 +394,16 @@ inline World init_from_env(const InitOptions& options = {}) {
     store_options.masterListenFd = detail::loopback_listening_socket(port);
   }
 #endif
+  // Two connections to the store: the group's (the World's), and one for
+  // the meeting, so that its heartbeats go on while c10d's constructor
+  // waits on the other (a TCPStore serves one operation at a time).
+  c10::intrusive_ptr<c10d::Store> meeting_store;
   try {
     world.store_ = c10::make_intrusive<c10d::TCPStore>(*address, store_options);
+    auto client_options = detail::store_options(
+        /*rank=*/1, world.world_size_, port, world.timeout_);
+    meeting_store =
+        c10::make_intrusive<c10d::TCPStore>(*address, client_options);
   } catch (const std::exception& error) {
     TORCH_CHECK(
         false,
@@ -412,7 +420,7 @@ inline World init_from_env(const InitOptions& options = {}) {
   }
   const std::string store_name = *address + ":" + std::to_string(port);
   detail::InitRendezvous rendezvous(
-      world.store_,
+      meeting_store,
       world.rank_,
       world.world_size_,
       world.timeout_,
