@@ -7,17 +7,9 @@
 set -uo pipefail
 launch=$1
 marker="torchlora-launch-interrupt-$$"
-# How many processes run with `marker` as their name (from /proc: no procps
-# needed).
-running() {
-  local count=0 file
-  for file in /proc/[0-9]*/cmdline; do
-    if { tr '\0' ' ' <"$file"; } 2>/dev/null | grep -q "^$marker "; then
-      count=$((count + 1))
-    fi
-  done
-  echo "$count"
-}
+# shellcheck source=tests/distributed/processes.sh
+. "$(dirname "$0")/processes.sh"
+running() { count_processes_named "$marker"; }
 set -m # the launcher in a job of its own, as at a terminal
 "$launch" 2 bash -c "exec -a $marker sleep 120" &
 launcher=$!

@@ -12,15 +12,9 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 0
 fi
 marker="torchlora-netns-interrupt-$$"
-running() { # processes named `marker` (from /proc: no procps needed)
-  local count=0 file
-  for file in /proc/[0-9]*/cmdline; do
-    if { tr '\0' ' ' <"$file"; } 2>/dev/null | grep -q "^$marker "; then
-      count=$((count + 1))
-    fi
-  done
-  echo "$count"
-}
+# shellcheck source=tests/distributed/processes.sh
+. "$(dirname "$0")/processes.sh"
+running() { count_processes_named "$marker"; }
 set -m # in a job of its own, as at a terminal
 bash "$netns_launch" 2 "$launch" bash -c "exec -a $marker sleep 120" &
 launcher=$!
