@@ -62,17 +62,17 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$name: $usage (N a positive number of processes, got '${1:-}')" >&2
+if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]{0,3}$ ]]; then
+  echo "$name: $usage (N a number of processes from 1 to 9999, got '${1:-}')" >&2
   exit 2
 fi
 count=$1
 shift
-if ! [[ "$nnodes" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$name: --nnodes must be a positive number of machines, got '$nnodes'" >&2
+if ! [[ "$nnodes" =~ ^[1-9][0-9]{0,4}$ ]]; then
+  echo "$name: --nnodes must be a number of machines from 1 to 99999, got '$nnodes'" >&2
   exit 2
 fi
-if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || [ "$node_rank" -ge "$nnodes" ]; then
+if ! [[ "$node_rank" =~ ^[0-9]{1,5}$ ]] || [ "$node_rank" -ge "$nnodes" ]; then
   echo "$name: --node-rank must be a number from 0 to $((nnodes - 1)), got '$node_rank'" >&2
   exit 2
 fi
@@ -86,7 +86,7 @@ if ! [[ "$grace" =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 port=${master_port:-${MASTER_PORT:-}}
-if [ -n "$port" ] && { ! [[ "$port" =~ ^[1-9][0-9]*$ ]] || [ "$port" -gt 65535 ]; }; then
+if [ -n "$port" ] && { ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ ]] || [ "$port" -gt 65535 ]; }; then
   echo "$name: the master port must be a port number from 1 to 65535, got '$port'" >&2
   exit 2
 fi

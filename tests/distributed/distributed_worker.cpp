@@ -19,6 +19,8 @@
 //                 the others must fail soon, not at the 5-minute timeout.
 //   bad-interface RANK  rank RANK names a network interface that does not
 //                 exist: the others must fail at once with its reason.
+//   misfit WHAT   of 3 processes, the one with RANK=2 says RANK=1 (rank) or
+//                 WORLD_SIZE=4 (size): every process must fail at once.
 
 #include "distributed/distributed_worker.h"
 
@@ -280,7 +282,7 @@ int train(const std::string& out) {
     torch::nn::Linear bf16(3, 2);
     bf16->to(torch::kBFloat16);
     whole->push_back(bf16);
-    const auto state_of = [](torch::nn::Module& module) {
+    const auto state_of = [](const torch::nn::Module& module) {
       std::vector<torch::Tensor> state;
       for (const auto& p : module.parameters()) {
         state.push_back(p);
@@ -300,6 +302,36 @@ int train(const std::string& out) {
     check(
         world.is_main() == (before == mine),
         "broadcast_state keeps rank 0's values and replaces the others'");
+
+    // Tensors Gloo has no dtype for travel converted and arrive exact.
+    auto odd = std::make_shared<torch::nn::Module>();
+    odd->register_buffer("mask", torch::rand({6}) > 0.5);
+    odd->register_buffer(
+        "small", torch::randint(-300, 300, {5}, torch::kShort));
+    odd->register_buffer(
+        "complex", torch::randn({3, 2}, torch::kComplexDouble));
+    odd->register_parameter("half", torch::randn({4}).to(torch::kHalf));
+    dist::broadcast_state(odd, world);
+    const auto odd_bits = raw_bytes(state_of(*odd));
+    world.store()->set("worker/odd/" + std::to_string(world.rank()), odd_bits);
+    check(
+        world.store()->get("worker/odd/0") == odd_bits,
+        "bool, int16, complex and fp16 tensors arrive as rank 0's bits");
+
+    // A tensor that cannot be written element by element is refused on
+    // every rank before anything is sent.
+    auto expanded = std::make_shared<torch::nn::Module>();
+    expanded->register_buffer("e", torch::randn({1}).expand({4}));
+    try {
+      dist::broadcast_state(expanded, world);
+      check(false, "an expanded buffer is refused");
+    } catch (const c10::Error& error) {
+      const std::string message = error.what_without_backtrace();
+      check(
+          message.find("torchlora: broadcast_state cannot write into 'e' [4] "
+                       "Float: its elements share memory") == 0,
+          "expanded buffer message, got: " + message);
+    }
   }
 
   try {
@@ -577,6 +609,26 @@ int bad_interface(int bad) {
   return 0;
 }
 
+/// The process started as rank 2 claims rank 1 ("rank") or a world of 4
+/// ("size"); every process must fail at once, long before the timeout.
+int misfit(const std::string& what) {
+  const auto start = std::chrono::steady_clock::now();
+  const char* rank_text = std::getenv("RANK");
+  if (rank_text != nullptr && std::string(rank_text) == "2") {
+    ::setenv(
+        what == "rank" ? "RANK" : "WORLD_SIZE", what == "rank" ? "1" : "4", 1);
+  }
+  try {
+    dist::init_from_env(dist::InitOptions().timeout(std::chrono::seconds(60)));
+  } catch (const c10::Error& error) {
+    std::cout << "misfit: failed after " << seconds_since(start)
+              << " s: " << error.what_without_backtrace() << std::endl;
+    return 1;
+  }
+  std::cout << "misfit: made a group" << std::endl;
+  return 0;
+}
+
 /// Compares two adapter folders' tensors: the same names and shapes, values
 /// within `tolerance`. Prints the largest difference; 0 when they agree.
 int compare_adapters(
@@ -633,6 +685,9 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
     if (args.size() == 2 && args[0] == "vanish") {
       return vanish(std::stoi(args[1]));
     }
+    if (args.size() == 2 && args[0] == "misfit") {
+      return misfit(args[1]);
+    }
     if (args.size() == 2 && args[0] == "bad-interface") {
       return bad_interface(std::stoi(args[1]));
     }
@@ -646,6 +701,7 @@ int torchlora_test::run_worker(const std::vector<std::string>& args) {
   std::cerr
       << "usage: distributed_worker train OUT | die|stall RANK OUT | mismatch "
          "rank|buckets|setup|state | vanish RANK | bad-interface RANK | "
+         "misfit rank|size | "
          "compare-adapters DIR DIR TOLERANCE"
       << std::endl;
   return 2;

@@ -77,6 +77,9 @@ cleanup() {
       rm -rf "/etc/netns/$namespace"
     fi
   done
+  # A pair made but not yet moved into the namespaces (Ctrl-C during the
+  # setup) is still here; deleting one end removes both.
+  ip link delete "${links[0]}" 2>/dev/null
   if [ -n "${made_etc_netns:-}" ]; then
     rmdir /etc/netns 2>/dev/null
   fi

@@ -24,6 +24,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -301,6 +302,20 @@ inline std::string list_addresses(const std::vector<std::string>& joined) {
   return text.empty() ? text : text + ";";
 }
 
+/// Whether this rank's or any joined rank's address is on the loopback
+/// (a host 127.x or ::1, or the interface "lo").
+inline bool mentions_loopback(
+    const std::string& advertised,
+    const std::vector<std::string>& joined) {
+  auto loopback = [](const std::string& text) {
+    return text.rfind("interface lo", 0) == 0 ||
+        (text.rfind("host ", 0) == 0 && is_loopback_address(text.substr(5))) ||
+        is_loopback_address(text);
+  };
+  return loopback(advertised) ||
+      std::any_of(joined.begin(), joined.end(), loopback);
+}
+
 inline std::shared_ptr<::gloo::transport::Device> gloo_device(
     const GlooAddress& chosen) {
   if (!chosen.interface.empty()) {
@@ -331,6 +346,7 @@ inline World init_from_env(const InitOptions& options = {}) {
       options.timeout().count(),
       " ms");
   constexpr int kMaxProcesses = 1 << 20;
+  const auto start = std::chrono::steady_clock::now();
   World world;
   world.timeout_ = options.timeout();
   const auto size_text = detail::environment_variable("WORLD_SIZE");
@@ -377,6 +393,15 @@ inline World init_from_env(const InitOptions& options = {}) {
       "torchlora: MASTER_ADDR is not set",
       of_size,
       ": set it to rank 0's address, as torchrun does");
+  std::string unresolved;
+  TORCH_CHECK(
+      !detail::route_source(*address, 1, &unresolved).empty() ||
+          unresolved.rfind("cannot resolve", 0) != 0,
+      "torchlora: MASTER_ADDR '",
+      *address,
+      "' is not an address this machine can resolve (",
+      unresolved,
+      "): set it to rank 0's address");
   const auto port_text = detail::environment_variable("MASTER_PORT");
   TORCH_CHECK(
       port_text,
@@ -409,14 +434,18 @@ inline World init_from_env(const InitOptions& options = {}) {
         false,
         "torchlora: ",
         world.describe(),
-        " could not join the store at ",
+        " could not ",
+        world.rank_ == 0 ? "serve" : "join",
+        " the store at ",
         *address,
         ":",
         port,
-        " within ",
+        ": ",
+        detail::message_of(error),
+        " (rank 0 serves it there and must be able to listen on that port; "
+        "the others wait for it up to the InitOptions timeout, ",
         world.timeout_.count(),
-        " ms (every process must start, and rank 0 must listen there): ",
-        detail::message_of(error));
+        " ms)");
   }
   const std::string store_name = *address + ":" + std::to_string(port);
   detail::InitRendezvous rendezvous(
@@ -424,6 +453,7 @@ inline World init_from_env(const InitOptions& options = {}) {
       world.rank_,
       world.world_size_,
       world.timeout_,
+      start + world.timeout_,
       world.describe(),
       store_name);
   std::string advertised = "its NCCL address";
@@ -480,10 +510,12 @@ inline World init_from_env(const InitOptions& options = {}) {
           " could not make its process group: " + message +
           " (this rank communicates from " + advertised + ";" +
           detail::list_addresses(joined) +
-          " a rank on another machine cannot reach a loopback address: set "
-          "GLOO_SOCKET_IFNAME to the network interface that reaches the other "
-          "ranks, or unset it to use the address that routes to "
-          "MASTER_ADDR)";
+          (detail::mentions_loopback(advertised, joined)
+               ? " a rank on another machine cannot reach a loopback "
+                 "address: set GLOO_SOCKET_IFNAME to the network interface "
+                 "that reaches the other ranks, or unset it to use the "
+                 "address that routes to MASTER_ADDR)"
+               : " GLOO_SOCKET_IFNAME chooses the network interface)");
     }
     rendezvous.publish_failure(message);
     TORCH_CHECK(false, message);
