@@ -47,11 +47,12 @@ struct InitOptions {
   /// how long a rank that never starts is waited for, and how long a
   /// collective waits on a peer that is alive but stopped answering. A
   /// peer that exits or fails is noticed sooner: while the group forms, by
-  /// its published reason or within 10 s of its last heartbeat; afterwards,
-  /// by its closed connections. 5 minutes by default: longer than any
-  /// pause between two steps of one rank (a checkpoint written by rank 0,
-  /// an evaluation), short enough not to hold a machine for long. Raise it
-  /// when one rank works alone for longer while the others wait.
+  /// its published reason or within 10 s of its last heartbeat (rank 0:
+  /// of its store's last answer); afterwards, by its closed connections. 5
+  /// minutes by default: longer than any pause between two steps of one rank (a
+  /// checkpoint written by rank 0, an evaluation), short enough not to hold a
+  /// machine for long. Raise it when one rank works alone for longer while the
+  /// others wait.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(5);
   /// Where the tensors to communicate live: CPU tensors use Gloo, CUDA
   /// tensors NCCL (an error where this LibTorch was built without NCCL).
