@@ -72,7 +72,7 @@ if ! [[ "$nnodes" =~ ^[1-9][0-9]{0,4}$ ]]; then
   echo "$name: --nnodes must be a number of machines from 1 to 99999, got '$nnodes'" >&2
   exit 2
 fi
-if ! [[ "$node_rank" =~ ^[0-9]{1,5}$ ]] || [ "$node_rank" -ge "$nnodes" ]; then
+if ! [[ "$node_rank" =~ ^(0|[1-9][0-9]{0,4})$ ]] || [ "$node_rank" -ge "$nnodes" ]; then
   echo "$name: --node-rank must be a number from 0 to $((nnodes - 1)), got '$node_rank'" >&2
   exit 2
 fi
@@ -81,7 +81,7 @@ if [ "$nnodes" -gt 1 ] && [ -z "$master_addr" ]; then
   exit 2
 fi
 grace=${TORCHLORA_LAUNCH_GRACE:-30}
-if ! [[ "$grace" =~ ^[0-9]+$ ]]; then
+if ! [[ "$grace" =~ ^(0|[1-9][0-9]{0,5})$ ]]; then
   echo "$name: TORCHLORA_LAUNCH_GRACE must be a whole number of seconds, got '$grace'" >&2
   exit 2
 fi

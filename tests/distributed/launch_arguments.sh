@@ -23,6 +23,13 @@ expect "--nnodes must be a number of machines from 1 to 99999, got '999999999999
 expect "--node-rank must be a number from 0 to 1, got '2'" \
   --nnodes 2 --node-rank 2 --master-addr 10.0.0.1 1 true
 expect "--nnodes 2 needs --master-addr" --nnodes 2 --node-rank 1 1 true
+expect "--node-rank must be a number from 0 to 9, got '010'" \
+  --nnodes 10 --node-rank 010 --master-addr 10.0.0.1 1 true
+output=$(TORCHLORA_LAUNCH_GRACE=010 bash "$launch" 1 true 2>&1)
+if [[ "$output" != *"TORCHLORA_LAUNCH_GRACE must be a whole number of seconds, got '010'"* ]]; then
+  echo "launch_arguments: a grace of '010' (octal to bash) was not refused: $output"
+  failed=1
+fi
 expect "the master port must be a port number from 1 to 65535, got '70000'" \
   --master-port 70000 1 true
 expect "--master-addr needs a value" --master-addr

@@ -20,13 +20,17 @@ namespace torchlora {
 namespace distributed {
 namespace detail {
 
-/// "'name' [4, 12] Float": what ranks must agree on about one tensor.
+/// "'name' [4, 12] Float" (with " (cuda)" where not on the CPU): what
+/// ranks must agree on about one tensor.
 inline std::string describe_tensor(
     const std::string& name,
     const at::Tensor& tensor) {
   std::ostringstream text;
   text << "'" << name << "' " << tensor.sizes() << " "
        << c10::toString(tensor.scalar_type());
+  if (!tensor.device().is_cpu()) {
+    text << " (" << c10::DeviceTypeName(tensor.device().type(), true) << ")";
+  }
   return text.str();
 }
 

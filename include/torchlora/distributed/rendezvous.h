@@ -129,6 +129,7 @@ class InitRendezvous {
     set(key("joined", rank_), std::to_string(world_size_) + " " + value);
     add(key("beat", rank_), 1, "join");
     add(kCount, 1, "join");
+    joined_ = true;
     int64_t joined = 0;
     while ((joined = add(kCount, 0, "count the joined ranks")) < world_size_) {
       TORCH_CHECK(
@@ -175,9 +176,14 @@ class InitRendezvous {
     return run_detached<Result>(std::move(make), [this] { watch(); });
   }
 
-  /// Tells the others that this rank is done with the meeting.
-  void finish() {
-    set(key("formed", rank_), "1");
+  /// Tells the others that this rank is done with the meeting. Never
+  /// throws: this rank's group is made, and a rank 0 that has already
+  /// exited (a short program) is no failure of this one.
+  void finish() noexcept {
+    try {
+      set(key("formed", rank_), "1");
+    } catch (...) {
+    }
   }
 
   /// Tells the others why this rank failed (unless a failure is already
@@ -192,7 +198,9 @@ class InitRendezvous {
       if (!has(kFailed, "publish its failure")) {
         set(kFailed, "rank " + std::to_string(rank_) + " failed: " + reason);
       }
-      if (!knows_of_failure_) {
+      // Only joined ranks count as knowing: rank 0 waits for as many as
+      // joined.
+      if (!knows_of_failure_ && joined_) {
         knows_of_failure_ = true;
         add(kSeen, 1, "publish its failure");
       }
@@ -345,6 +353,9 @@ class InitRendezvous {
         missing.push_back(rank);
       }
     }
+    if (missing.empty()) {
+      return "not every rank joined";
+    }
     std::string text = missing.size() == 1 ? "rank " : "ranks ";
     for (std::size_t i = 0; i < missing.size() && i < 16; ++i) {
       text += (i == 0 ? "" : ", ") + std::to_string(missing[i]);
@@ -367,6 +378,7 @@ class InitRendezvous {
   Clock::time_point last_check_ = Clock::now();
   bool knows_of_failure_ = false;
   bool store_silent_ = false;
+  bool joined_ = false;
 };
 
 } // namespace detail

@@ -20,6 +20,7 @@
 #endif
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -195,32 +196,45 @@ inline c10d::TCPStoreOptions store_options(
 
 #if TORCH_VERSION_MAJOR > 2 || \
     (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-/// A listening socket on 127.0.0.1:`port`, handed to the store so that a
+/// A listening socket on `host` (a loopback address) at `port`, handed to
+/// the store so that a
 /// local run is not reachable from other machines (LibTorch 1.x's store
 /// listens on every interface and has no option for it).
-inline int loopback_listening_socket(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+inline int loopback_listening_socket(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int resolved =
+      ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
   TORCH_CHECK(
-      fd >= 0,
-      "torchlora: could not create a socket for the store: ",
-      std::strerror(errno));
-  const int yes = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<std::uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
-      ::listen(fd, 128) != 0) {
-    const std::string reason = std::strerror(errno);
-    ::close(fd);
-    TORCH_CHECK(
-        false,
-        "torchlora: rank 0 could not listen on 127.0.0.1:",
-        port,
-        " (MASTER_PORT) for the store: ",
-        reason);
+      resolved == 0 && found != nullptr,
+      "torchlora: rank 0 could not resolve MASTER_ADDR '",
+      host,
+      "' to listen on for the store: ",
+      ::gai_strerror(resolved));
+  // The address clients will connect to: the first one the name gives.
+  const int fd = ::socket(
+      found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, found->ai_protocol);
+  std::string reason = fd < 0 ? std::strerror(errno) : "";
+  if (fd >= 0) {
+    const int yes = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    if (::bind(fd, found->ai_addr, found->ai_addrlen) != 0 ||
+        ::listen(fd, 128) != 0) {
+      reason = std::strerror(errno);
+      ::close(fd);
+    }
   }
+  ::freeaddrinfo(found);
+  TORCH_CHECK(
+      reason.empty(),
+      "torchlora: rank 0 could not listen on ",
+      host,
+      ":",
+      port,
+      " (MASTER_ADDR:MASTER_PORT) for the store: ",
+      reason);
   return fd;
 }
 #endif
@@ -417,7 +431,8 @@ inline World init_from_env(const InitOptions& options = {}) {
 #if TORCH_VERSION_MAJOR > 2 || \
     (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
   if (world.rank_ == 0 && detail::is_loopback_address(*address)) {
-    store_options.masterListenFd = detail::loopback_listening_socket(port);
+    store_options.masterListenFd =
+        detail::loopback_listening_socket(*address, port);
   }
 #endif
   // Two connections to the store: the group's (the World's), and one for
@@ -503,7 +518,7 @@ inline World init_from_env(const InitOptions& options = {}) {
                         store, rank, size, gloo));
               });
     }
-    rendezvous.finish();
+    rendezvous.finish(); // best effort: this rank's group is made
   } catch (const std::exception& error) {
     auto message = detail::message_of(error);
     if (message.rfind("torchlora: ", 0) != 0) {
