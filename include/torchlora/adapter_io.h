@@ -3,6 +3,7 @@
 #include <torchlora/adapters.h>
 #include <torchlora/config.h>
 #include <torchlora/detail/atomic_file.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/peft_config_json.h>
@@ -167,8 +168,8 @@ inline void warn_if_out_proj_alone(
              nullptr ||
          dynamic_cast<const LoRAMultiheadAttentionImpl*>(entry.module) !=
              nullptr)) {
-      TORCH_WARN(
-          "torchlora: save_adapter: '",
+      TORCHLORA_WARN(
+          "save_adapter: '",
           path,
           "' carries adapter \"",
           name,
@@ -282,10 +283,10 @@ inline void save_adapter_as(
           continue;
         }
         const auto& theirs = other_layer->adapter_options(name);
-        TORCH_CHECK(
+        TORCHLORA_CHECK(
             own.rank() == theirs.rank() && own.alpha() == theirs.alpha() &&
                 own.use_rslora() == theirs.use_rslora(),
-            "torchlora: save_adapter: '",
+            "save_adapter: '",
             path,
             "' has adapter \"",
             name,
@@ -312,8 +313,8 @@ inline void save_adapter_as(
       warn_if_out_proj_alone(index, path, name);
     }
     if (layer->scale(name) != 1.0) {
-      TORCH_WARN(
-          "torchlora: save_adapter: the run-time scale ",
+      TORCHLORA_WARN(
+          "save_adapter: the run-time scale ",
           layer->scale(name),
           " of '",
           path,
@@ -321,9 +322,9 @@ inline void save_adapter_as(
     }
   }
   detail::check_biases_supported(options.bias(), attentions, "save_adapter");
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !contents.layers.empty(),
-      "torchlora: save_adapter: the model has no adapter named \"",
+      "save_adapter: the model has no adapter named \"",
       name,
       "\"");
   for (const auto& [path, tensor] : detail::state_of_modules(
@@ -365,12 +366,8 @@ inline void save_adapter_as(
   const auto folder = detail::adapter_folder(dir, name);
   std::error_code error;
   std::filesystem::create_directories(folder, error);
-  TORCH_CHECK(
-      !error,
-      "torchlora: cannot create folder '",
-      folder,
-      "': ",
-      error.message());
+  TORCHLORA_CHECK(
+      !error, "cannot create folder '", folder, "': ", error.message());
   safetensors::save(
       (std::filesystem::path(folder) / "adapter_model.safetensors").string(),
       tensors,
@@ -420,9 +417,9 @@ inline void load_adapter(
     folder = named;
   }
   const auto config_path = (fs::path(folder) / "adapter_config.json").string();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       fs::exists(config_path),
-      "torchlora: load_adapter: no adapter_config.json in '",
+      "load_adapter: no adapter_config.json in '",
       dir,
       "'");
   const auto file_config = detail::read_peft_config(config_path, adapter_name);
@@ -465,11 +462,11 @@ inline void load_adapter(
     // already be the file's.
     const auto& have = layer->adapter_options(adapter_name);
     const auto want = matcher.options_for(entry->paths.front());
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !matcher.is_target(entry->paths.front()) ||
             (have.alpha() == want.alpha() &&
              have.use_rslora() == want.use_rslora()),
-        "torchlora: load_adapter: '",
+        "load_adapter: '",
         entry->paths.front(),
         "' already has adapter \"",
         adapter_name,
@@ -583,34 +580,34 @@ inline void load_adapter(
       biases_kept.push_back(key.substr(std::strlen(detail::kPeftPrefix)));
       continue;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found != nullptr,
-        "torchlora: load_adapter: the file has no tensor \"",
+        "load_adapter: the file has no tensor \"",
         key,
         "\" (the model needs one of shape ",
         c10::IntArrayRef(want.shape),
         ")");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found->sizes().vec() == want.shape,
-        "torchlora: load_adapter: tensor \"",
+        "load_adapter: tensor \"",
         want.file_key,
         "\" has shape ",
         found->sizes(),
         " in the file, but the model needs ",
         c10::IntArrayRef(want.shape));
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found->is_floating_point() ||
             (want.target.defined() && !want.target.is_floating_point()),
-        "torchlora: load_adapter: tensor \"",
+        "load_adapter: tensor \"",
         want.file_key,
         "\" has dtype ",
         found->scalar_type(),
         "; a floating-point tensor is needed");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         alternate == nullptr || alternate == found ||
             (alternate->sizes() == found->sizes() &&
              torch::equal(*alternate, *found)),
-        "torchlora: load_adapter: the file holds \"",
+        "load_adapter: the file holds \"",
         key,
         "\" and \"",
         want.alternate,
@@ -621,9 +618,9 @@ inline void load_adapter(
     if (found == nullptr) {
       continue;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found->sizes().vec() == shape,
-        "torchlora: load_adapter: tensor \"",
+        "load_adapter: tensor \"",
         key,
         "\" has shape ",
         found->sizes(),
@@ -632,9 +629,9 @@ inline void load_adapter(
     known.insert(key); // the base's copy, which the model holds already
   }
   for (const auto& item : tensors) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         known.count(item.key()) > 0,
-        "torchlora: load_adapter: the file's tensor \"",
+        "load_adapter: the file's tensor \"",
         item.key(),
         "\" (shape ",
         item.value().sizes(),
@@ -670,8 +667,8 @@ inline void load_adapter(
     }
   }
   if (!biases_kept.empty()) {
-    TORCH_WARN(
-        "torchlora: load_adapter: the file has bias = \"lora_only\" but no ",
+    TORCHLORA_WARN(
+        "load_adapter: the file has bias = \"lora_only\" but no ",
         "tensor for ",
         biases_kept.size(),
         " bias(es) (",

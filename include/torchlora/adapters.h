@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
@@ -37,9 +38,8 @@ inline void check_adapter_exists(
     const std::string& name,
     const char* operation) {
   const auto names = model_adapter_names(index);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       std::find(names.begin(), names.end(), name) != names.end(),
-      "torchlora: ",
       operation,
       ": the model has no adapter named \"",
       name,
@@ -56,9 +56,8 @@ inline void check_not_merged(
     const char* operation) {
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (name.empty() || layer->has_adapter(name)) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !layer->merged(),
-          "torchlora: ",
           operation,
           ": '",
           entry->paths.front(),
@@ -83,9 +82,9 @@ inline void set_adapter(
     ModuleRef model,
     const std::vector<std::string>& names) {
   const detail::ModelIndex index(model.get());
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !names.empty(),
-      "torchlora: set_adapter needs at least one adapter name, got none "
+      "set_adapter needs at least one adapter name, got none "
       "(torchlora::DisableAdapters switches all of them off)");
   for (const auto& name : names) {
     detail::check_adapter_exists(index, name, "set_adapter");
@@ -131,8 +130,8 @@ inline void delete_adapter(ModuleRef model, const std::string& name) {
     layer->delete_adapter(name);
     const auto now_active = layer->active_adapters();
     if (active.size() == 1 && active.front() == name && !now_active.empty()) {
-      TORCH_WARN(
-          "torchlora: delete_adapter: \"",
+      TORCHLORA_WARN(
+          "delete_adapter: \"",
           name,
           "\" was the active adapter of '",
           entry->paths.front(),
@@ -235,9 +234,8 @@ class DisableAdapters {
           it->layer->merge(/*safe=*/false);
         }
       } catch (const std::exception& error) {
-        TORCH_WARN(
-            "torchlora: DisableAdapters could not restore a layer: ",
-            error.what());
+        TORCHLORA_WARN(
+            "DisableAdapters could not restore a layer: ", error.what());
       }
     }
     saved_.clear();

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/linear.h>
@@ -87,9 +88,9 @@ class LoRAMultiheadAttentionImpl final
       const torch::Tensor& attn_mask = {},
       bool average_attn_weights = true) {
     const auto running = this->forward_scope();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         this->row_routing() == nullptr,
-        "torchlora: AdapterRouting cannot route rows through a "
+        "AdapterRouting cannot route rows through a "
         "LoRAMultiheadAttention: its adapter acts on the weight, which every "
         "row shares");
     namespace F = torch::nn::functional;
@@ -127,7 +128,7 @@ class LoRAMultiheadAttentionImpl final
     if (dynamic_cast<const LoRALayer*>(out_proj.get()) != nullptr) {
       auto out_copy =
           std::dynamic_pointer_cast<LoRALinearImpl>(out_proj->clone(device));
-      TORCH_INTERNAL_ASSERT(out_copy, "torchlora: out_proj clone failed");
+      TORCHLORA_INTERNAL_ASSERT(out_copy, "out_proj clone failed");
       copy->replace_module("out_proj", out_copy);
       copy->base_->out_proj = torch::nn::Linear(out_copy->base_layer());
       copy->base_->replace_module("out_proj", copy->base_->out_proj.ptr());
@@ -153,9 +154,9 @@ class LoRAMultiheadAttentionImpl final
 
   /// The packed q/k/v weight (checked first, as the layer registers it).
   static torch::Tensor& member_weight(torch::nn::MultiheadAttentionImpl& base) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         base._qkv_same_embed_dim,
-        "torchlora: cannot adapt a MultiheadAttention whose kdim (",
+        "cannot adapt a MultiheadAttention whose kdim (",
         base.options.kdim(),
         ") or vdim (",
         base.options.vdim(),
@@ -196,7 +197,7 @@ class LoRAMultiheadAttentionImpl final
       return {lora->adapted_weight(), lora->bias};
     }
     const auto* plain = child->as<torch::nn::LinearImpl>();
-    TORCH_INTERNAL_ASSERT(plain, "torchlora: out_proj is not a Linear");
+    TORCHLORA_INTERNAL_ASSERT(plain, "out_proj is not a Linear");
     return {plain->weight, plain->bias};
   }
 
@@ -219,9 +220,9 @@ class LoRAMultiheadAttentionImpl final
   /// The adapter acts on the weight: its input cannot be dropped out.
   void check_adapter_options(const std::string& name, const LoRAOptions& lora)
       const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         lora.dropout() == 0,
-        "torchlora: adapter \"",
+        "adapter \"",
         name,
         "\" of a MultiheadAttention needs dropout 0, got ",
         lora.dropout(),

@@ -18,6 +18,8 @@
 /// threads
 /// ```
 
+#include <torchlora/detail/check.h>
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -155,7 +157,7 @@ inline std::string blas_threads_warning(const BlasThreads& blas) {
     return "";
   }
   std::ostringstream text;
-  text << "torchlora: this process calls the pthread build of OpenBLAS ("
+  text << TORCHLORA_PREFIX "this process calls the pthread build of OpenBLAS ("
        << (blas.openblas_config.empty() ? std::string("OpenBLAS")
                                         : blas.openblas_config)
        << ") with " << blas.openblas_threads

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
@@ -124,12 +125,12 @@ inline std::shared_ptr<torch::nn::Module> clone_model(
     return model.clone(device); // the model is a LoRA layer itself
   }
   for (const auto& [entry, layer] : layers) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         layer->adapters_enabled(),
-        "torchlora: clone_keeping_trainable while the adapters of '",
+        "clone_keeping_trainable while the adapters of '",
         entry->paths.front(),
         "' are disabled (DisableAdapters): the copy would keep them off for "
-        "good. Clone after the guard's scope. Nothing was changed");
+        "good. Clone after the guard's scope." TORCHLORA_NOTHING_CHANGED);
   }
   std::shared_ptr<torch::nn::Module> copy;
   try {
@@ -152,11 +153,8 @@ inline std::shared_ptr<torch::nn::Module> clone_model(
     const auto& [entry, layer] = *it;
     for (const auto& path : entry->paths) {
       const auto found = at_path.find(path);
-      TORCH_INTERNAL_ASSERT(
-          found != at_path.end(),
-          "torchlora: the clone has no module at '",
-          path,
-          "'");
+      TORCHLORA_INTERNAL_ASSERT(
+          found != at_path.end(), "the clone has no module at '", path, "'");
       const auto& copy_entry = *found->second;
       if (!done.insert(&copy_entry).second) {
         continue; // one module at several paths, adapted once
@@ -164,9 +162,9 @@ inline std::shared_ptr<torch::nn::Module> clone_model(
       auto* copy_layer = dynamic_cast<LoRALayer*>(copy_entry.module);
       if (copy_layer == nullptr) {
         const auto* kind = kind_of(*copy_entry.module);
-        TORCH_INTERNAL_ASSERT(
+        TORCHLORA_INTERNAL_ASSERT(
             kind != nullptr && kind->is_plain(*copy_entry.module),
-            "torchlora: the clone has a ",
+            "the clone has a ",
             copy_entry.module->name(),
             " at '",
             path,
@@ -220,9 +218,9 @@ inline std::shared_ptr<torch::nn::Module> clone_keeping_trainable(
     if (message.rfind("torchlora:", 0) == 0) {
       throw;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: clone_keeping_trainable: LibTorch could not clone the "
+        "clone_keeping_trainable: LibTorch could not clone the "
         "model (",
         message,
         "). Every module of the model must implement clone() (derive from "

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/conv_input_gradient.h>
 #include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
@@ -93,11 +94,10 @@ class LoRAConvImplT final
   torch::Tensor forward(const torch::Tensor& input) {
     const auto running = this->forward_scope();
     const auto& o = this->options;
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         (input.dim() == D + 1 || input.dim() == D + 2) &&
             input.size(input.dim() - static_cast<int64_t>(D) - 1) ==
                 o.in_channels(),
-        "torchlora: ",
         kName,
         " expects an input of shape [N, ",
         o.in_channels(),
@@ -140,9 +140,9 @@ class LoRAConvImplT final
   void check_adapter_options(const std::string& name, const LoRAOptions& lora)
       const {
     const auto groups = this->options.groups();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         lora.rank() % groups == 0,
-        "torchlora: adapter \"",
+        "adapter \"",
         name,
         "\" on a grouped convolution (groups = ",
         groups,
@@ -257,19 +257,19 @@ class LoRAConvImplT final
   /// `across`: the largest magnitude the adapter puts across groups, before
   /// its scale `s`.
   void check_within_groups(double across, double s) const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         std::isfinite(across),
-        "torchlora: cannot merge this ",
+        "cannot merge this ",
         kName,
         ": its base is a grouped convolution (groups = ",
         this->options.groups(),
         ") and the adapter's weights are not finite (",
         across,
         "), so whether it stays within the groups cannot be told; keep it "
-        "unmerged. Nothing was changed");
-    TORCH_CHECK(
+        "unmerged." TORCHLORA_NOTHING_CHANGED);
+    TORCHLORA_CHECK(
         across * s == 0,
-        "torchlora: cannot merge this ",
+        "cannot merge this ",
         kName,
         ": its base is a grouped convolution (groups = ",
         this->options.groups(),
@@ -277,7 +277,7 @@ class LoRAConvImplT final
         "channels of the same group only, but the adapter joins channels "
         "across groups (weights up to ",
         across * std::abs(s),
-        "); keep it unmerged. Nothing was changed");
+        "); keep it unmerged." TORCHLORA_NOTHING_CHANGED);
   }
 };
 

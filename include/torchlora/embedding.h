@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
 
@@ -110,23 +111,23 @@ class LoRAEmbeddingImpl final
 
   void check_adapter_options(const std::string& name, const LoRAOptions& lora)
       const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !options.max_norm(),
-        "torchlora: cannot add adapter \"",
+        "cannot add adapter \"",
         name,
         "\" to an Embedding with max_norm = ",
         options.max_norm().value_or(0),
         ": its forward renormalises the frozen table in place; use an "
         "Embedding without max_norm");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !options.sparse(),
-        "torchlora: cannot add adapter \"",
+        "cannot add adapter \"",
         name,
         "\" to an Embedding with sparse = true: the adapter's gradients are "
         "dense; use an Embedding with sparse = false");
     if (lora.dropout() > 0) {
-      TORCH_WARN_ONCE(
-          "torchlora: an Embedding adapter applies no dropout (as in peft: "
+      TORCHLORA_WARN_ONCE(
+          "an Embedding adapter applies no dropout (as in peft: "
           "dropping an index drops its whole row); dropout = ",
           lora.dropout(),
           " is ignored there");
@@ -142,9 +143,9 @@ class LoRAEmbeddingImpl final
 
   void check_indices(const torch::Tensor& indices) const {
     const auto dtype = indices.scalar_type();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         dtype == torch::kLong || dtype == torch::kInt,
-        "torchlora: LoRAEmbedding expects integer indices (int64 or int32), "
+        "LoRAEmbedding expects integer indices (int64 or int32), "
         "got ",
         dtype);
     if (indices.numel() == 0) {
@@ -155,9 +156,9 @@ class LoRAEmbeddingImpl final
     const auto bounds = torch::stack({min, max}).to(torch::kCPU, torch::kLong);
     const auto low = bounds[0].item<int64_t>();
     const auto high = bounds[1].item<int64_t>();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         low >= 0 && high < options.num_embeddings(),
-        "torchlora: LoRAEmbedding expects indices in [0, ",
+        "LoRAEmbedding expects indices in [0, ",
         options.num_embeddings(),
         "), got indices from ",
         low,

@@ -3,6 +3,7 @@
 #include <torchlora/attention.h>
 #include <torchlora/config.h>
 #include <torchlora/conv.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
@@ -136,9 +137,9 @@ inline void check_only_held_by_model(
   const auto& registration = entry.registrations.front();
   const auto& path = entry.paths.front();
   if (is_container(*registration.parent)) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: cannot adapt '",
+        "cannot adapt '",
         path,
         "': this ",
         kind.plain_name,
@@ -148,11 +149,11 @@ inline void check_only_held_by_model(
         "layer put in the container), which would keep calling the old "
         "layer. Drop that reference, or declare the member as ",
         kind.lora_name,
-        ". Nothing was changed.");
+        "." TORCHLORA_NOTHING_CHANGED);
   }
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       false,
-      "torchlora: cannot adapt '",
+      "cannot adapt '",
       path,
       "': this ",
       kind.plain_name,
@@ -168,8 +169,7 @@ inline void check_only_held_by_model(
       " ",
       registration.name,
       "{nullptr};` (same constructor arguments, same checkpoint keys), or "
-      "hold the layer only in a Sequential, ModuleList or ModuleDict. "
-      "Nothing was changed.");
+      "hold the layer only in a Sequential, ModuleList or ModuleDict." TORCHLORA_NOTHING_CHANGED);
 }
 
 /// Adds the `out_proj` of every planned MultiheadAttention (with the
@@ -222,9 +222,9 @@ inline std::vector<PlannedLayer> plan_injection(
         index.entries().begin(), index.entries().end(), [&](const auto& entry) {
           return TargetMatcher::is_named_to_save(entry.paths.front(), {name});
         });
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found,
-        "torchlora: modules_to_save entry \"",
+        "modules_to_save entry \"",
         name,
         "\" matches no module of the model");
   }
@@ -241,9 +241,8 @@ inline std::vector<PlannedLayer> plan_injection(
          TargetMatcher::is_output_head(path))) {
       continue;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         kind != nullptr,
-        "torchlora: ",
         matcher.describe_targets(),
         " matched '",
         path,
@@ -253,15 +252,15 @@ inline std::vector<PlannedLayer> plan_injection(
         adaptable_kinds_text(),
         " can be adapted. Name the layers inside it instead.");
     if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !layer->merged(),
-          "torchlora: '",
+          "'",
           path,
           "' is merged; unmerge the model before adding an adapter. Nothing "
           "was changed.");
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !layer->has_adapter(config.adapter_name()),
-          "torchlora: '",
+          "'",
           path,
           "' already has an adapter named \"",
           config.adapter_name(),
@@ -271,9 +270,9 @@ inline std::vector<PlannedLayer> plan_injection(
   }
   add_attention_output_projections(index, config, planned);
 
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !planned.empty(),
-      "torchlora: no module matched ",
+      "no module matched ",
       matcher.describe_targets(),
       " (after exclusions and layer filters). The model's adaptable layers: ",
       list_adaptable_paths(index, 8));
@@ -372,13 +371,13 @@ inline std::vector<std::string> inject_lora(
           }
         }
       } catch (const c10::Error& error) { // a layer kind's own refusal
-        TORCH_CHECK(
+        TORCHLORA_CHECK(
             false,
-            "torchlora: cannot adapt '",
+            "cannot adapt '",
             entry.paths.front(),
             "': ",
             detail::without_prefix(error.what_without_backtrace()),
-            ". Nothing was changed");
+            "." TORCHLORA_NOTHING_CHANGED);
       }
     }
     mark_only_lora_as_trainable(model, config.bias());
@@ -430,9 +429,9 @@ inline torch::Tensor linear_forward(
     return lora->forward(input);
   }
   auto* linear = layer.as<torch::nn::LinearImpl>();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       linear != nullptr,
-      "torchlora: linear_forward needs a torch::nn::Linear or a "
+      "linear_forward needs a torch::nn::Linear or a "
       "torchlora::LoRALinear, got a ",
       layer.name());
   return linear->forward(input);
@@ -474,10 +473,10 @@ inline torch::Tensor layer_forward(
   if (auto* plain = layer.as<torch::nn::Conv3dImpl>()) {
     return plain->forward(input);
   }
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       layer.as<LoRALinearImpl>() != nullptr ||
           layer.as<torch::nn::LinearImpl>() != nullptr,
-      "torchlora: layer_forward needs a layer torchlora adapts (",
+      "layer_forward needs a layer torchlora adapts (",
       detail::adaptable_kinds_text(),
       "), got a ",
       layer.name());

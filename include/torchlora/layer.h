@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/options.h>
 
 #include <torch/nn/module.h>
@@ -99,9 +100,9 @@ class LoRALayer {
   /// up to rounding: not bit for bit, least so in fp16/bf16). A layer type
   /// that cannot refuses.
   virtual void merge_in_place(bool /*safe*/) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: merge_in_place: this LoRA layer type cannot merge without "
+        "merge_in_place: this LoRA layer type cannot merge without "
         "keeping a copy; use merge()");
   }
 
@@ -147,9 +148,9 @@ class LoRALayer {
   virtual void copy_state_into(
       LoRALayer& /*copy*/,
       const c10::optional<torch::Device>& /*device*/) const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: this LoRA layer type cannot copy its state into a clone; "
+        "this LoRA layer type cannot copy its state into a clone; "
         "clone the model with LibTorch's clone()");
   }
 
@@ -168,9 +169,9 @@ class LoRALayer {
   /// LibTorch's modules); `where` names it in messages. A layer type that
   /// cannot refuses.
   virtual void bind_member(const std::string& /*where*/) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: this LoRA layer type cannot be adapted through a member "
+        "this LoRA layer type cannot be adapted through a member "
         "of a LibTorch module");
   }
 

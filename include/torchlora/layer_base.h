@@ -2,6 +2,7 @@
 
 #include <torchlora/blas_threads.h>
 #include <torchlora/detail/adapted_weight_function.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/forward_count.h>
 #include <torchlora/detail/member_sentinel.h>
 #include <torchlora/detail/row_routing.h>
@@ -177,9 +178,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     check_not_merged("add_adapter");
     check_no_forward_running("add_adapter");
     check_new_adapter_name(name);
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         lora.rank() > 0,
-        "torchlora: add_adapter(\"",
+        "add_adapter(\"",
         name,
         "\") needs a rank > 0, got ",
         lora.rank());
@@ -242,9 +243,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void set_scale(const std::string& name, double scale) override {
     check_not_merged("set_scale");
     check_no_forward_running("set_scale");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         std::isfinite(scale),
-        "torchlora: set_scale(\"",
+        "set_scale(\"",
         name,
         "\") needs a finite scale, got ",
         scale);
@@ -256,9 +257,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void set_adapters_enabled(bool enabled) override {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         enabled || !merged_,
-        "torchlora: cannot disable the adapters of a merged layer; unmerge() "
+        "cannot disable the adapters of a merged layer; unmerge() "
         "it first (torchlora::DisableAdapters does both)");
     if (enabled && !enabled_ && member_weight_holds() > 0) {
       // A DisableAdapters that ends before an AdaptedWeights made inside
@@ -564,9 +565,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   int64_t hold_member_weight() override {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         member_.bound,
-        "torchlora: hold_member_weight on a ",
+        "hold_member_weight on a ",
         Derived::kName,
         " that no LibTorch module reads through a member");
     if (merged_) {
@@ -643,7 +644,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     check_clonable();
     torch::NoGradGuard no_grad;
     auto base_copy = std::dynamic_pointer_cast<BaseImpl>(base_->clone(device));
-    TORCH_INTERNAL_ASSERT(base_copy, "torchlora: base layer clone failed");
+    TORCHLORA_INTERNAL_ASSERT(base_copy, "base layer clone failed");
     auto copy = std::make_shared<Derived>(BaseHolder(base_copy));
     copy_state_to(*copy, device);
     return copy;
@@ -653,9 +654,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       LoRALayer& copy,
       const c10::optional<torch::Device>& device) const override {
     auto* same_kind = dynamic_cast<Derived*>(&copy);
-    TORCH_INTERNAL_ASSERT(
+    TORCHLORA_INTERNAL_ASSERT(
         same_kind != nullptr && same_kind->adapters_.empty(),
-        "torchlora: copy_state_into needs a ",
+        "copy_state_into needs a ",
         Derived::kName,
         " without adapters");
     check_clonable();
@@ -734,7 +735,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     static_assert(
         detail::module_is_virtual_base<torch::nn::Cloneable<Derived>>::value ==
             static_cast<bool>(TORCHLORA_MODULE_IS_VIRTUAL_BASE),
-        "torchlora: this LibTorch's torch::nn::Cloneable does not derive from "
+        TORCHLORA_PREFIX
+        "this LibTorch's torch::nn::Cloneable does not derive from "
         "torch::nn::Module as its version says; "
         "TORCHLORA_MODULE_IS_VIRTUAL_BASE needs updating");
     reset();
@@ -839,29 +841,29 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       const torch::Tensor& input,
       int64_t min_dim,
       const char* what) const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !merged_,
-        "torchlora: AdapterRouting: this ",
+        "AdapterRouting: this ",
         Derived::kName,
         " is merged, so its adapters cannot be applied per row; unmerge() "
         "the model first");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         enabled_,
-        "torchlora: AdapterRouting: the adapters of this ",
+        "AdapterRouting: the adapters of this ",
         Derived::kName,
         " are disabled (DisableAdapters); route rows outside that scope");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         input.dim() >= min_dim,
-        "torchlora: AdapterRouting: ",
+        "AdapterRouting: ",
         Derived::kName,
         " needs ",
         what,
         " (rows in the first dimension) to route rows, got an input of "
         "shape ",
         input.sizes());
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         input.size(0) == routing.rows(),
-        "torchlora: AdapterRouting was made for ",
+        "AdapterRouting was made for ",
         routing.rows(),
         " rows, but this ",
         Derived::kName,
@@ -973,11 +975,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void check_not_merged(const char* operation) const {
-    TORCH_CHECK(
-        !merged_,
-        "torchlora: ",
-        operation,
-        " on a merged layer; unmerge() it first");
+    TORCHLORA_CHECK(
+        !merged_, operation, " on a merged layer; unmerge() it first");
   }
 
   /// `weight` plus every active adapter's scaled delta, computed in fp32 for
@@ -1039,33 +1038,32 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   static const BaseHolder& checked_base(const BaseHolder& base) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !base.is_empty(),
-        "torchlora: cannot wrap an empty (nullptr) ",
+        "cannot wrap an empty (nullptr) ",
         Derived::kBaseName,
         "; got a holder that holds no module");
     return base;
   }
 
   void check_new_adapter_name(const std::string& name) const {
-    TORCH_CHECK(
-        !name.empty(),
-        "torchlora: an adapter name must not be empty, got \"\"");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
+        !name.empty(), "an adapter name must not be empty, got \"\"");
+    TORCHLORA_CHECK(
         name.find('.') == std::string::npos,
-        "torchlora: an adapter name must not contain '.', got \"",
+        "an adapter name must not contain '.', got \"",
         name,
         "\"");
     // It names a folder in adapter files (save_adapter).
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         name.find_first_of("/\\") == std::string::npos,
-        "torchlora: an adapter name must not contain '/' or '\\' (it names "
+        "an adapter name must not contain '/' or '\\' (it names "
         "a folder of adapter files), got \"",
         name,
         "\"");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !has_adapter(name),
-        "torchlora: this layer already has an adapter named \"",
+        "this layer already has an adapter named \"",
         name,
         "\"");
   }
@@ -1164,11 +1162,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void check_safe_merge(bool safe, const torch::Tensor& merged_weight) const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !safe || torch::isfinite(merged_weight).all().item().toBool(),
-        "torchlora: safe merge refused: merging the active adapters (",
+        "safe merge refused: merging the active adapters (",
         detail::quoted_list(active_adapters()),
-        ") gives NaN or Inf weights; nothing was changed");
+        ") gives NaN or Inf weights." TORCHLORA_NOTHING_CHANGED);
   }
 
   /// `weight += sign * s * delta` for each of `deltas`, in the weight's
@@ -1202,9 +1200,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         adapters_.begin(), adapters_.end(), [&](const auto& adapter) {
           return adapter.name == name;
         });
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found != adapters_.end(),
-        "torchlora: this layer has no adapter named \"",
+        "this layer has no adapter named \"",
         name,
         "\" (it has: ",
         detail::quoted_list(adapter_names()),
@@ -1219,9 +1217,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void check_enabled_for_merge() const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         enabled_,
-        "torchlora: cannot merge a layer whose adapters are disabled "
+        "cannot merge a layer whose adapters are disabled "
         "(DisableAdapters); merge after the guard's scope");
   }
 
@@ -1287,9 +1285,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// forward).
   void check_merged_weight_is_current(bool in_forward = false) const {
     const bool values = !in_forward || weight.device().is_cpu();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !adapters_changed_since_merge(values),
-        "torchlora: an adapter of this merged layer (",
+        "an adapter of this merged layer (",
         detail::quoted_list(active_adapters()),
         ") was changed after merge(), so the merged weight is stale; "
         "unmerge() before changing adapters and merge() again after");
@@ -1298,10 +1296,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// Refuses `what` on a merged layer whose weight was changed in place
   /// since `merge`: the weight from before `merge` would drop the change.
   void check_weight_unchanged_since_merge(const char* what) const {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         weight._version() == merged_weight_version_ &&
             detail::same_bits(weight_checksum(), merged_weight_checksum_),
-        "torchlora: the weight of this merged layer was changed after "
+        "the weight of this merged layer was changed after "
         "merge() (an optimizer step or an in-place op on it), so ",
         what,
         " would restore the weight from before merge() and lose that change; "
@@ -1379,9 +1377,9 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (!member_.bound && where.empty()) {
       return;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         lora.dropout() == 0,
-        "torchlora: adapter \"",
+        "adapter \"",
         name,
         "\" of ",
         where.empty() ? member_.where : where,
@@ -1415,7 +1413,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     } else {
       member = detail::member_sentinel(
           weight,
-          "torchlora: the weight LibTorch's module reads from " +
+          TORCHLORA_PREFIX "the weight LibTorch's module reads from " +
               member_.where +
               " is the base weight plus its LoRA adapters, computed only "
               "inside a torchlora::AdaptedWeights scope, and it was used "

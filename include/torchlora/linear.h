@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/lora_linear_function.h>
 #include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
@@ -100,9 +101,9 @@ class LoRALinearImplT final
   torch::Tensor forward(const torch::Tensor& input) {
     const auto running = this->forward_scope();
     const auto& options = this->options;
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         input.dim() >= 1 && input.size(-1) == options.in_features(),
-        "torchlora: LoRALinear expects the input's last dimension to be "
+        "LoRALinear expects the input's last dimension to be "
         "in_features = ",
         options.in_features(),
         ", got an input of shape ",

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
@@ -50,9 +51,9 @@ inline void check_mergeable(const ModelIndex& index, bool safe) {
   for (const auto& [entry, layer] : index.lora_layers()) {
     const auto& path = entry->paths.front();
     if (!layer->merged() && !layer->active_adapters().empty()) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           layer->adapters_enabled(),
-          "torchlora: cannot merge '",
+          "cannot merge '",
           path,
           "': its adapters are disabled (DisableAdapters); merge after the "
           "guard's scope. Nothing was merged");
@@ -60,17 +61,17 @@ inline void check_mergeable(const ModelIndex& index, bool safe) {
     try {
       layer->check_mergeable();
     } catch (const c10::Error& error) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           false,
-          "torchlora: cannot merge '",
+          "cannot merge '",
           path,
           "': ",
           without_prefix(error.what_without_backtrace()));
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !safe || layer->merged() || layer->active_adapters().empty() ||
             layer->merge_is_finite(),
-        "torchlora: safe merge refused: merging the active adapters of '",
+        "safe merge refused: merging the active adapters of '",
         path,
         "' gives NaN or Inf weights; no weight was changed");
   }
@@ -156,9 +157,9 @@ inline void check_merge_changes_no_other_tensor(
           std::find(entry->paths.begin(), entry->paths.end(), owner_of(key)) !=
           entry->paths.end();
       if (tensor.unsafeGetTensorImpl() == weight.unsafeGetTensorImpl()) {
-        TORCH_CHECK(
+        TORCHLORA_CHECK(
             own,
-            "torchlora: cannot merge '",
+            "cannot merge '",
             entry->paths.front(),
             "': its weight is also '",
             key,
@@ -168,9 +169,9 @@ inline void check_merge_changes_no_other_tensor(
       } else if (
           in_place && tensor.defined() && tensor.has_storage() &&
           weight.has_storage() && tensor.is_alias_of(weight)) {
-        TORCH_CHECK(
+        TORCHLORA_CHECK(
             false,
-            "torchlora: cannot merge '",
+            "cannot merge '",
             entry->paths.front(),
             "' in place: its weight shares memory with '",
             key,
@@ -189,9 +190,9 @@ inline void check_unmergeable(const ModelIndex& index) {
     try {
       layer->check_unmergeable();
     } catch (const c10::Error& error) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           false,
-          "torchlora: cannot unmerge '",
+          "cannot unmerge '",
           entry->paths.front(),
           "': ",
           without_prefix(error.what_without_backtrace()));

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
+
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -27,17 +29,17 @@ class ModuleRef {
   template <typename ModuleType>
   /* implicit */ ModuleRef(const std::shared_ptr<ModuleType>& module)
       : module_(module.get()) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         module_ != nullptr,
-        "torchlora: got a null std::shared_ptr where a model was expected");
+        "got a null std::shared_ptr where a model was expected");
   }
 
   template <typename ModuleType>
   /* implicit */ ModuleRef(const torch::nn::ModuleHolder<ModuleType>& module)
       : module_(module.is_empty() ? nullptr : module.ptr().get()) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         module_ != nullptr,
-        "torchlora: got an empty module holder (nullptr) where a model was "
+        "got an empty module holder (nullptr) where a model was "
         "expected");
   }
 

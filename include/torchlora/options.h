@@ -1,5 +1,7 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
+
 #include <torch/arg.h>
 #include <torch/types.h>
 
@@ -80,25 +82,23 @@ namespace detail {
 
 /// Checks rank, alpha, dropout and dtype; throws a `torchlora:` error.
 inline void check_lora_options(const LoRAOptions& options) {
-  TORCH_CHECK(
-      options.rank() >= 0,
-      "torchlora: rank must be >= 0, got ",
-      options.rank());
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
+      options.rank() >= 0, "rank must be >= 0, got ", options.rank());
+  TORCHLORA_CHECK(
       std::isfinite(options.alpha()) && options.alpha() > 0,
-      "torchlora: alpha must be a finite number > 0, got ",
+      "alpha must be a finite number > 0, got ",
       options.alpha());
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       options.dropout() >= 0 && options.dropout() < 1,
-      "torchlora: dropout must be in [0, 1), got ",
+      "dropout must be in [0, 1), got ",
       options.dropout());
   // Not c10::isFloatingType: newer LibTorch counts float8 types too, which
   // have no matrix products to train with.
   const auto dtype = options.dtype();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !dtype || *dtype == torch::kFloat32 || *dtype == torch::kFloat64 ||
           *dtype == torch::kFloat16 || *dtype == torch::kBFloat16,
-      "torchlora: adapter dtype must be float32, float64, float16 or "
+      "adapter dtype must be float32, float64, float16 or "
       "bfloat16, got ",
       dtype ? c10::toString(*dtype) : "none");
 }

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/row_routing.h>
 #include <torchlora/detail/text.h>
@@ -55,9 +56,9 @@ class AdapterRouting {
       : groups_(check_names(model, names)) {
     const detail::ModelIndex index(model.get());
     for (const auto& [entry, layer] : index.lora_layers()) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !layer->member_bound(),
-          "torchlora: AdapterRouting cannot route rows through '",
+          "AdapterRouting cannot route rows through '",
           entry->paths.front(),
           "': a LibTorch module reads its weight directly, so one weight "
           "serves every row. Route rows on models built from LoRA layers, or "
@@ -116,10 +117,10 @@ class AdapterRouting {
     }
     for (size_t row = 0; row < names.size(); ++row) {
       const auto& name = names[row];
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           name == detail::base_row_name() ||
               std::find(known.begin(), known.end(), name) != known.end(),
-          "torchlora: AdapterRouting: row ",
+          "AdapterRouting: row ",
           row,
           " names adapter \"",
           name,

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/detail/atomic_file.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/read_file.h>
 #include <torchlora/detail/safetensors_format.h>
 
@@ -64,9 +65,9 @@ inline DType from_torch(torch::Dtype dtype, const std::string& name) {
       return info.dtype;
     }
   }
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       false,
-      "torchlora: safetensors cannot store tensor \"",
+      "safetensors cannot store tensor \"",
       name,
       "\" of dtype ",
       dtype,
@@ -78,9 +79,8 @@ inline void check_little_endian() {
   const uint16_t probe = 1;
   uint8_t first = 0;
   std::memcpy(&first, &probe, 1);
-  TORCH_CHECK(
-      first == 1,
-      "torchlora: safetensors files are little-endian; this machine is not");
+  TORCHLORA_CHECK(
+      first == 1, "safetensors files are little-endian; this machine is not");
 }
 
 /// Writes `tensors` and `metadata` as a safetensors file to `out`.
@@ -93,9 +93,9 @@ inline void write(
   std::vector<torch::Tensor> contiguous;
   for (const auto& item : tensors) {
     const auto& tensor = item.value();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         tensor.defined(),
-        "torchlora: safetensors cannot store tensor \"",
+        "safetensors cannot store tensor \"",
         item.key(),
         "\": it is undefined");
     TensorInfo info;
@@ -114,7 +114,7 @@ inline void write(
         std::vector<std::pair<std::string, std::string>>(
             metadata.begin(), metadata.end()));
   } catch (const FormatError& error) {
-    TORCH_CHECK(false, "torchlora: safetensors: ", error.what());
+    TORCHLORA_CHECK(false, "safetensors: ", error.what());
   }
   out.write(header.data(), static_cast<std::streamsize>(header.size()));
   for (size_t i = 0; i < infos.size(); ++i) {
@@ -143,12 +143,8 @@ inline Tensors read_tensors(
   } catch (const FormatError& error) {
     problem = error.what();
   }
-  TORCH_CHECK(
-      problem.empty(),
-      "torchlora: ",
-      origin,
-      " is not a valid safetensors file: ",
-      problem);
+  TORCHLORA_CHECK(
+      problem.empty(), origin, " is not a valid safetensors file: ", problem);
   Tensors tensors;
   for (const auto& info : header.tensors) {
     const std::vector<int64_t> shape(info.shape.begin(), info.shape.end());

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/config.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/options.h>
 
@@ -229,9 +230,8 @@ class TargetMatcher {
     } catch (const std::regex_error& error) {
       problem = error.what();
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: ",
         what,
         " is not a valid regex (ECMAScript syntax): \"",
         pattern,
@@ -249,55 +249,49 @@ class TargetMatcher {
 
   void check_config() const {
     const auto& lora = config_.lora_options();
-    TORCH_CHECK(
-        lora.rank() > 0,
-        "torchlora: LoRAConfig needs a rank > 0, got ",
-        lora.rank());
+    TORCHLORA_CHECK(
+        lora.rank() > 0, "LoRAConfig needs a rank > 0, got ", lora.rank());
     detail::check_lora_options(lora);
     const auto& name = config_.adapter_name();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !name.empty() && name.find('.') == std::string::npos,
-        "torchlora: adapter_name must be non-empty and contain no '.', got \"",
+        "adapter_name must be non-empty and contain no '.', got \"",
         name,
         "\"");
     const bool has_list = !config_.target_modules().empty();
     const bool has_regex = !config_.target_regex().empty();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         has_list || has_regex,
-        "torchlora: LoRAConfig names no targets: set target_modules({...}) or "
+        "LoRAConfig names no targets: set target_modules({...}) or "
         "target_regex(\"...\"), got neither");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !(has_list && has_regex),
-        "torchlora: set target_modules or target_regex, not both; got "
+        "set target_modules or target_regex, not both; got "
         "target_regex \"",
         config_.target_regex(),
         "\" and ",
         config_.target_modules().size(),
         " target_modules");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         config_.layers_to_transform().empty() || !has_regex,
-        "torchlora: layers_to_transform works with target_modules only, got "
+        "layers_to_transform works with target_modules only, got "
         "target_regex \"",
         config_.target_regex(),
         "\"");
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         config_.layers_pattern().empty() ||
             !config_.layers_to_transform().empty(),
-        "torchlora: layers_pattern needs layers_to_transform, got layers_pattern \"",
+        "layers_pattern needs layers_to_transform, got layers_pattern \"",
         config_.layers_pattern().front(),
         "\" without it");
     for (const auto& [key, rank] : config_.rank_pattern()) {
-      TORCH_CHECK(
-          rank > 0,
-          "torchlora: rank_pattern \"",
-          key,
-          "\" needs a rank > 0, got ",
-          rank);
+      TORCHLORA_CHECK(
+          rank > 0, "rank_pattern \"", key, "\" needs a rank > 0, got ", rank);
     }
     for (const auto& [key, alpha] : config_.alpha_pattern()) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           std::isfinite(alpha) && alpha > 0,
-          "torchlora: alpha_pattern \"",
+          "alpha_pattern \"",
           key,
           "\" needs a finite alpha > 0, got ",
           alpha);

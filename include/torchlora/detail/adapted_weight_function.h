@@ -8,6 +8,7 @@
 // optimizer step inside the scope): a gradient for an old weight would
 // otherwise be applied to the new adapters in silence. Not part of the API.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/tensor_bits.h>
 
 #include <torch/autograd.h>
@@ -68,10 +69,10 @@ struct AdaptedWeightFunction
       torch::autograd::variable_list grads) {
     const auto A = ctx->saved_data["A"].toTensor();
     const auto B = ctx->saved_data["B"].toTensor();
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         same_bits(A.detach(), ctx->saved_data["A_values"].toTensor()) &&
             same_bits(B.detach(), ctx->saved_data["B_values"].toTensor()),
-        "torchlora: the weight of ",
+        "the weight of ",
         ctx->saved_data["where"].toStringRef(),
         " was computed by a torchlora::AdaptedWeights before its adapters "
         "changed (an optimizer step, or an in-place change of lora_A/lora_B), "

@@ -3,6 +3,8 @@
 // Writing a file so that a failure never leaves a half-written file where a
 // good one was: write next to it, then rename over it. Not part of the API.
 
+#include <torchlora/detail/check.h>
+
 #include <c10/util/Exception.h>
 
 #include <cerrno>
@@ -28,9 +30,9 @@ inline void write_file_atomically(
   std::error_code error;
   if (target.has_parent_path()) {
     fs::create_directories(target.parent_path(), error);
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !error,
-        "torchlora: cannot create folder '",
+        "cannot create folder '",
         target.parent_path().string(),
         "' for '",
         path,
@@ -41,12 +43,8 @@ inline void write_file_atomically(
   const auto temporary = target.string() + ".tmp-" + std::to_string(random());
   {
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(
-        out.good(),
-        "torchlora: cannot write '",
-        temporary,
-        "': ",
-        std::strerror(errno));
+    TORCHLORA_CHECK(
+        out.good(), "cannot write '", temporary, "': ", std::strerror(errno));
     try {
       write(out);
     } catch (...) {
@@ -57,9 +55,9 @@ inline void write_file_atomically(
     out.close();
     if (!out.good()) {
       fs::remove(temporary, error);
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           false,
-          "torchlora: writing '",
+          "writing '",
           path,
           "' failed (a short write: is the disk full?)");
     }
@@ -68,12 +66,8 @@ inline void write_file_atomically(
   if (error) {
     const auto message = error.message();
     fs::remove(temporary, error);
-    TORCH_CHECK(
-        false,
-        "torchlora: cannot move the new file to '",
-        path,
-        "': ",
-        message);
+    TORCHLORA_CHECK(
+        false, "cannot move the new file to '", path, "': ", message);
   }
 }
 

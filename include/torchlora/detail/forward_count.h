@@ -4,6 +4,8 @@
 // layer's adapters or weights meanwhile (from another thread) is refused
 // instead of racing.
 
+#include <torchlora/detail/check.h>
+
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -53,16 +55,15 @@ inline void check_no_forward_running(
     int running,
     const char* operation,
     const std::string& layer) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       running == 0,
-      "torchlora: ",
       operation,
       " while ",
       running,
       " forward(s) of ",
       layer,
       " are running on other threads; change adapters or merge only while "
-      "no forward runs. Nothing was changed");
+      "no forward runs." TORCHLORA_NOTHING_CHANGED);
 }
 
 /// Refuses `operation` while `holds` torchlora::AdaptedWeights scopes hold
@@ -72,16 +73,15 @@ inline void check_no_member_hold(
     int holds,
     const char* operation,
     const std::string& layer) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       holds == 0,
-      "torchlora: ",
       operation,
       " while a torchlora::AdaptedWeights holds the weight computed for ",
       layer,
       " (",
       holds,
       " scope(s)); change adapters, scales, DisableAdapters or merges before "
-      "making the AdaptedWeights or after it ends. Nothing was changed");
+      "making the AdaptedWeights or after it ends." TORCHLORA_NOTHING_CHANGED);
 }
 
 } // namespace torchlora::detail

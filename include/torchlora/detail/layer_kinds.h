@@ -8,6 +8,7 @@
 
 #include <torchlora/attention.h>
 #include <torchlora/conv.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/embedding.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
@@ -99,8 +100,7 @@ LayerKind make_layer_kind(
       },
       [](const std::shared_ptr<torch::nn::Module>& plain) {
         auto typed = std::dynamic_pointer_cast<Plain>(plain);
-        TORCH_INTERNAL_ASSERT(
-            typed, "torchlora: wrapping a layer of another kind");
+        TORCHLORA_INTERNAL_ASSERT(typed, "wrapping a layer of another kind");
         auto wrapped =
             std::make_shared<LoRA>(torch::nn::ModuleHolder<Plain>(typed));
         return std::make_pair(
@@ -119,7 +119,7 @@ inline torch::Tensor weight_of(const torch::nn::Module& layer) {
   // The dict is kept: `find` points into it.
   const auto parameters = layer.named_parameters(/*recurse=*/false);
   const auto* weight = parameters.find("weight");
-  TORCH_INTERNAL_ASSERT(weight != nullptr, "torchlora: a layer without weight");
+  TORCHLORA_INTERNAL_ASSERT(weight != nullptr, "a layer without weight");
   return *weight;
 }
 

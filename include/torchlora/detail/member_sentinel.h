@@ -14,6 +14,8 @@
 // `defined()` are those of the weight it stands for, so code that only looks
 // at shapes keeps working.
 
+#include <torchlora/detail/check.h>
+
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -79,10 +81,11 @@ inline void refuse_sentinel(
   const auto* message = sentinel_message(*stack);
   TORCH_CHECK(
       false,
-      message != nullptr ? *message
-                         : std::string("torchlora: a weight computed from "
-                                       "LoRA adapters was used outside "
-                                       "torchlora::AdaptedWeights"),
+      message != nullptr
+          ? *message
+          : std::string(TORCHLORA_PREFIX "a weight computed from "
+                                         "LoRA adapters was used outside "
+                                         "torchlora::AdaptedWeights"),
       " (",
       op.schema().name(),
       " received it)");
@@ -119,13 +122,13 @@ inline void check_sentinel_fallback(const torch::Tensor& sentinel) {
       (void)sentinel.t();
     } catch (const c10::Error& error) {
       return std::string(error.what_without_backtrace())
-                 .rfind("torchlora: ", 0) == 0;
+                 .rfind(TORCHLORA_PREFIX, 0) == 0;
     }
     return false;
   }();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       ours,
-      "torchlora: the dispatch key PrivateUse3 is taken by another library's "
+      "the dispatch key PrivateUse3 is taken by another library's "
       "backend, so torchlora cannot guard the weights it computes into "
       "LibTorch's modules (AdaptedWeights); merge() such models instead");
 }

@@ -3,6 +3,7 @@
 // Walking a model and swapping its layers: shared by inject_lora and the
 // lifecycle functions. Not part of the API.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/forward_count.h>
 #include <torchlora/detail/row_routing.h>
 #include <torchlora/layer.h>
@@ -163,14 +164,13 @@ inline void check_adapters_enabled(
     const ModelIndex& index,
     const char* operation) {
   for (const auto& [entry, layer] : index.lora_layers()) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         layer->adapters_enabled(),
-        "torchlora: ",
         operation,
         " while the adapters of '",
         entry->paths.front(),
         "' are disabled (DisableAdapters); add adapters after the guard's "
-        "scope. Nothing was changed");
+        "scope." TORCHLORA_NOTHING_CHANGED);
   }
 }
 

@@ -5,6 +5,7 @@
 // saves. Not part of the API.
 
 #include <torchlora/config.h>
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/read_file.h>
 
 #include <nlohmann/json.hpp>
@@ -198,7 +199,7 @@ class PeftConfigReader {
     throw c10::Error(
         {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
         c10::str(
-            "torchlora: adapter_config.json: ",
+            TORCHLORA_PREFIX "adapter_config.json: ",
             parts...,
             " (in '",
             file_,
@@ -418,15 +419,14 @@ inline nlohmann::ordered_json read_json_file(const std::string& path) {
     return nlohmann::ordered_json::parse(
         bytes.data(), bytes.data() + bytes.size(), limit_depth);
   } catch (const std::exception& error) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         !too_deep,
-        "torchlora: '",
+        "'",
         path,
         "' nests JSON deeper than ",
         kMaxConfigDepth,
         " levels; no adapter config does");
-    TORCH_CHECK(
-        false, "torchlora: '", path, "' is not valid JSON: ", error.what());
+    TORCHLORA_CHECK(false, "'", path, "' is not valid JSON: ", error.what());
   }
   return {};
 }
@@ -458,8 +458,8 @@ inline bool out_proj_delta_counts_twice(
     int minor = 0;
     if (std::sscanf(text.c_str(), "%d.%d", &major, &minor) == 2 &&
         (major > 0 || minor > kNewestCheckedPeftMinor)) {
-      TORCH_WARN(
-          "torchlora: load_adapter: '",
+      TORCHLORA_WARN(
+          "load_adapter: '",
           file,
           "' was written by peft ",
           text,
@@ -493,9 +493,9 @@ inline PeftFileConfig read_peft_config(
     return {std::move(config), out_proj_delta_counts_twice(json, path)};
   } catch (const nlohmann::json::exception& error) {
     // Every field is checked before it is read; this is a safety net.
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: adapter_config.json: unexpected content (",
+        "adapter_config.json: unexpected content (",
         error.what(),
         ") (in '",
         path,
@@ -601,16 +601,16 @@ inline nlohmann::ordered_json config_to_json(
   }
   const auto& first = contents.layers.front().second;
   for (const auto& [path, lora] : contents.layers) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         lora.use_rslora() == first.use_rslora(),
-        "torchlora: save_adapter: some layers of adapter \"",
+        "save_adapter: some layers of adapter \"",
         contents.adapter_name,
         "\" use rsLoRA and some do not; peft's config holds one use_rslora");
   }
   for (const auto& [path, lora] : contents.layers) {
     if (lora.dropout() != first.dropout()) {
-      TORCH_WARN(
-          "torchlora: save_adapter: the layers' dropouts differ; peft's config "
+      TORCHLORA_WARN(
+          "save_adapter: the layers' dropouts differ; peft's config "
           "holds one lora_dropout, written as ",
           first.dropout());
       break;

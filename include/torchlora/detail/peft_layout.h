@@ -6,6 +6,7 @@
 // warning about trainable parameters a file would leave out. Not part of the
 // API.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/detail/layer_kinds.h>
 #include <torchlora/detail/model_walk.h>
 #include <torchlora/parameters.h>
@@ -90,9 +91,8 @@ inline void check_biases_supported(
     LoRABias bias,
     const std::set<std::string>& attentions,
     const char* operation) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       bias == LoRABias::none || attentions.empty(),
-      "torchlora: ",
       operation,
       ": bias = \"",
       to_string(bias),
@@ -119,10 +119,10 @@ inline std::string plain_matrix_key(
 inline std::string adapter_folder(
     const std::string& dir,
     const std::string& name) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !name.empty() && name != "." && name != ".." &&
           name.find_first_of("/\\") == std::string::npos,
-      "torchlora: adapter name \"",
+      "adapter name \"",
       name,
       "\" cannot name a folder of adapter files (it is empty, \".\" or "
       "\"..\", or holds '/' or '\\')");
@@ -143,9 +143,8 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
         index.entries().begin(), index.entries().end(), [&](const auto& e) {
           return TargetMatcher::is_named_to_save(e.paths.front(), {name});
         });
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         found,
-        "torchlora: ",
         operation,
         ": modules_to_save entry \"",
         name,
@@ -273,8 +272,8 @@ inline void warn_about_unsaved_trainables(
   if (unsaved.size() > 3) {
     names += ", ...";
   }
-  TORCH_WARN(
-      "torchlora: save_adapter: ",
+  TORCHLORA_WARN(
+      "save_adapter: ",
       unsaved.size(),
       " trainable parameter(s) are not saved (",
       names,

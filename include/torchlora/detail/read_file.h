@@ -3,6 +3,8 @@
 // Reading a whole file with `torchlora:` errors for everything that is not a
 // readable regular file of a stable size. Not part of the API.
 
+#include <torchlora/detail/check.h>
+
 #include <c10/util/Exception.h>
 
 #include <cerrno>
@@ -74,9 +76,9 @@ inline FileBytes read_expected_bytes(
                       std::numeric_limits<std::streamsize>::max())) {
     bytes.reset(new (std::nothrow) char[static_cast<size_t>(expected) + 1]);
   }
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       bytes != nullptr,
-      "torchlora: cannot read ",
+      "cannot read ",
       what,
       " '",
       path,
@@ -85,9 +87,9 @@ inline FileBytes read_expected_bytes(
       " bytes");
   in.read(bytes.get(), static_cast<std::streamsize>(expected));
   const auto got = static_cast<std::uintmax_t>(in.gcount());
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !in.bad(),
-      "torchlora: reading ",
+      "reading ",
       what,
       " '",
       path,
@@ -98,17 +100,16 @@ inline FileBytes read_expected_bytes(
     char extra = 0;
     grew = static_cast<bool>(in.get(extra));
   }
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !(grew && expected == 0),
-      "torchlora: cannot read ",
+      "cannot read ",
       what,
       " '",
       path,
       "': it says it holds 0 bytes but has content (a file under /proc or "
       "/sys?); copy it to a regular file first");
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       got == expected && !grew,
-      "torchlora: ",
       what,
       " '",
       path,
@@ -128,17 +129,11 @@ inline FileBytes read_regular_file(const std::string& path, const char* what) {
   namespace fs = std::filesystem;
   std::error_code error;
   const auto status = fs::status(path, error);
-  TORCH_CHECK(
-      !error,
-      "torchlora: cannot read ",
-      what,
-      " '",
-      path,
-      "': ",
-      error.message());
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
+      !error, "cannot read ", what, " '", path, "': ", error.message());
+  TORCHLORA_CHECK(
       fs::is_regular_file(status),
-      "torchlora: cannot read ",
+      "cannot read ",
       what,
       " '",
       path,
@@ -146,23 +141,17 @@ inline FileBytes read_regular_file(const std::string& path, const char* what) {
       file_kind(status),
       ", not a regular file");
   std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       in.is_open(),
-      "torchlora: cannot read ",
+      "cannot read ",
       what,
       " '",
       path,
       "': ",
       std::strerror(errno));
   const auto size = fs::file_size(path, error);
-  TORCH_CHECK(
-      !error,
-      "torchlora: cannot read ",
-      what,
-      " '",
-      path,
-      "': ",
-      error.message());
+  TORCHLORA_CHECK(
+      !error, "cannot read ", what, " '", path, "': ", error.message());
   return read_expected_bytes(in, size, path, what);
 }
 

@@ -3,6 +3,8 @@
 // The per-thread state behind `torchlora::AdapterRouting`: which adapter each
 // row of a batch uses, grouped once, and which layers it applies to.
 
+#include <torchlora/detail/check.h>
+
 #include <torch/types.h>
 
 #include <c10/core/Device.h>
@@ -199,9 +201,8 @@ inline void check_not_routed(
     const char* operation,
     const std::string& name) {
   const int routings = RoutedLayers::instance().count(layer);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       routings == 0,
-      "torchlora: ",
       operation,
       " while a torchlora::AdapterRouting made for ",
       name,

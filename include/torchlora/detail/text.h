@@ -2,6 +2,8 @@
 
 // Small text helpers for torchlora's messages. Not part of the API.
 
+#include <torchlora/detail/check.h>
+
 #include <string>
 #include <vector>
 
@@ -22,7 +24,7 @@ inline std::string quoted_list(const std::vector<std::string>& names) {
 
 /// `message` without its "torchlora: " prefix.
 inline std::string without_prefix(const std::string& message) {
-  const std::string prefix = "torchlora: ";
+  const std::string prefix = TORCHLORA_PREFIX;
   return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size())
                                        : message;
 }

@@ -4,6 +4,7 @@
 // whatever else requires a gradient): equal starting values on every rank,
 // and gradients averaged over the ranks in a few flat buckets.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/agreement.h>
 #include <torchlora/distributed/world.h>
 #include <torchlora/module_ref.h>
@@ -62,9 +63,9 @@ class AdapterSync {
     // before it is thrown, so that they fail at once with it, not later.
     std::string problem;
     try {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           options.bucket_bytes() > 0,
-          "torchlora: SyncOptions bucket_bytes must be positive, got ",
+          "SyncOptions bucket_bytes must be positive, got ",
           options.bucket_bytes());
       for (auto& item : model_->named_parameters(/*recurse=*/true)) {
         if (item.value().requires_grad()) {
@@ -74,9 +75,9 @@ class AdapterSync {
           devices_.push_back(item.value().device());
         }
       }
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !tensors_.empty(),
-          "torchlora: AdapterSync found no trainable tensor in the model; "
+          "AdapterSync found no trainable tensor in the model; "
           "make it after inject_lora (and set_adapter)");
       make_buckets(options.bucket_bytes());
     } catch (const c10::Error& error) {
@@ -100,9 +101,9 @@ class AdapterSync {
     check_trainable_tensors_unchanged();
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
       const auto& gradient = tensors_[i].grad();
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !gradient.defined() || !gradient.is_sparse(),
-          "torchlora: AdapterSync averages dense gradients only; '",
+          "AdapterSync averages dense gradients only; '",
           names_[i],
           "' has a sparse one (make its Embedding with sparse(false))");
     }
@@ -258,9 +259,9 @@ class AdapterSync {
       return; // the constructor throws it
     }
     for (std::size_t rank = 1; rank < all.size(); ++rank) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           all[0][0] == all[rank][0],
-          "torchlora: the processes' AdapterSyncs differ: SyncOptions ",
+          "the processes' AdapterSyncs differ: SyncOptions ",
           all[0][0],
           " on rank 0 and ",
           all[rank][0],
@@ -307,19 +308,19 @@ class AdapterSync {
       const bool same = index < tensors_.size() &&
           item.value().unsafeGetTensorImpl() ==
               tensors_[index].unsafeGetTensorImpl();
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           same,
-          "torchlora: the model's trainable tensors changed since its "
+          "the model's trainable tensors changed since its "
           "AdapterSync was made (",
           index < names_.size() ? "'" + names_[index] + "' was expected, "
                                 : std::string("no more were expected, "),
           "got '",
           item.key(),
           "'); make a new AdapterSync after inject_lora or set_adapter");
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           item.value().scalar_type() == dtypes_[index] &&
               item.value().device() == devices_[index],
-          "torchlora: '",
+          "'",
           item.key(),
           "' changed from ",
           c10::toString(dtypes_[index]),
@@ -333,9 +334,9 @@ class AdapterSync {
           "moving or converting the model");
       ++index;
     }
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         index == tensors_.size(),
-        "torchlora: the model's trainable tensors changed since its "
+        "the model's trainable tensors changed since its "
         "AdapterSync was made (",
         tensors_.size(),
         " were trainable, now ",

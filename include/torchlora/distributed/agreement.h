@@ -5,6 +5,7 @@
 // would otherwise hang or mix unrelated data: every rank finds the same
 // first difference, so all of them fail with the same error.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/world.h>
 
 #include <ATen/ATen.h>
@@ -55,9 +56,8 @@ inline std::vector<std::vector<std::string>> exchange_lines(
         prefix + std::to_string(world.rank()),
         std::vector<uint8_t>(mine.begin(), mine.end()));
   } catch (const std::exception& error) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: ",
         what,
         " on ",
         world.describe(),
@@ -73,9 +73,8 @@ inline std::vector<std::vector<std::string>> exchange_lines(
     try {
       bytes = store->get(prefix + std::to_string(rank));
     } catch (const std::exception& error) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           false,
-          "torchlora: ",
           what,
           " on ",
           world.describe(),
@@ -89,9 +88,8 @@ inline std::vector<std::vector<std::string>> exchange_lines(
           message_of(error));
     }
     const std::string text(bytes.begin(), bytes.end());
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         text.empty() || text[0] != '!',
-        "torchlora: ",
         what,
         " on ",
         world.describe(),
@@ -128,9 +126,9 @@ inline void check_same_tensors(
           line < theirs.size() ? theirs[line] : "nothing more";
       const std::string our_line =
           line < ours.size() ? ours[line] : "nothing more";
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           their_line == our_line,
-          "torchlora: the processes' models differ, so ",
+          "the processes' models differ, so ",
           what,
           ": ",
           noun,

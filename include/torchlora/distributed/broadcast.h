@@ -3,6 +3,7 @@
 // Giving every rank rank 0's copy of a whole model, so that only rank 0
 // needs its files.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/agreement.h>
 #include <torchlora/distributed/collective.h>
 #include <torchlora/distributed/world.h>
@@ -98,11 +99,11 @@ inline void broadcast_state(ModuleRef model, const World& world) {
     }
     if (detail::transport_dtype(tensor.scalar_type()) ==
         at::ScalarType::Undefined) {
-      problem = "torchlora: broadcast_state cannot send " +
+      problem = TORCHLORA_PREFIX "broadcast_state cannot send " +
           detail::describe_tensor(name, tensor) +
           ": Gloo carries floating-point, integer, bool and complex tensors";
     } else if (detail::elements_share_memory(tensor)) {
-      problem = "torchlora: broadcast_state cannot write into " +
+      problem = TORCHLORA_PREFIX "broadcast_state cannot write into " +
           detail::describe_tensor(name, tensor) +
           ": its elements share memory (an expanded tensor); register a "
           "copy of its own (.contiguous()) instead";

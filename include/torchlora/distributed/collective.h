@@ -4,6 +4,8 @@
 // LibTorch 1.x and 2.x, and the one place where a failed collective becomes
 // a `torchlora:` error that says which rank and what happened.
 
+#include <torchlora/detail/check.h>
+
 #include <c10/util/Exception.h>
 #include <torch/version.h>
 
@@ -51,15 +53,13 @@ void run_collective(
     std::chrono::milliseconds timeout,
     const char* operation,
     Start&& start) {
-  TORCH_CHECK(
-      group, "torchlora: ", operation, " needs a process group; there is none");
+  TORCHLORA_CHECK(group, operation, " needs a process group; there is none");
   try {
     auto work = start();
     work->wait(timeout);
   } catch (const std::exception& error) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: ",
         operation,
         " failed on ",
         rank,

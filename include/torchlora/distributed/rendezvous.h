@@ -5,6 +5,7 @@
 // comes is noticed by the others soon, with its reason, instead of when
 // the whole timeout has passed.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/collective.h>
 
 #include <c10/util/Exception.h>
@@ -132,9 +133,8 @@ class InitRendezvous {
     joined_ = true;
     int64_t joined = 0;
     while ((joined = add(kCount, 0, "count the joined ranks")) < world_size_) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           Clock::now() < deadline_,
-          "torchlora: ",
           who_,
           " could not make its process group: ",
           missing_ranks(),
@@ -227,7 +227,7 @@ class InitRendezvous {
   /// Unless `ok`: publishes `problem` as this rank's failure and throws it.
   void fail_unless(bool ok, const std::string& problem) {
     if (!ok) {
-      const auto message = "torchlora: " + who_ +
+      const auto message = TORCHLORA_PREFIX + who_ +
           " could not make its process group: " + problem;
       publish_failure(message);
       TORCH_CHECK(false, message);
@@ -250,9 +250,8 @@ class InitRendezvous {
         }
       });
     } catch (const std::exception& error) {
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           !silent,
-          "torchlora: ",
           who_,
           " could not make its process group: rank 0, which serves the store "
           "at ",
@@ -262,9 +261,8 @@ class InitRendezvous {
           " s when this rank tried to ",
           what,
           " (it is stopped, or the network between them is down)");
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           false,
-          "torchlora: ",
           who_,
           " could not make its process group: it lost the store at ",
           store_name_,
@@ -306,12 +304,8 @@ class InitRendezvous {
       const auto reason = get(kFailed, "read a failure");
       knows_of_failure_ = true;
       add(kSeen, 1, "read a failure");
-      TORCH_CHECK(
-          false,
-          "torchlora: ",
-          who_,
-          " could not make its process group because ",
-          reason);
+      TORCHLORA_CHECK(
+          false, who_, " could not make its process group because ", reason);
     }
     const auto now = Clock::now();
     if (now - last_check_ < std::chrono::seconds(1)) {
@@ -333,9 +327,8 @@ class InitRendezvous {
         changed_[index] = now;
         continue;
       }
-      TORCH_CHECK(
+      TORCHLORA_CHECK(
           now - changed_[index] < kSilenceLimit,
-          "torchlora: ",
           who_,
           " could not make its process group: rank ",
           rank,

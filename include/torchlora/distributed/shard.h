@@ -2,6 +2,7 @@
 
 // Splitting each batch over the processes of a data-parallel run.
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/world.h>
 
 #include <ATen/ATen.h>
@@ -21,16 +22,16 @@ namespace distributed {
 /// `torch::data::samplers::DistributedRandomSampler(size, world_size, rank)`
 /// gives each rank its share of the examples instead.)
 inline at::Tensor shard_rows(const at::Tensor& batch, const World& world) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       batch.defined() && batch.dim() >= 1,
-      "torchlora: shard_rows needs a tensor with a first dimension, got ",
+      "shard_rows needs a tensor with a first dimension, got ",
       batch.defined() ? std::to_string(batch.dim()) + " dimensions"
                       : std::string("an undefined tensor"));
   const int64_t rows = batch.size(0);
   const int64_t size = world.world_size();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       rows % size == 0,
-      "torchlora: shard_rows cannot split a batch of ",
+      "shard_rows cannot split a batch of ",
       rows,
       " rows evenly over ",
       size,

@@ -5,6 +5,7 @@
 // c10d TCPStore on rank 0, and a c10d process group (Gloo for CPU tensors,
 // NCCL for CUDA tensors where LibTorch has it).
 
+#include <torchlora/detail/check.h>
 #include <torchlora/distributed/address.h>
 #include <torchlora/distributed/collective.h>
 #include <torchlora/distributed/rendezvous.h>
@@ -157,9 +158,8 @@ inline int integer_variable(
     parsed = false;
   }
   parsed = parsed && used == text.size();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       parsed && value >= low && value <= high,
-      "torchlora: ",
       name,
       " must be an integer from ",
       low,
@@ -207,9 +207,9 @@ inline int loopback_listening_socket(const std::string& host, int port) {
   addrinfo* found = nullptr;
   const int resolved =
       ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       resolved == 0 && found != nullptr,
-      "torchlora: rank 0 could not resolve MASTER_ADDR '",
+      "rank 0 could not resolve MASTER_ADDR '",
       host,
       "' to listen on for the store: ",
       ::gai_strerror(resolved));
@@ -227,9 +227,9 @@ inline int loopback_listening_socket(const std::string& host, int port) {
     }
   }
   ::freeaddrinfo(found);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       reason.empty(),
-      "torchlora: rank 0 could not listen on ",
+      "rank 0 could not listen on ",
       host,
       ":",
       port,
@@ -264,9 +264,9 @@ inline GlooAddress choose_gloo_address(
   }
   std::string failure;
   chosen.host = route_source(master_address, master_port, &failure);
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !chosen.host.empty(),
-      "torchlora: found no local address that reaches MASTER_ADDR ",
+      "found no local address that reaches MASTER_ADDR ",
       master_address,
       " (",
       failure,
@@ -355,9 +355,9 @@ inline std::shared_ptr<::gloo::transport::Device> gloo_device(
 /// every interface, so keep the port behind a firewall there). Across
 /// machines, run on a network you trust.
 inline World init_from_env(const InitOptions& options = {}) {
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       options.timeout().count() > 0,
-      "torchlora: InitOptions timeout must be positive, got ",
+      "InitOptions timeout must be positive, got ",
       options.timeout().count(),
       " ms");
   constexpr int kMaxProcesses = 1 << 20;
@@ -369,9 +369,9 @@ inline World init_from_env(const InitOptions& options = {}) {
       ? detail::integer_variable("WORLD_SIZE", *size_text, 1, kMaxProcesses)
       : 1;
   const auto rank_text = detail::environment_variable("RANK");
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       rank_text || world.world_size_ == 1,
-      "torchlora: RANK is not set but WORLD_SIZE is ",
+      "RANK is not set but WORLD_SIZE is ",
       world.world_size_,
       ": start the processes with torchrun or scripts/launch.sh");
   const std::string of_size =
@@ -385,42 +385,42 @@ inline World init_from_env(const InitOptions& options = {}) {
       ? detail::integer_variable("LOCAL_RANK", *local_text, 0, kMaxProcesses)
       : world.rank_;
   const bool cuda = options.device().is_cuda();
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       cuda || options.device().is_cpu(),
-      "torchlora: init_from_env communicates CPU tensors (Gloo) or CUDA "
+      "init_from_env communicates CPU tensors (Gloo) or CUDA "
       "tensors (NCCL), got device ",
       options.device().str());
   if (!world.is_distributed()) {
     return world;
   }
 #if !defined(USE_C10D_NCCL)
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !cuda,
-      "torchlora: device ",
+      "device ",
       options.device().str(),
       " needs NCCL, and this LibTorch was built without it "
       "(USE_C10D_NCCL is not defined); communicate CPU tensors with Gloo "
       "(InitOptions().device(torch::kCPU)) or use a CUDA build of LibTorch");
 #endif
   const auto address = detail::environment_variable("MASTER_ADDR");
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       address && !address->empty(),
-      "torchlora: MASTER_ADDR is not set",
+      "MASTER_ADDR is not set",
       of_size,
       ": set it to rank 0's address, as torchrun does");
   std::string unresolved;
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       !detail::route_source(*address, 1, &unresolved).empty() ||
           unresolved.rfind("cannot resolve", 0) != 0,
-      "torchlora: MASTER_ADDR '",
+      "MASTER_ADDR '",
       *address,
       "' is not an address this machine can resolve (",
       unresolved,
       "): set it to rank 0's address");
   const auto port_text = detail::environment_variable("MASTER_PORT");
-  TORCH_CHECK(
+  TORCHLORA_CHECK(
       port_text,
-      "torchlora: MASTER_PORT is not set",
+      "MASTER_PORT is not set",
       of_size,
       ": set it to a free port on rank 0's machine, as torchrun does");
   const int port =
@@ -446,9 +446,8 @@ inline World init_from_env(const InitOptions& options = {}) {
     meeting_store =
         c10::make_intrusive<c10d::TCPStore>(*address, client_options);
   } catch (const std::exception& error) {
-    TORCH_CHECK(
+    TORCHLORA_CHECK(
         false,
-        "torchlora: ",
         world.describe(),
         " could not ",
         world.rank_ == 0 ? "serve" : "join",
@@ -506,7 +505,7 @@ inline World init_from_env(const InitOptions& options = {}) {
       if (!device) {
         device = detail::gloo_device(chosen);
       }
-      std::clog << "torchlora: " << world.describe() << " communicates from "
+      std::clog << TORCHLORA_PREFIX << world.describe() << " communicates from "
                 << advertised << "\n";
       world.group_ =
           rendezvous.while_watching<c10::intrusive_ptr<ProcessGroup>>(
@@ -521,8 +520,8 @@ inline World init_from_env(const InitOptions& options = {}) {
     rendezvous.finish(); // best effort: this rank's group is made
   } catch (const std::exception& error) {
     auto message = detail::message_of(error);
-    if (message.rfind("torchlora: ", 0) != 0) {
-      message = "torchlora: " + world.describe() +
+    if (message.rfind(TORCHLORA_PREFIX, 0) != 0) {
+      message = TORCHLORA_PREFIX + world.describe() +
           " could not make its process group: " + message +
           " (this rank communicates from " + advertised + ";" +
           detail::list_addresses(joined) +
