@@ -1,11 +1,11 @@
 // LoRA's cost against a plain frozen Linear, measured in the same run.
 //
 // Variants: plain (frozen Linear, the floor), full_ft (weights trainable),
-// seed (y = linear(x) + linear(linear(x, A), B) * s, the seed's formulation),
-// torchlora (LoRALinear, unmerged) and merged (LoRALinear after merge()).
-// Each as a forward without grad and a forward + backward with the input
-// requiring grad (as inside a network). CPU fp32 always; CUDA bf16 and fp32
-// when a GPU is present. Benchmark names:
+// unfused (y = linear(x) + linear(linear(x, A), B) * s, the straightforward
+// formulation), torchlora (LoRALinear, unmerged) and merged (LoRALinear after
+// merge()). Each as a forward without grad and a forward + backward with the
+// input requiring grad (as inside a network). CPU fp32 always; CUDA bf16 and
+// fp32 when a GPU is present. Benchmark names:
 //   <device>/<dtype>/<rows>x<in>x<out>/r<rank>/<variant>/<fwd|fwdbwd>
 //
 //   linear_benchmark                        Google Benchmark output
@@ -61,7 +61,7 @@ Layer make_layer(const std::string& variant, const Case& c) {
         linear->parameters()};
   }
   const auto options = torch::TensorOptions().device(c.device).dtype(c.dtype);
-  if (variant == "seed") {
+  if (variant == "unfused") {
     auto linear = base_linear(c, false);
     auto A =
         (torch::randn({c.rank, c.in}, options) * 0.02).requires_grad_(true);

@@ -32,7 +32,7 @@ struct Case {
 
 /// The variants, plain first: the others are measured against it.
 constexpr const char* kVariants[] =
-    {"plain", "full_ft", "seed", "torchlora", "merged"};
+    {"plain", "full_ft", "unfused", "torchlora", "merged"};
 
 inline std::string device_name(const Case& c) {
   return c.device.is_cuda() ? "cuda" : "cpu";
@@ -388,7 +388,7 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       << "time against a plain frozen Linear (1.00x), lower is better</text>\n";
   const std::map<std::string, std::string> colors = {
       {"full_ft", "#7f7f7f"},
-      {"seed", "#ff7f0e"},
+      {"unfused", "#ff7f0e"},
       {"torchlora", "#d62728"},
       {"merged", "#2ca02c"}};
   for (size_t i = 0; i < bars.size(); ++i) {

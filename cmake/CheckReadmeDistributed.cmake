@@ -1,5 +1,5 @@
-# Run with cmake -P: the README's data-parallel block (compiled into
-# PROGRAM, the distributed test binary, as the test Readme.*) run once as a
+# Run with cmake -P: the data-parallel guide's block (docs/data-parallel.md) (compiled into
+# PROGRAM, the distributed test binary, as the test DataParallel.*) run once as a
 # single process and once as 2 processes under LAUNCHER; each must exit 0
 # (its loss went down), and the adapter rank 0 saved must equal the single
 # process's to float32 rounding: averaging the ranks' gradients is training
@@ -18,12 +18,12 @@ function(run_in folder what)
 endfunction()
 file(REMOVE_RECURSE "${WORK_DIR}")
 unset(ENV{WORLD_SIZE})
-run_in(single "the README block, one process" "${PROGRAM}" --gtest_filter=Readme.*)
-run_in(two "the README block, 2 processes" bash "${LAUNCHER}" 2 "${PROGRAM}" --gtest_filter=Readme.*)
+run_in(single "the guide's block, one process" "${PROGRAM}" --gtest_filter=DataParallel.*)
+run_in(two "the guide's block, 2 processes" bash "${LAUNCHER}" 2 "${PROGRAM}" --gtest_filter=DataParallel.*)
 # Both ranks ran the block and passed.
 foreach(rank 0 1)
   if(NOT out MATCHES "\\[rank ${rank}\\] \\[  PASSED  \\] 1 test")
-    message(FATAL_ERROR "rank ${rank} did not pass the README block")
+    message(FATAL_ERROR "rank ${rank} did not pass the guide's block")
   endif()
 endforeach()
 run_in(. "the adapters compared" "${PROGRAM}" worker compare-adapters

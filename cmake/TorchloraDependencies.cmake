@@ -126,3 +126,28 @@ function(torchlora_add_skipped_test name reason)
   add_test(NAME ${name} COMMAND "${CMAKE_COMMAND}" -E echo "SKIPPED: ${reason}")
   set_tests_properties(${name} PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED:")
 endfunction()
+
+# Registers the tests of the GoogleTest binary TARGET with CTest, one CTest
+# test per GoogleTest suite (see cmake/ListGTestSuites.cmake), listed after
+# each build. Arguments: PREFIX (of the CTest names), TIMEOUT (seconds, per
+# suite), WORKING_DIRECTORY.
+function(torchlora_add_gtest_suites target)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "PREFIX;TIMEOUT;WORKING_DIRECTORY" "")
+  set(listed "${CMAKE_CURRENT_BINARY_DIR}/${target}_suites.cmake")
+  add_custom_command(TARGET ${target} POST_BUILD
+    COMMAND "${CMAKE_COMMAND}"
+      "-DPROGRAM=$<TARGET_FILE:${target}>" "-DOUT=${listed}"
+      "-DPREFIX=${arg_PREFIX}" "-DTIMEOUT=${arg_TIMEOUT}"
+      "-DWORKING_DIRECTORY=${arg_WORKING_DIRECTORY}"
+      -P "${PROJECT_SOURCE_DIR}/cmake/ListGTestSuites.cmake"
+    BYPRODUCTS "${listed}"
+    VERBATIM)
+  set(include_file "${CMAKE_CURRENT_BINARY_DIR}/${target}_include.cmake")
+  file(WRITE "${include_file}"
+    "if(EXISTS [=[${listed}]=])\n"
+    "  include([=[${listed}]=])\n"
+    "else()\n"
+    "  add_test([=[${arg_PREFIX}${target}_NOT_BUILT]=] [=[${target}_NOT_BUILT]=])\n"
+    "endif()\n")
+  set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${include_file}")
+endfunction()

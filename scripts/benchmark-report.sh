@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the benchmarks with the settings of docs/PERFORMANCE.md and
+# Builds and runs the benchmarks with the settings of docs/performance.md and
 # writes the report: docs/perf-<device>.json, -memory.json, -distributed.json
 # and .svg, plus the tables on stdout. The device is cuda when a GPU is present, else cpu.
 #

@@ -28,6 +28,7 @@ packages=(
   zlib1g-dev                  # which it reads, gzipped, with zlib
   python3                     # runs the peft interop check (tests/interop)
   iproute2                    # ip: the network namespaces of the multi-machine tests
+  doxygen                     # the API reference, checked by the tests
 )
 
 missing=()

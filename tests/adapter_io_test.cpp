@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_adapter_io_test {
+
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
@@ -1042,3 +1046,5 @@ TEST_F(AdapterIoTest, DeepOrHugeConfigValuesGiveShortErrors) {
     EXPECT_LT(message.size(), 400u);
   }
 }
+
+} // namespace torchlora_adapter_io_test

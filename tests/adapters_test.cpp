@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_adapters_test {
+
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora_test::expect_unchanged;
@@ -254,3 +258,5 @@ TEST_F(AdaptersTest, MisusesAreErrorsThatChangeNothing) {
       "set_scale: '2' is merged; unmerge the model first");
   expect_unchanged(merged, *model);
 }
+
+} // namespace torchlora_adapters_test

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_blas_threads_test {
+
 namespace {
 
 using torchlora::BlasParallel;
@@ -150,3 +154,5 @@ TEST(BlasThreads, ReadsThisProcess) {
 }
 
 } // namespace
+
+} // namespace torchlora_blas_threads_test

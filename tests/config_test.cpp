@@ -3,15 +3,19 @@
 
 #include <torchlora/config.h>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_config_test {
+
 using torchlora::LoRAConfig;
 
 namespace {
 class LoRAConfigTest : public torchlora_test::Seeded {};
 } // namespace
 
-// torchlora's defaults (README, "API"): peft's, except alpha, which is 1 as
-// in LoRAOptions (peft's LoraConfig has lora_alpha 8, which load_adapter
-// applies to a file without it: adapter_io_test's
+// torchlora's defaults (docs/layer-kinds.md, "API"): peft's, except alpha,
+// which is 1 as in LoRAOptions (peft's LoraConfig has lora_alpha 8, which
+// load_adapter applies to a file without it: adapter_io_test's
 // AMissingLoraAlphaIsPeftsDefaultAndANullOneIsAnError).
 TEST_F(LoRAConfigTest, DefaultsAreTheDocumentedOnes) {
   const LoRAConfig config(8);
@@ -66,3 +70,5 @@ TEST_F(LoRAConfigTest, AdapterOptionsAndTargetingChainInAnyOrder) {
   EXPECT_EQ(config.adapter_name(), "fr");
   EXPECT_EQ(config.bias(), torchlora::LoRABias::lora_only);
 }
+
+} // namespace torchlora_config_test

@@ -9,6 +9,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_inject_test {
+
 using torchlora::inject_lora;
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
@@ -799,3 +803,5 @@ TEST_F(InjectTest, TheDocumentedCallsCompileAndHold) {
   EXPECT_EQ(mlp0->adapter_names(), (std::vector<std::string>{"fr"}));
   EXPECT_NE(seq->ptr<torchlora::LoRALinearImpl>(0), nullptr);
 }
+
+} // namespace torchlora_inject_test

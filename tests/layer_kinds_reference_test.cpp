@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_layer_kinds_reference_test {
+
 using torchlora::LoRAInit;
 using torchlora::LoRAOptions;
 
@@ -876,3 +880,5 @@ TEST(LayerKindsReferenceTest, ConvolutionDropoutActsOnTheAdapterInputOnly) {
           torch::conv2d(x, dense_delta(A, B, 1), {}, 1, 1) * 2.0,
       1e-10));
 }
+
+} // namespace torchlora_layer_kinds_reference_test

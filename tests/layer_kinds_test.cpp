@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_layer_kinds_test {
+
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRAOptions;
@@ -192,7 +196,7 @@ TEST_F(LayerKindsTest, EveryKindRunsOnTheGpu_CUDA) {
   check_on_the_gpu(conv3, torch::randn({1, 2, 3, 4, 5}));
 }
 
-TEST_F(LayerKindsTest, TheIssueSnippetsCompileAndHold) {
+TEST_F(LayerKindsTest, TheDocumentedCallsCompileAndHold) {
   torchlora::LoRAEmbedding emb(
       torch::nn::Embedding(32000, 512), torchlora::LoRAOptions(8).alpha(16));
   torchlora::LoRAConv2d conv(
@@ -724,3 +728,5 @@ TEST_F(LayerKindsTest, APlainSparseEmbeddingRefusesFrequencyScalingAsLibTorch) {
       << plain_message;
   EXPECT_EQ(layer_message, plain_message);
 }
+
+} // namespace torchlora_layer_kinds_test

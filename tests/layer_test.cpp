@@ -6,6 +6,10 @@
 
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_layer_test {
+
 namespace {
 class LoRALayerTest : public torchlora_test::Seeded {};
 } // namespace
@@ -44,3 +48,5 @@ TEST_F(LoRALayerTest, ReportsAdapterTensorsAndTheBaseBias) {
   EXPECT_FALSE(
       static_cast<const torchlora::LoRALayer&>(*no_bias).base_bias().defined());
 }
+
+} // namespace torchlora_layer_test

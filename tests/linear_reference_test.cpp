@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_linear_reference_test {
+
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
 using torchlora::LoRAOptions;
@@ -457,3 +461,5 @@ TEST_F(LinearReferenceTest, SecondDerivativesThroughTheFusedPathAreExact) {
     }
   }
 }
+
+} // namespace torchlora_linear_reference_test

@@ -10,6 +10,10 @@
 #include <sstream>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_linear_test {
+
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
 using torchlora::LoRAOptions;
@@ -20,7 +24,7 @@ namespace {
 
 class LoRALinearTest : public torchlora_test::Seeded {};
 
-/// The adapter's term of the seed's formula in float64: s (x A^T) B^T.
+/// The adapter's term of the LoRA formula in float64: s (x A^T) B^T.
 torch::Tensor reference_delta(
     const torch::Tensor& x,
     const torch::Tensor& A,
@@ -32,7 +36,7 @@ torch::Tensor reference_delta(
           .matmul(B.to(torch::kFloat64).t());
 }
 
-/// The seed's formula in float64: x W^T + b + s (x A^T) B^T.
+/// The LoRA formula in float64: x W^T + b + s (x A^T) B^T.
 torch::Tensor reference_forward(
     const torch::Tensor& x,
     const torch::Tensor& W,
@@ -705,7 +709,7 @@ TEST_F(LoRALinearTest, ForwardBackwardAndMoves_CUDA) {
 
 namespace {
 
-/// Gradients of sum(y * upstream) for the seed's formula by plain autograd,
+/// Gradients of sum(y * upstream) for the LoRA formula by plain autograd,
 /// and by LoRALinearFunction with `fold`, all in float64.
 void expect_function_matches_reference(
     int64_t rows,
@@ -816,3 +820,5 @@ TEST_F(LoRALinearTest, AFreshAdapterIsANoOpOnTheFoldedPathToo) {
   const auto x3 = torch::randn({4, 32, 32});
   EXPECT_TRUE(torch::equal(layer(x3), base(x3)));
 }
+
+} // namespace torchlora_linear_test

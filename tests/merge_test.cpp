@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_merge_test {
+
 using torchlora::LoRAConfig;
 using torchlora::LoRAInit;
 using torchlora::LoRALinear;
@@ -540,3 +544,5 @@ TEST_F(MergeTest, AStaleMergedWeightIsNeverKeptOrUnmergedInSilence) {
     EXPECT_TRUE(torch::allclose(layer(x), changed));
   }
 }
+
+} // namespace torchlora_merge_test

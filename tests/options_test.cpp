@@ -7,6 +7,10 @@
 
 #include <cmath>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_options_test {
+
 using torchlora::LoRAInit;
 using torchlora::LoRAOptions;
 
@@ -14,7 +18,7 @@ namespace {
 class LoRAOptionsTest : public torchlora_test::Seeded {};
 } // namespace
 
-TEST_F(LoRAOptionsTest, DefaultsAreTheSeeds) {
+TEST_F(LoRAOptionsTest, DefaultsAreTheDocumentedOnes) {
   const LoRAOptions options(8);
   EXPECT_EQ(options.rank(), 8);
   EXPECT_EQ(options.alpha(), 1.0);
@@ -100,3 +104,5 @@ TEST_F(LoRAOptionsTest, AdaptersFollowTheBaseDtypeUnlessAsked) {
       torch::kFloat64);
   EXPECT_EQ(asked->weight.scalar_type(), torch::kFloat32);
 }
+
+} // namespace torchlora_options_test

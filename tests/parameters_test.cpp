@@ -11,6 +11,10 @@
 #include <set>
 #include <string>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_parameters_test {
+
 using torchlora::LoRABias;
 using torchlora::LoRALinear;
 using torchlora::LoRAOptions;
@@ -257,3 +261,5 @@ TEST_F(ParametersTest, CloneKeepingTrainableExplainsWhatLibTorchCannotClone) {
   // The LoRA layer set aside for LibTorch's clone is back in place.
   EXPECT_EQ(torchlora_test::module_tree(model), before);
 }
+
+} // namespace torchlora_parameters_test

@@ -21,6 +21,10 @@
 #include <string>
 #include <utility>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_peft_files_test {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -381,3 +385,5 @@ TEST(PeftFile, TorchloraWritesTheConfigPeftWritesForTheSameSettings) {
 }
 
 } // namespace
+
+} // namespace torchlora_peft_files_test

@@ -1,4 +1,4 @@
-// Every operation the README lists as refused while a forward runs (on
+// Every operation docs/serving.md lists as refused while a forward runs (on
 // another thread) or while a torchlora::AdaptedWeights scope lives, each
 // checked with that state really in place: a forward held inside a LoRA
 // layer on another thread (a deterministic hand-off, no sleep), or a live
@@ -22,6 +22,10 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_refusals_test {
 
 namespace {
 
@@ -139,7 +143,7 @@ LoRALayer& held_layer(torch::nn::Module& model, bool first) {
   return first ? *layers.front() : *layers.back();
 }
 
-/// An operation that the README says is refused, with what its refusal
+/// An operation that docs/serving.md says is refused, with what its refusal
 /// names, and whether it needs a merged model.
 struct Operation {
   const char* name;
@@ -149,7 +153,7 @@ struct Operation {
   bool needs_merged = false;
 };
 
-/// The README's list (see "Serving several adapters", Threads, and
+/// The list in docs/serving.md (see "Serving several adapters", Threads, and
 /// "LibTorch's own Transformer modules"). `folder` holds an adapter file
 /// saved from the model, for load_adapter; `targets` what inject_lora adapts.
 std::vector<Operation> refused_operations(
@@ -451,3 +455,5 @@ TEST_F(
 }
 
 } // namespace
+
+} // namespace torchlora_refusals_test

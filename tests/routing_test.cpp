@@ -15,9 +15,14 @@
 #include <thread>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_routing_test {
+
 namespace {
 
-using torchlora_test::Seeded;
+class RoutingTest : public torchlora_test::Seeded {};
+class ForwardsAndMergesTest : public torchlora_test::Seeded {};
 
 const std::string kBase = "__base__";
 
@@ -80,7 +85,7 @@ void expect_rows_match(
   }
 }
 
-TEST_F(Seeded, RoutingEachRowOfEveryKindEqualsItsAdapterAlone) {
+TEST_F(RoutingTest, EachRowOfEveryKindEqualsItsAdapterAlone) {
   std::mt19937 rng(5122026);
   for (int trial = 0; trial < 6; ++trial) {
     SCOPED_TRACE("trial " + std::to_string(trial));
@@ -171,7 +176,7 @@ TEST_F(Seeded, RoutingEachRowOfEveryKindEqualsItsAdapterAlone) {
   }
 }
 
-TEST_F(Seeded, RoutingMatchesAFloat64FormulaOnRandomShapes) {
+TEST_F(RoutingTest, MatchesAFloat64FormulaOnRandomShapes) {
   std::mt19937 rng(6122026);
   std::uniform_int_distribution<int64_t> size(1, 24);
   for (int trial = 0; trial < 40; ++trial) {
@@ -243,7 +248,7 @@ torch::nn::Sequential three_adapter_model() {
   return model;
 }
 
-TEST_F(Seeded, RoutingAModelGivesEachRowItsAdapterInEveryLayer) {
+TEST_F(RoutingTest, AModelGivesEachRowItsAdapterInEveryLayer) {
   auto model = three_adapter_model();
   const std::vector<std::string> names{"b", "default", kBase, "c", "b", "c"};
   const auto x = torch::randn({6, 2, 8});
@@ -275,7 +280,7 @@ TEST_F(Seeded, RoutingAModelGivesEachRowItsAdapterInEveryLayer) {
   EXPECT_TRUE(torch::equal(model->forward(x), before));
 }
 
-TEST_F(Seeded, RoutingGradientsReachEachAdapterFromItsOwnRowsOnly) {
+TEST_F(RoutingTest, GradientsReachEachAdapterFromItsOwnRowsOnly) {
   auto model = three_adapter_model();
   model->to(torch::kFloat64);
   // Every routed adapter trainable: all three active.
@@ -329,7 +334,7 @@ TEST_F(Seeded, RoutingGradientsReachEachAdapterFromItsOwnRowsOnly) {
   }
 }
 
-TEST_F(Seeded, RoutingBadNamesRowCountsAndStatesAreErrors) {
+TEST_F(RoutingTest, BadNamesRowCountsAndStatesAreErrors) {
   auto model = three_adapter_model();
   const auto x = torch::randn({3, 8});
   const auto before = torchlora_test::snapshot(*model);
@@ -366,7 +371,7 @@ TEST_F(Seeded, RoutingBadNamesRowCountsAndStatesAreErrors) {
   torchlora_test::expect_unchanged(before, *model);
 }
 
-TEST_F(Seeded, RoutingIsPerThreadAndConcurrentForwardsMatchSerial) {
+TEST_F(RoutingTest, IsPerThreadAndConcurrentForwardsMatchSerial) {
   auto model = three_adapter_model();
   model->eval();
   torch::NoGradGuard no_grad;
@@ -426,7 +431,7 @@ TEST_F(Seeded, RoutingIsPerThreadAndConcurrentForwardsMatchSerial) {
   EXPECT_EQ(errors.load(), 0);
 }
 
-TEST_F(Seeded, ChangingALayerWhileAForwardRunsIsRefused) {
+TEST_F(ForwardsAndMergesTest, ChangingALayerWhileAForwardRunsIsRefused) {
   auto model = three_adapter_model();
   auto layer = model[0]->as<torchlora::LoRALinear>();
   ASSERT_NE(layer, nullptr);
@@ -450,7 +455,7 @@ TEST_F(Seeded, ChangingALayerWhileAForwardRunsIsRefused) {
   torchlora::set_adapter(model, "b");
 }
 
-TEST_F(Seeded, MergeInPlaceKeepsNoCopyAndUnmergeSubtracts) {
+TEST_F(ForwardsAndMergesTest, MergeInPlaceKeepsNoCopyAndUnmergeSubtracts) {
   for (const auto dtype :
        {torch::kFloat32, torch::kFloat64, torch::kBFloat16}) {
     SCOPED_TRACE(c10::toString(dtype));
@@ -502,7 +507,7 @@ TEST_F(Seeded, MergeInPlaceKeepsNoCopyAndUnmergeSubtracts) {
   }
 }
 
-TEST_F(Seeded, MergeInPlaceRefusesStaleAdaptersAndFollowsACast) {
+TEST_F(ForwardsAndMergesTest, MergeInPlaceRefusesStaleAdaptersAndFollowsACast) {
   auto fresh_layer = [] {
     torchlora::LoRALinear layer(torch::nn::Linear(6, 5));
     layer->add_adapter(
@@ -547,3 +552,5 @@ TEST_F(Seeded, MergeInPlaceRefusesStaleAdaptersAndFollowsACast) {
 }
 
 } // namespace
+
+} // namespace torchlora_routing_test

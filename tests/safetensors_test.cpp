@@ -20,6 +20,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_safetensors_test {
+
 namespace st = torchlora::safetensors;
 
 namespace {
@@ -627,3 +631,5 @@ TEST_F(SafetensorsTest, AFailedSaveLeavesTheGoodFileInPlace) {
   }
   EXPECT_EQ(files, 1u);
 }
+
+} // namespace torchlora_safetensors_test

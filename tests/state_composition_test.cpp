@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_state_composition_test {
+
 namespace {
 
 using namespace torchlora;
@@ -556,3 +560,5 @@ TEST_F(StateCompositionTest, HeldWeightsKeepTheirScopesGradMode) {
 }
 
 } // namespace
+
+} // namespace torchlora_state_composition_test

@@ -35,6 +35,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_stateful_test {
+
 namespace {
 
 namespace nn = torch::nn;
@@ -2170,3 +2174,5 @@ TEST(StatefulTest, RandomOperationSequencesAgreeWithAFloat64Model) {
 }
 
 } // namespace
+
+} // namespace torchlora_stateful_test

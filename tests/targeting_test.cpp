@@ -4,6 +4,10 @@
 
 #include <torchlora/targeting.h>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_targeting_test {
+
 using torchlora::LoRAConfig;
 using torchlora::TargetMatcher;
 
@@ -208,3 +212,5 @@ TEST_F(TargetingTest, BadConfigsAreErrors) {
       TargetMatcher(LoRAConfig(4).target_modules({"q"}).dropout(1.5)),
       "dropout must be in [0, 1), got 1.5");
 }
+
+} // namespace torchlora_targeting_test

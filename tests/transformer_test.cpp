@@ -14,6 +14,10 @@
 #include <string>
 #include <vector>
 
+// A namespace per file: the test files are compiled together (a unity
+// build), so that their helpers cannot clash.
+namespace torchlora_transformer_test {
+
 namespace {
 
 using namespace torchlora;
@@ -558,3 +562,5 @@ TEST_F(TransformerTest, WhatABoundMemberCannotHonourIsRefused) {
 }
 
 } // namespace
+
+} // namespace torchlora_transformer_test

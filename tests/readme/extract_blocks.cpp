@@ -1,14 +1,18 @@
-// Turns the ```cpp blocks of a Markdown file into one GoogleTest source file,
-// so that every C++ block of the README compiles and runs in the test suite.
+// Turns the ```cpp blocks of Markdown pages into one GoogleTest source file,
+// so that every C++ block of the README and of docs/ compiles and runs in the
+// test suite.
 //
-//   extract_blocks README.md out.cpp [--tag TAG]
+//   extract_blocks out.cpp [--tag TAG] PAGE.md...
 //
+// The tests of a page form a suite named after it (README.md: Readme,
+// docs/serving.md: Serving), one test per block: Block<n>Line<line>.//
 // A block opened with ```cpp TAG (for example ```cpp distributed) goes only
 // into the file made with --tag TAG; without --tag, only untagged blocks.
 // A block with `int main(` is a whole program: its `main` runs as a test and
 // must return 0. Any other block is a list of statements run as a test body.
 // `#include` lines of every block move to the top of the file. Each block
 // lives in a namespace of its own, so blocks may reuse names.
+#include <cctype>
 #include <fstream>
 #include <iostream>
 #include <set>
@@ -60,80 +64,118 @@ std::vector<Block> read_cpp_blocks(std::istream& in) {
   return blocks;
 }
 
+/// The test suite named after a page: README.md gives `Readme`,
+/// docs/adapter-files.md gives `AdapterFiles`.
+std::string suite_of(const std::string& path) {
+  auto name = path.substr(path.find_last_of('/') + 1);
+  name = name.substr(0, name.find('.'));
+  std::string suite;
+  bool upper = true;
+  for (const char c : name) {
+    if (c == '-' || c == '_') {
+      upper = true;
+      continue;
+    }
+    const auto lower =
+        static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    suite += upper
+        ? static_cast<char>(std::toupper(static_cast<unsigned char>(c)))
+        : lower;
+    upper = false;
+  }
+  return suite;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
-  const bool tagged = argc == 5 && std::string(argv[3]) == "--tag";
-  if (argc != 3 && !tagged) {
-    std::cerr << "usage: extract_blocks README.md out.cpp [--tag TAG]\n";
+  std::vector<std::string> pages;
+  std::string wanted_tag;
+  std::string out_path;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--tag" && i + 1 < argc) {
+      wanted_tag = argv[++i];
+    } else if (out_path.empty()) {
+      out_path = arg;
+    } else {
+      pages.push_back(arg);
+    }
+  }
+  if (out_path.empty() || pages.empty()) {
+    std::cerr << "usage: extract_blocks out.cpp [--tag TAG] PAGE.md...\n";
     return 2;
-  }
-  const std::string wanted_tag = tagged ? argv[4] : "";
-  std::ifstream in(argv[1]);
-  if (!in) {
-    std::cerr << "extract_blocks: cannot read " << argv[1] << "\n";
-    return 1;
-  }
-  std::vector<Block> blocks;
-  try {
-    blocks = read_cpp_blocks(in);
-  } catch (const std::exception& error) {
-    std::cerr << "extract_blocks: " << argv[1] << ": " << error.what() << "\n";
-    return 1;
   }
 
   std::set<std::string> includes = {
       "#include <gtest/gtest.h>", "#include <torchlora/torchlora.h>"};
   std::ostringstream body;
   size_t taken = 0;
-  for (size_t index = 0; index < blocks.size(); ++index) {
-    const auto& block = blocks[index];
-    if (block.tag != wanted_tag) {
-      continue;
+  for (const auto& page : pages) {
+    std::ifstream in(page);
+    if (!in) {
+      std::cerr << "extract_blocks: cannot read " << page << "\n";
+      return 1;
     }
-    ++taken;
-    bool is_program = false;
-    std::ostringstream code;
-    for (const auto& line : block.lines) {
-      if (starts_with(trim_left(line), "#include")) {
-        includes.insert(trim_left(line));
+    std::vector<Block> blocks;
+    try {
+      blocks = read_cpp_blocks(in);
+    } catch (const std::exception& error) {
+      std::cerr << "extract_blocks: " << page << ": " << error.what() << "\n";
+      return 1;
+    }
+    const auto suite = suite_of(page);
+    for (size_t index = 0; index < blocks.size(); ++index) {
+      const auto& block = blocks[index];
+      if (block.tag != wanted_tag) {
         continue;
       }
-      is_program = is_program || line.find("int main(") != std::string::npos;
-      code << line << "\n";
-    }
-    const auto name = "readme_block_" + std::to_string(index + 1);
-    body << "\n// README.md line " << block.first_line << "\n"
-         << "namespace " << name << " {\n";
-    if (is_program) {
-      body << "#define main run\n"
-           << "#line " << block.first_line << " \"README.md\"\n"
-           << code.str() << "#undef main\n"
-           << "} // namespace " << name << "\n"
-           << "TEST(Readme, Block" << index + 1 << "Line" << block.first_line
-           << ") {\n  EXPECT_EQ(" << name << "::run(), 0);\n}\n";
-    } else {
-      body << "void run() {\n"
-           << "#line " << block.first_line << " \"README.md\"\n"
-           << code.str() << "}\n"
-           << "} // namespace " << name << "\n"
-           << "TEST(Readme, Block" << index + 1 << "Line" << block.first_line
-           << ") {\n  " << name << "::run();\n}\n";
+      ++taken;
+      bool is_program = false;
+      std::ostringstream code;
+      for (const auto& line : block.lines) {
+        if (starts_with(trim_left(line), "#include")) {
+          includes.insert(trim_left(line));
+          continue;
+        }
+        is_program = is_program || line.find("int main(") != std::string::npos;
+        code << line << "\n";
+      }
+      const auto name = suite + "_block_" + std::to_string(index + 1);
+      const auto test = "TEST(" + suite + ", Block" +
+          std::to_string(index + 1) + "Line" +
+          std::to_string(block.first_line) + ") {\n  ";
+      body << "\n// " << page << " line " << block.first_line << "\n"
+           << "namespace " << name << " {\n";
+      if (is_program) {
+        body << "#define main run\n"
+             << "#line " << block.first_line << " \"" << page << "\"\n"
+             << code.str() << "#undef main\n"
+             << "} // namespace " << name << "\n"
+             << test << "EXPECT_EQ(" << name << "::run(), 0);\n}\n";
+      } else {
+        body << "void run() {\n"
+             << "#line " << block.first_line << " \"" << page << "\"\n"
+             << code.str() << "}\n"
+             << "} // namespace " << name << "\n"
+             << test << name << "::run();\n}\n";
+      }
     }
   }
 
-  std::ofstream out(argv[2]);
-  out << "// Generated from README.md by tests/readme/extract_blocks.cpp.\n";
+  std::ofstream out(out_path);
+  out << "// Generated from the documentation's C++ blocks by "
+         "tests/readme/extract_blocks.cpp.\n";
   for (const auto& include : includes) {
     out << include << "\n";
   }
   out << body.str();
   if (!out) {
-    std::cerr << "extract_blocks: cannot write " << argv[2] << "\n";
+    std::cerr << "extract_blocks: cannot write " << out_path << "\n";
     return 1;
   }
   std::cout << "extract_blocks: " << taken << " C++ blocks"
-            << (tagged ? " tagged " + wanted_tag : std::string()) << " from "
-            << argv[1] << "\n";
+            << (wanted_tag.empty() ? std::string() : " tagged " + wanted_tag)
+            << " from " << pages.size() << " pages\n";
   return 0;
 }
