@@ -4,12 +4,12 @@
 #include <torchlora/config.h>
 #include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/check.h>
-#include <torchlora/detail/layer_kinds.h>
-#include <torchlora/detail/model_walk.h>
-#include <torchlora/detail/peft_config_json.h>
-#include <torchlora/detail/peft_layout.h>
 #include <torchlora/inject.h>
+#include <torchlora/io/peft_config_json.h>
+#include <torchlora/io/peft_layout.h>
+#include <torchlora/kinds/layer_kinds.h>
 #include <torchlora/layer.h>
+#include <torchlora/model/model_walk.h>
 #include <torchlora/module_ref.h>
 #include <torchlora/parameters.h>
 #include <torchlora/safetensors.h>

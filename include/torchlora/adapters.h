@@ -1,9 +1,9 @@
 #pragma once
 
 #include <torchlora/detail/check.h>
-#include <torchlora/detail/model_walk.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
+#include <torchlora/model/model_walk.h>
 #include <torchlora/module_ref.h>
 
 #include <torch/nn/module.h>

@@ -154,45 +154,6 @@ class LoRALayer {
         "clone the model with LibTorch's clone()");
   }
 
-  // ------------------------------------------------------------ members
-
-  /// True when a module of LibTorch reads this layer's base weight through
-  /// a typed member of its own (`TransformerEncoderLayer::linear1`,
-  /// `MultiheadAttention::in_proj_weight`): that member then holds the
-  /// adapted weight inside a `torchlora::AdaptedWeights` scope, the merged
-  /// weight when merged, and otherwise a sentinel that refuses every use.
-  virtual bool member_bound() const {
-    return false;
-  }
-
-  /// Makes this layer member-bound (`inject_lora` does, for the layers of
-  /// LibTorch's modules); `where` names it in messages. A layer type that
-  /// cannot refuses.
-  virtual void bind_member(const std::string& /*where*/) {
-    TORCHLORA_CHECK(
-        false,
-        "this LoRA layer type cannot be adapted through a member "
-        "of a LibTorch module");
-  }
-
-  /// Points the bound member at the adapted weight, `W + sum s B A`
-  /// computed now (differentiable in every A and B when gradients are
-  /// recorded), until `release_member_weight` with the returned token:
-  /// what `AdaptedWeights` does. Holds nest: the innermost one's weight is
-  /// the member's, and releasing it gives back the one before.
-  virtual int64_t hold_member_weight() {
-    return 0;
-  }
-
-  /// Ends the `hold_member_weight` that returned `token`.
-  virtual void release_member_weight(int64_t /*token*/) {}
-
-  /// How many `AdaptedWeights` scopes hold this layer's member now. Changing
-  /// the layer's adapters is refused while one does.
-  virtual int member_weight_holds() const {
-    return 0;
-  }
-
   // ------------------------------------------------------------ threads
 
   /// How many forwards run through this layer now, on any thread. Changing

@@ -9,6 +9,9 @@
 #include <torchlora/detail/tensor_bits.h>
 #include <torchlora/detail/text.h>
 #include <torchlora/layer.h>
+#include <torchlora/layer/adapter_set.h>
+#include <torchlora/layer/member_binding.h>
+#include <torchlora/layer/merge_state.h>
 #include <torchlora/options.h>
 
 #include <torch/nn/cloneable.h>
@@ -65,50 +68,6 @@ struct module_is_virtual_base<
     std::void_t<decltype(static_cast<T*>(std::declval<torch::nn::Module*>()))>>
     : std::false_type {};
 
-/// One adapter of a LoRA layer: its options, its scales and its matrices.
-struct Adapter {
-  std::string name;
-  LoRAOptions options;
-  /// `alpha / r` (`alpha / sqrt(r)` with rsLoRA), fixed by the options.
-  double scaling;
-  /// The down-projection A, `[r, ...]` (its layout depends on the kind).
-  torch::Tensor A;
-  /// The up-projection B, `[..., r]` (its layout depends on the kind).
-  torch::Tensor B;
-  /// Run-time multiplier of the contribution (`set_scale`), default 1.
-  double scale = 1.0;
-  /// Whether the forward uses this adapter (`set_active_adapters`).
-  bool active = true;
-
-  /// What the adapter's product is multiplied by: `scaling * scale`.
-  double effective_scaling() const {
-    return scaling * scale;
-  }
-};
-
-/// Fills A and B as `init` asks (A down, B up: Linear and Conv layers).
-inline void init_lora_matrices(
-    LoRAInit init,
-    int64_t rank,
-    const torch::Tensor& A,
-    const torch::Tensor& B) {
-  torch::NoGradGuard no_grad;
-  switch (init) {
-    case LoRAInit::kaiming_uniform:
-      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-      B.zero_();
-      break;
-    case LoRAInit::gaussian:
-      torch::nn::init::normal_(A, 0.0, 1.0 / static_cast<double>(rank));
-      B.zero_();
-      break;
-    case LoRAInit::random:
-      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
-      break;
-  }
-}
-
 } // namespace detail
 
 /// Everything LoRA layers share, written once: the base layer and its
@@ -134,7 +93,9 @@ inline void init_lora_matrices(
 /// `check_delta_fits`, `bias_of`, `adapter_input` (dropout) and
 /// `add_adapter_output` (y += s * product, fused where it can be).
 template <typename Derived, typename BaseImpl>
-class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
+class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
+                      public LoRALayer,
+                      public MemberBindable {
  public:
   using BaseHolder = torch::nn::ModuleHolder<BaseImpl>;
   using BaseOptions = std::decay_t<decltype(std::declval<BaseImpl&>().options)>;
@@ -164,7 +125,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     }
     base_->reset_parameters();
     refresh_member();
-    for (const auto& adapter : adapters_) {
+    for (const auto& adapter : adapters_.all()) {
       derived().init_matrices(
           adapter.options.init(), adapter.options.rank(), adapter.A, adapter.B);
     }
@@ -177,7 +138,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void add_adapter(const std::string& name, const LoRAOptions& lora) override {
     check_not_merged("add_adapter");
     check_no_forward_running("add_adapter");
-    check_new_adapter_name(name);
+    adapters_.check_new_name(name);
     TORCHLORA_CHECK(
         lora.rank() > 0,
         "add_adapter(\"",
@@ -186,14 +147,14 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         lora.rank());
     detail::check_lora_options(lora);
     derived().check_adapter_options(name, lora);
-    check_member_options(name, lora);
+    member_.check_options(name, lora);
 
     const auto dtype = lora.dtype().value_or(weight.scalar_type());
     auto [A, B] =
         derived().create_matrices(name, lora.rank(), weight.device(), dtype);
     detail::Adapter adapter{name, lora, lora_scaling(lora), A, B};
     derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
-    adapters_.push_back(std::move(adapter));
+    adapters_.add(std::move(adapter));
     freeze_base();
     // The new matrices' modules take the layer's training mode.
     this->train(this->is_training());
@@ -209,12 +170,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     check_no_forward_running("delete_adapter");
     detail::check_not_routed(
         this, "delete_adapter", std::string("this ") + Derived::kName);
-    const auto& adapter = find_adapter(name);
-    const auto index = static_cast<size_t>(&adapter - adapters_.data());
-    const bool was_active = adapter.active;
+    const bool was_active = adapters_.find(name).active;
     derived().remove_matrices(name, /*last=*/adapters_.size() == 1);
-    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(index));
-    if (was_active && !adapters_.empty() && !has_active_adapter()) {
+    adapters_.erase(name);
+    if (was_active && !adapters_.empty() && !adapters_.has_active()) {
       set_active_adapters({adapters_.front().name});
     }
   }
@@ -222,22 +181,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void set_active_adapters(const std::vector<std::string>& names) override {
     check_not_merged("set_active_adapters");
     check_no_forward_running("set_active_adapters");
-    for (auto& adapter : adapters_) {
-      adapter.active =
-          std::find(names.begin(), names.end(), adapter.name) != names.end();
-      adapter.A.set_requires_grad(adapter.active);
-      adapter.B.set_requires_grad(adapter.active);
-    }
+    adapters_.set_active(names);
   }
 
   std::vector<std::string> active_adapters() const override {
-    std::vector<std::string> names;
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        names.push_back(adapter.name);
-      }
-    }
-    return names;
+    return adapters_.active_names();
   }
 
   void set_scale(const std::string& name, double scale) override {
@@ -249,16 +197,16 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         name,
         "\") needs a finite scale, got ",
         scale);
-    find_adapter(name).scale = scale;
+    adapters_.find(name).scale = scale;
   }
 
   double scale(const std::string& name) const override {
-    return find_adapter(name).scale;
+    return adapters_.find(name).scale;
   }
 
   void set_adapters_enabled(bool enabled) override {
     TORCHLORA_CHECK(
-        enabled || !merged_,
+        enabled || !merge_.merged,
         "cannot disable the adapters of a merged layer; unmerge() "
         "it first (torchlora::DisableAdapters does both)");
     if (enabled && !enabled_ && member_weight_holds() > 0) {
@@ -283,45 +231,27 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// The factor adapter `name`'s product is multiplied by (`alpha / r`, or
   /// `alpha / sqrt(r)` with rsLoRA), before its run-time `scale`.
   double scaling(const std::string& name) const {
-    return find_adapter(name).scaling;
+    return adapters_.find(name).scaling;
   }
 
   const LoRAOptions& adapter_options(const std::string& name) const override {
-    return find_adapter(name).options;
+    return adapters_.find(name).options;
   }
 
   std::vector<std::string> adapter_names() const override {
-    std::vector<std::string> names;
-    for (const auto& adapter : adapters_) {
-      names.push_back(adapter.name);
-    }
-    return names;
+    return adapters_.names();
   }
 
   bool has_adapter(const std::string& name) const override {
-    return std::any_of(adapters_.begin(), adapters_.end(), [&](const auto& a) {
-      return a.name == name;
-    });
+    return adapters_.has(name);
   }
 
   std::vector<torch::Tensor> adapter_parameters() const override {
-    std::vector<torch::Tensor> tensors;
-    for (const auto& adapter : adapters_) {
-      tensors.push_back(adapter.A);
-      tensors.push_back(adapter.B);
-    }
-    return tensors;
+    return adapters_.matrices(/*active_only=*/false);
   }
 
   std::vector<torch::Tensor> active_adapter_parameters() const override {
-    std::vector<torch::Tensor> tensors;
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        tensors.push_back(adapter.A);
-        tensors.push_back(adapter.B);
-      }
-    }
-    return tensors;
+    return adapters_.matrices(/*active_only=*/true);
   }
 
   torch::Tensor base_bias() const override {
@@ -352,27 +282,27 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// taken then, so adapters changed since do not matter; a change of the
   /// weight made since stays).
   void unmerge() override {
-    if (!merged_) {
+    if (!merge_.merged) {
       return;
     }
     check_unmergeable();
     check_no_forward_running("unmerge");
     torch::NoGradGuard no_grad;
-    if (keeps_original_) {
-      weight.set_data(original_weight_);
+    if (merge_.keeps_original) {
+      weight.set_data(merge_.original_weight);
     } else {
-      add_deltas_in_place(merged_deltas_, -1.0);
+      detail::add_deltas_in_place(weight, merge_.deltas, -1.0, add_delta());
     }
-    forget_merge();
+    merge_.forget();
     refresh_member();
   }
 
   bool merged() const override {
-    return merged_;
+    return merge_.merged;
   }
 
   bool merged_in_place() const override {
-    return merged_ && !keeps_original_;
+    return merge_.in_place();
   }
 
   int running_forwards() const override {
@@ -391,11 +321,11 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   void check_mergeable() const override {
-    if (merged_) {
+    if (merge_.merged) {
       check_merged_weight_is_current();
       return;
     }
-    if (!has_active_adapter()) {
+    if (!adapters_.has_active()) {
       return;
     }
     check_enabled_for_merge();
@@ -416,12 +346,12 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     detail::check_not_routed(
         this, "unload", std::string("this ") + Derived::kName);
     torch::NoGradGuard no_grad;
-    if (merge_first && !merged_) {
+    if (merge_first && !merge_.merged) {
       weight.set_data(weight_with_adapters());
-    } else if (!merge_first && merged_) {
+    } else if (!merge_first && merge_.merged) {
       weight.set_data(weight_before_merge());
     }
-    forget_merge();
+    merge_.forget();
     enabled_ = true;
     while (!adapters_.empty()) {
       delete_adapter(adapters_.back().name);
@@ -429,7 +359,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (member_.bound) {
       // The member reads the (merged or restored) base weight again.
       Derived::member_weight(*base_) = weight;
-      member_ = MemberBinding();
+      member_ = detail::MemberBinding();
     }
   }
 
@@ -463,31 +393,31 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false)
       override {
     torch::nn::Module::to(device, dtype, non_blocking);
-    follow_weight();
+    merge_.follow(weight, adapters_);
     refresh_member(/*recompute_held=*/true);
   }
 
   void to(torch::Dtype dtype, bool non_blocking = false) override {
     torch::nn::Module::to(dtype, non_blocking);
-    follow_weight();
+    merge_.follow(weight, adapters_);
     refresh_member(/*recompute_held=*/true);
   }
 
   void to(torch::Device device, bool non_blocking = false) override {
     torch::nn::Module::to(device, non_blocking);
-    follow_weight();
+    merge_.follow(weight, adapters_);
     refresh_member(/*recompute_held=*/true);
   }
 
   /// Saves like any module; a merged layer saves its unmerged weight, so a
   /// checkpoint always holds base weights next to the adapters.
   void save(torch::serialize::OutputArchive& archive) const override {
-    if (merged_) {
+    if (merge_.merged) {
       // The weight written must be the one from before merge().
       check_restorable("saving it");
     }
     for (const auto& item : this->named_parameters(/*recurse=*/false)) {
-      const bool unmerged = merged_ && item.key() == Derived::kWeightName;
+      const bool unmerged = merge_.merged && item.key() == Derived::kWeightName;
       archive.write(
           item.key(), unmerged ? weight_before_merge() : item.value());
     }
@@ -508,7 +438,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// loaded. If loading fails (a missing key), a merged layer is put back as
   /// it was, merged, before the error goes on.
   void load(torch::serialize::InputArchive& archive) override {
-    if (!merged_) {
+    if (!merge_.merged) {
       torch::nn::Module::load(archive);
       return;
     }
@@ -521,10 +451,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     for (const auto& tensor : this->buffers()) {
       kept.emplace_back(tensor, tensor.detach());
     }
-    const auto kept_original = original_weight_;
-    const auto kept_deltas = merged_deltas_;
-    const auto kept_stamps = merged_stamps_;
-    const bool keep_original = keeps_original_;
+    const auto kept_merge = merge_;
     unmerge();
     try {
       torch::nn::Module::load(archive);
@@ -533,19 +460,16 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       for (auto& [tensor, values] : kept) {
         tensor.set_data(values);
       }
-      if (keep_original) {
-        original_weight_ = kept_original;
-        merged_ = true;
-        merged_deltas_ = kept_deltas;
-        merged_stamps_ = kept_stamps;
-        merged_weight_version_ = weight._version();
-        merged_weight_checksum_ = weight_checksum();
+      if (kept_merge.keeps_original) {
+        merge_ = kept_merge;
+        merge_.weight_version = weight._version();
+        merge_.checksum = detail::weight_checksum(weight);
       } else {
         merge_keeping_original(/*safe=*/false, /*keep_original=*/false);
       }
       throw;
     }
-    merge_keeping_original(/*safe=*/false, keep_original);
+    merge_keeping_original(/*safe=*/false, kept_merge.keeps_original);
   }
 
   // ------------------------------------------------------------ members
@@ -556,8 +480,8 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
 
   void bind_member(const std::string& where) override {
     check_not_merged("bind_member");
-    for (const auto& adapter : adapters_) {
-      check_member_options(adapter.name, adapter.options, where);
+    for (const auto& adapter : adapters_.all()) {
+      member_.check_options(adapter.name, adapter.options, where);
     }
     member_.bound = true;
     member_.where = where;
@@ -570,27 +494,18 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         "hold_member_weight on a ",
         Derived::kName,
         " that no LibTorch module reads through a member");
-    if (merged_) {
+    if (merge_.merged) {
       check_merged_weight_is_current();
     }
     // Computed now, in this scope's grad mode; an inner scope's weight
     // never replaces an outer one's for good.
-    MemberHold hold;
-    hold.token = ++member_.last_token;
-    hold.grad = at::GradMode::is_enabled();
-    hold.weight = merged_ ? weight : adapted_weight();
-    member_.holds.push_back(std::move(hold));
+    const auto token = member_.hold(merge_.merged ? weight : adapted_weight());
     refresh_member();
-    return member_.holds.back().token;
+    return token;
   }
 
   void release_member_weight(int64_t token) override {
-    const auto found = std::find_if(
-        member_.holds.begin(), member_.holds.end(), [&](const auto& hold) {
-          return hold.token == token;
-        });
-    if (found != member_.holds.end()) {
-      member_.holds.erase(found);
+    if (member_.release(token)) {
       refresh_member();
     }
   }
@@ -606,28 +521,20 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// `AdaptedWeights`. Without gradients to record it equals the merged
   /// weight bit for bit.
   torch::Tensor adapted_weight() const {
-    if (merged_) {
+    if (merge_.merged) {
       check_merged_weight_is_current(/*in_forward=*/true);
       return weight;
     }
-    if (!enabled_ || !has_active_adapter()) {
+    if (!enabled_ || !adapters_.has_active()) {
       return weight;
     }
-    bool record = false;
-    if (at::GradMode::is_enabled()) {
-      for (const auto& adapter : adapters_) {
-        record = record ||
-            (adapter.active &&
-             (adapter.A.requires_grad() || adapter.B.requires_grad()));
-      }
-    }
-    if (!record) {
+    if (!adapters_.records_gradients()) {
       return weight_with_adapters();
     }
     auto adapted = weight;
     const auto where =
         member_.bound ? member_.where : std::string("this ") + Derived::kName;
-    for (const auto& adapter : adapters_) {
+    for (const auto& adapter : adapters_.all()) {
       if (adapter.active) {
         adapted = detail::AdaptedWeightFunction::apply(
             adapted, adapter.A, adapter.B, adapter.effective_scaling(), where);
@@ -681,7 +588,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
                    : std::string());
     const bool single_default =
         adapters_.size() == 1 && adapters_.front().name == "default";
-    for (const auto& adapter : adapters_) {
+    for (const auto& adapter : adapters_.all()) {
       stream << ", ";
       if (!single_default) {
         stream << adapter.name << "=(";
@@ -807,17 +714,17 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// True when the forward must add adapter outputs: not merged (a merged
   /// layer whose adapters changed since is an error), enabled, one active.
   bool adapters_in_use() const {
-    if (merged_) {
+    if (merge_.merged) {
       check_merged_weight_is_current(/*in_forward=*/true);
       return false;
     }
-    return enabled_ && has_active_adapter();
+    return enabled_ && adapters_.has_active();
   }
 
   /// `y` plus each active adapter's scaled output for `x` (dropout applied
   /// to the adapter's input in training).
   void add_adapter_outputs(const torch::Tensor& x, torch::Tensor& y) const {
-    for (const auto& adapter : adapters_) {
+    for (const auto& adapter : adapters_.all()) {
       if (adapter.active) {
         derived().add_adapter_output(
             adapter, derived().adapter_input(adapter, x), y);
@@ -842,7 +749,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       int64_t min_dim,
       const char* what) const {
     TORCHLORA_CHECK(
-        !merged_,
+        !merge_.merged,
         "AdapterRouting: this ",
         Derived::kName,
         " is merged, so its adapters cannot be applied per row; unmerge() "
@@ -894,7 +801,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         : x.index_select(0, routing.permutation(x.device(), positions_per_row));
     auto y = base(rows);
     for (const auto& group : routing.groups()) {
-      const auto* adapter = adapter_or_null(group.adapter);
+      const auto* adapter = adapters_.or_null(group.adapter);
       if (adapter == nullptr) {
         continue;
       }
@@ -924,13 +831,13 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   }
 
   const std::vector<detail::Adapter>& adapters() const {
-    return adapters_;
+    return adapters_.all();
   }
 
   /// A merged layer whose adapters changed since `merge` cannot be copied:
   /// the copy's merge would look current.
   void check_clonable() const {
-    if (merged_) {
+    if (merge_.merged) {
       check_merged_weight_is_current();
     }
   }
@@ -941,7 +848,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// mode.
   void copy_state_to(Derived& copy, const c10::optional<torch::Device>& device)
       const {
-    for (const auto& adapter : adapters_) {
+    for (const auto& adapter : adapters_.all()) {
       copy.add_adapter(adapter.name, adapter.options);
       auto& target = copy.adapters_.back();
       target.scale = adapter.scale;
@@ -950,15 +857,16 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       copy_tensor(adapter.B, target.B, device);
     }
     copy.enabled_ = enabled_;
-    copy.merged_ = merged_;
-    copy.keeps_original_ = keeps_original_;
-    if (merged_ && keeps_original_) {
-      copy.original_weight_ = device && original_weight_.device() != *device
-          ? original_weight_.to(*device)
-          : original_weight_.clone();
+    copy.merge_.merged = merge_.merged;
+    copy.merge_.keeps_original = merge_.keeps_original;
+    if (merge_.merged && merge_.keeps_original) {
+      const auto& original = merge_.original_weight;
+      copy.merge_.original_weight = device && original.device() != *device
+          ? original.to(*device)
+          : original.clone();
     }
-    if (merged_) {
-      copy.remember_merge();
+    if (merge_.merged) {
+      copy.merge_.remember(copy.adapters_, copy.weight);
     }
     copy.weight.set_requires_grad(weight.requires_grad());
     if (bias.defined()) {
@@ -968,62 +876,26 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     copy.refresh_member();
   }
 
-  bool has_active_adapter() const {
-    return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
-      return a.active;
-    });
-  }
-
   void check_not_merged(const char* operation) const {
     TORCHLORA_CHECK(
-        !merged_, operation, " on a merged layer; unmerge() it first");
+        !merge_.merged, operation, " on a merged layer; unmerge() it first");
   }
 
   /// `weight` plus every active adapter's scaled delta, computed in fp32 for
   /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
   /// weight's dtype. `weight` itself is not changed.
   torch::Tensor weight_with_adapters(double sign = 1.0) const {
-    return weight_plus(active_deltas(), sign);
+    return detail::weight_plus(
+        weight, adapters_.active_deltas(), sign, add_delta());
   }
 
-  /// One adapter's delta as a merge adds it: its matrices and its scale.
-  struct Delta {
-    torch::Tensor A;
-    torch::Tensor B;
-    double s;
-  };
-
-  /// The active adapters' deltas, their matrices as they are now (not
-  /// copied).
-  std::vector<Delta> active_deltas() const {
-    std::vector<Delta> deltas;
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        deltas.push_back(Delta{
-            adapter.A.detach(),
-            adapter.B.detach(),
-            adapter.effective_scaling()});
-      }
-    }
-    return deltas;
-  }
-
-  /// `weight` plus `sign` times each of `deltas`, computed in fp32 for
-  /// fp16/bf16 weights (in the weight's dtype otherwise), returned in the
-  /// weight's dtype.
-  torch::Tensor weight_plus(const std::vector<Delta>& deltas, double sign)
-      const {
-    torch::NoGradGuard no_grad;
-    const auto dtype = weight.scalar_type();
-    const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
-    const auto compute = half ? torch::kFloat : dtype;
-    auto result =
-        weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
-    for (const auto& delta : deltas) {
-      derived().add_delta_weight(
-          result, delta.A.to(compute), delta.B.to(compute), sign * delta.s);
-    }
-    return result.to(dtype);
+  /// How this kind adds `s * delta(A, B)` to a weight of its base's shape.
+  auto add_delta() const {
+    return [this](
+               torch::Tensor& target,
+               const torch::Tensor& A,
+               const torch::Tensor& B,
+               double s) { derived().add_delta_weight(target, A, B, s); };
   }
 
   std::shared_ptr<BaseImpl> base_;
@@ -1046,37 +918,6 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     return base;
   }
 
-  void check_new_adapter_name(const std::string& name) const {
-    TORCHLORA_CHECK(
-        !name.empty(), "an adapter name must not be empty, got \"\"");
-    TORCHLORA_CHECK(
-        name.find('.') == std::string::npos,
-        "an adapter name must not contain '.', got \"",
-        name,
-        "\"");
-    // It names a folder in adapter files (save_adapter).
-    TORCHLORA_CHECK(
-        name.find_first_of("/\\") == std::string::npos,
-        "an adapter name must not contain '/' or '\\' (it names "
-        "a folder of adapter files), got \"",
-        name,
-        "\"");
-    TORCHLORA_CHECK(
-        !has_adapter(name),
-        "this layer already has an adapter named \"",
-        name,
-        "\"");
-  }
-
-  const detail::Adapter* adapter_or_null(const std::string& name) const {
-    for (const auto& adapter : adapters_) {
-      if (adapter.name == name) {
-        return &adapter;
-      }
-    }
-    return nullptr;
-  }
-
   /// Refuses `operation` while a forward runs through this layer (on
   /// another thread: changing adapters or weights under it would race).
   void check_no_forward_running(const char* operation) const {
@@ -1095,7 +936,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// (After `merge_in_place` the deltas merge added are subtracted, from
   /// copies taken then: always possible.)
   void check_restorable(const char* what) const {
-    if (merged_ && keeps_original_) {
+    if (merge_.merged && merge_.keeps_original) {
       check_weight_unchanged_since_merge(what);
     }
   }
@@ -1103,7 +944,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// `merge` (`keep_original`) or `merge_in_place`.
   void merge_keeping_original(bool safe, bool keep_original) {
     check_mergeable();
-    if (merged_ || !has_active_adapter()) {
+    if (merge_.merged || !adapters_.has_active()) {
       return;
     }
     check_no_forward_running(keep_original ? "merge" : "merge_in_place");
@@ -1111,54 +952,19 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     if (keep_original) {
       auto merged_weight = weight_with_adapters();
       check_safe_merge(safe, merged_weight);
-      original_weight_ = weight.detach();
+      merge_.original_weight = weight.detach();
       weight.set_data(merged_weight);
     } else {
       if (safe) {
         check_safe_merge(safe, weight_with_adapters());
       }
-      add_deltas_in_place(active_deltas(), 1.0);
+      detail::add_deltas_in_place(
+          weight, adapters_.active_deltas(), 1.0, add_delta());
     }
-    keeps_original_ = keep_original;
-    merged_ = true;
-    remember_merge();
+    merge_.keeps_original = keep_original;
+    merge_.merged = true;
+    merge_.remember(adapters_, weight);
     refresh_member();
-  }
-
-  /// Records what the merge just added: copies of the active adapters'
-  /// matrices (adapter-sized) with their scales, their stamps, and the
-  /// merged weight's version.
-  void remember_merge() {
-    merged_deltas_.clear();
-    for (const auto& delta : active_deltas()) {
-      merged_deltas_.push_back(
-          Delta{delta.A.clone(), delta.B.clone(), delta.s});
-    }
-    merged_stamps_ = adapter_stamps();
-    merged_weight_version_ = weight._version();
-    if (keeps_original_) {
-      merged_weight_checksum_ = weight_checksum();
-    }
-  }
-
-  /// Two sums of the weight in float64 (plain and weighted by position):
-  /// what tells a merged weight changed through `.data()`, which no
-  /// version counter sees, without a copy of the weight.
-  torch::Tensor weight_checksum() const {
-    torch::NoGradGuard no_grad;
-    const auto flat = weight.detach().reshape(-1).to(torch::kDouble);
-    const auto positions = torch::arange(
-        1, flat.numel() + 1, flat.options().dtype(torch::kDouble));
-    return torch::stack({flat.sum(), flat.mul(positions).sum()});
-  }
-
-  /// Back to unmerged: nothing kept.
-  void forget_merge() {
-    original_weight_ = torch::Tensor();
-    merged_weight_checksum_ = torch::Tensor();
-    merged_deltas_.clear();
-    merged_stamps_.clear();
-    merged_ = false;
   }
 
   void check_safe_merge(bool safe, const torch::Tensor& merged_weight) const {
@@ -1169,51 +975,13 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         ") gives NaN or Inf weights." TORCHLORA_NOTHING_CHANGED);
   }
 
-  /// `weight += sign * s * delta` for each of `deltas`, in the weight's
-  /// own memory. fp16/bf16 weights are computed in fp32 and rounded once
-  /// (a passing fp32 copy), as `merge` does, so both merges agree.
-  void add_deltas_in_place(const std::vector<Delta>& deltas, double sign) {
-    torch::NoGradGuard no_grad;
-    auto target = weight.detach();
-    const auto dtype = target.scalar_type();
-    if (dtype == torch::kHalf || dtype == torch::kBFloat16) {
-      target.copy_(weight_plus(deltas, sign));
-      return;
-    }
-    for (const auto& delta : deltas) {
-      derived().add_delta_weight(
-          target, delta.A.to(dtype), delta.B.to(dtype), sign * delta.s);
-    }
-  }
-
   /// The weight as it was before `merge`: the kept copy, or (after
   /// `merge_in_place`) the weight less the deltas, computed anew.
   torch::Tensor weight_before_merge() const {
-    if (keeps_original_) {
-      return original_weight_;
+    if (merge_.keeps_original) {
+      return merge_.original_weight;
     }
-    return weight_plus(merged_deltas_, -1.0);
-  }
-
-  const detail::Adapter& find_adapter(const std::string& name) const {
-    const auto found = std::find_if(
-        adapters_.begin(), adapters_.end(), [&](const auto& adapter) {
-          return adapter.name == name;
-        });
-    TORCHLORA_CHECK(
-        found != adapters_.end(),
-        "this layer has no adapter named \"",
-        name,
-        "\" (it has: ",
-        detail::quoted_list(adapter_names()),
-        ")");
-    return *found;
-  }
-
-  detail::Adapter& find_adapter(const std::string& name) {
-    const auto& found =
-        static_cast<const LoRALayerImpl&>(*this).find_adapter(name);
-    return const_cast<detail::Adapter&>(found);
+    return detail::weight_plus(weight, merge_.deltas, -1.0, add_delta());
   }
 
   void check_enabled_for_merge() const {
@@ -1221,60 +989,6 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
         enabled_,
         "cannot merge a layer whose adapters are disabled "
         "(DisableAdapters); merge after the guard's scope");
-  }
-
-  /// What tells that a tensor changed: its version counter (bumped by
-  /// in-place ops: an optimizer step, `copy_`) and its data pointer
-  /// (`set_data`).
-  struct Stamp {
-    int64_t version;
-    const void* data;
-    bool operator==(const Stamp& other) const {
-      return version == other.version && data == other.data;
-    }
-  };
-
-  /// The stamps of the active adapters' matrices.
-  std::vector<Stamp> adapter_stamps() const {
-    std::vector<Stamp> stamps;
-    for (const auto& adapter : adapters_) {
-      if (adapter.active) {
-        for (const auto* tensor : {&adapter.A, &adapter.B}) {
-          stamps.push_back(Stamp{tensor->_version(), tensor->data_ptr()});
-        }
-      }
-    }
-    return stamps;
-  }
-
-  /// True when the active adapters differ from what `merge` added: other
-  /// adapters or scales, or other values. Values are compared (a step
-  /// through `.data()`, as LibTorch 1.13's SGD takes it, changes no
-  /// version counter) unless `values` is false: then only the stamps
-  /// (version counters and memory).
-  bool adapters_changed_since_merge(bool values = true) const {
-    if (!values) {
-      return merged_deltas_.size() != active_deltas().size() ||
-          !(adapter_stamps() == merged_stamps_);
-    }
-    // Straight over the adapters: this runs in every forward of a merged
-    // layer.
-    size_t i = 0;
-    for (const auto& adapter : adapters_) {
-      if (!adapter.active) {
-        continue;
-      }
-      if (i == merged_deltas_.size()) {
-        return true;
-      }
-      const auto& then = merged_deltas_[i++];
-      if (adapter.effective_scaling() != then.s ||
-          !detail::same_bits(adapter.A, then.A) ||
-          !detail::same_bits(adapter.B, then.B)) {
-        return true;
-      }
-    }
-    return i != merged_deltas_.size();
   }
 
   /// A merged weight holds the adapters as they were at `merge`: if they
@@ -1286,7 +1000,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   void check_merged_weight_is_current(bool in_forward = false) const {
     const bool values = !in_forward || weight.device().is_cpu();
     TORCHLORA_CHECK(
-        !adapters_changed_since_merge(values),
+        !merge_.adapters_changed(adapters_, values),
         "an adapter of this merged layer (",
         detail::quoted_list(active_adapters()),
         ") was changed after merge(), so the merged weight is stale; "
@@ -1297,38 +1011,12 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
   /// since `merge`: the weight from before `merge` would drop the change.
   void check_weight_unchanged_since_merge(const char* what) const {
     TORCHLORA_CHECK(
-        weight._version() == merged_weight_version_ &&
-            detail::same_bits(weight_checksum(), merged_weight_checksum_),
+        merge_.weight_unchanged(weight),
         "the weight of this merged layer was changed after "
         "merge() (an optimizer step or an in-place op on it), so ",
         what,
         " would restore the weight from before merge() and lose that change; "
         "keep it with merge_and_unload(), or train adapters unmerged");
-  }
-
-  /// Keeps the weight saved for `unmerge` on the weight's device and dtype,
-  /// and the stamps of a merge on the adapters' new memory (a move is not a
-  /// change; a change made before the move still shows in the versions).
-  void follow_weight() {
-    if (merged_ && keeps_original_) {
-      original_weight_ =
-          original_weight_.to(weight.device(), weight.scalar_type());
-      // A conversion changes the merged weight's values: not a change.
-      merged_weight_checksum_ = weight_checksum();
-    }
-    if (merged_) {
-      const auto moved = adapter_stamps();
-      for (size_t i = 0; i < moved.size() && i < merged_stamps_.size(); ++i) {
-        merged_stamps_[i].data = moved[i].data;
-      }
-      // The copies of what merge added move and convert as the adapters do.
-      const auto now = active_deltas();
-      for (size_t i = 0; i < now.size() && i < merged_deltas_.size(); ++i) {
-        auto& then = merged_deltas_[i];
-        then.A = then.A.to(now[i].A.device(), now[i].A.scalar_type());
-        then.B = then.B.to(now[i].B.device(), now[i].B.scalar_type());
-      }
-    }
   }
 
   void freeze_base() {
@@ -1348,48 +1036,6 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
     to.set_requires_grad(from.requires_grad());
   }
 
-  /// A member of a LibTorch module that reads the base weight directly
-  /// (`bind_member`).
-  /// One `AdaptedWeights` scope's hold: its token, the grad mode it was
-  /// made in and the weight it computed.
-  struct MemberHold {
-    int64_t token = 0;
-    bool grad = true;
-    torch::Tensor weight;
-  };
-
-  struct MemberBinding {
-    bool bound = false;
-    /// The layer in messages: "'layers.0.linear1' (read by ...)".
-    std::string where;
-    /// The `AdaptedWeights` scopes holding the member now, innermost last.
-    /// The member holds the innermost one's weight.
-    std::vector<MemberHold> holds;
-    int64_t last_token = 0;
-  };
-
-  /// Refuses an adapter a bound member cannot honour: the member holds one
-  /// weight, so the adapter's input cannot be dropped out.
-  void check_member_options(
-      const std::string& name,
-      const LoRAOptions& lora,
-      const std::string& where = std::string()) const {
-    if (!member_.bound && where.empty()) {
-      return;
-    }
-    TORCHLORA_CHECK(
-        lora.dropout() == 0,
-        "adapter \"",
-        name,
-        "\" of ",
-        where.empty() ? member_.where : where,
-        " needs dropout 0, got ",
-        lora.dropout(),
-        ": that LibTorch module reads the layer's weight directly, so the "
-        "adapter is applied as one weight W + s B A and its input cannot be "
-        "dropped out");
-  }
-
   /// Points the bound member at what it must hold now: the merged weight;
   /// the adapted weight inside `AdaptedWeights`; a sentinel that refuses
   /// every use otherwise.
@@ -1402,48 +1048,25 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>, public LoRALayer {
       // computed anew, each in its scope's grad mode.
       for (auto& hold : member_.holds) {
         const at::AutoGradMode grad_mode(hold.grad);
-        hold.weight = merged_ ? weight : adapted_weight();
+        hold.weight = merge_.merged ? weight : adapted_weight();
       }
     }
     auto& member = Derived::member_weight(*base_);
-    if (merged_) {
+    if (merge_.merged) {
       member = weight;
     } else if (!member_.holds.empty()) {
       member = member_.holds.back().weight;
     } else {
-      member = detail::member_sentinel(
-          weight,
-          TORCHLORA_PREFIX "the weight LibTorch's module reads from " +
-              member_.where +
-              " is the base weight plus its LoRA adapters, computed only "
-              "inside a torchlora::AdaptedWeights scope, and it was used "
-              "outside one. Make `torchlora::AdaptedWeights adapted(model);` "
-              "before the forward (a new one for every training step, after "
-              "optimizer.step()), or merge() the model for inference. The "
-              "base weight itself is in named_parameters()");
+      member = detail::member_sentinel(weight, member_.sentinel_message());
     }
   }
 
-  MemberBinding member_;
-  std::vector<detail::Adapter> adapters_;
+  detail::AdapterSet adapters_;
   bool enabled_ = true;
-  bool merged_ = false;
-  /// Whether the merge kept `original_weight_` (`merge`), or merged in
-  /// place (`merge_in_place`).
-  bool keeps_original_ = true;
+  detail::MergeState merge_;
+  detail::MemberBinding member_;
   /// The forwards running through this layer now.
   detail::ForwardCount running_forwards_;
-  /// The weight before `merge`, kept for an exact `unmerge`.
-  torch::Tensor original_weight_;
-  /// What `merge` added: copies of the active adapters' matrices and their
-  /// scales (adapter-sized).
-  std::vector<Delta> merged_deltas_;
-  /// `adapter_stamps()` at `merge`.
-  std::vector<Stamp> merged_stamps_;
-  /// The weight's version right after `merge`.
-  int64_t merged_weight_version_ = 0;
-  /// `weight_checksum()` right after a `merge` that kept the original.
-  torch::Tensor merged_weight_checksum_;
 };
 
 } // namespace torchlora

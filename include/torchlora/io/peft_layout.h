@@ -7,8 +7,8 @@
 // API.
 
 #include <torchlora/detail/check.h>
-#include <torchlora/detail/layer_kinds.h>
-#include <torchlora/detail/model_walk.h>
+#include <torchlora/kinds/layer_kinds.h>
+#include <torchlora/model/model_walk.h>
 #include <torchlora/parameters.h>
 #include <torchlora/safetensors.h>
 #include <torchlora/targeting.h>
