@@ -50,7 +50,7 @@ torch::nn::Linear base_linear(const Case& c, bool trainable) {
 
 Layer make_layer(const std::string& variant, const Case& c) {
   torch::manual_seed(0);
-  if (variant == "plain") {
+  if (variant == "plain" || variant == "plain_again") {
     auto linear = base_linear(c, false);
     return {[linear](const torch::Tensor& x) mutable { return linear(x); }, {}};
   }
@@ -309,7 +309,7 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   if (!report.empty()) {
-    const auto rows = bench::ratio_rows(reporter.times());
+    const auto rows = bench::ratio_rows(reporter.times(), reporter.stddevs());
     const auto memory = bench::memory_rows();
     const auto mixed = bench::mixed_rows(reporter.times(), rows);
     const auto merge_memory = bench::merge_memory_rows();

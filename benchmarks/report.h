@@ -31,8 +31,10 @@ struct Case {
 };
 
 /// The variants, plain first: the others are measured against it.
+/// `plain_again` is the plain layer timed a second time as a variant of its
+/// own: its ratio (an A/A comparison) shows the run's noise floor.
 constexpr const char* kVariants[] =
-    {"plain", "full_ft", "unfused", "torchlora", "merged"};
+    {"plain", "plain_again", "full_ft", "unfused", "torchlora", "merged"};
 
 inline std::string device_name(const Case& c) {
   return c.device.is_cuda() ? "cuda" : "cpu";
@@ -126,6 +128,8 @@ class CapturingReporter : public benchmark::ConsoleReporter {
         if (run.aggregate_name == "median") {
           times_[name] = ms;
           medians_[name] = true;
+        } else if (run.aggregate_name == "stddev") {
+          stddevs_[name] = ms;
         }
       } else if (!medians_[name]) {
         times_[name] = ms;
@@ -135,6 +139,11 @@ class CapturingReporter : public benchmark::ConsoleReporter {
 
   const std::map<std::string, double>& times() const {
     return times_;
+  }
+
+  /// The standard deviation of the repetitions, where there were several.
+  const std::map<std::string, double>& stddevs() const {
+    return stddevs_;
   }
 
  private:
@@ -153,6 +162,7 @@ class CapturingReporter : public benchmark::ConsoleReporter {
   }
 
   std::map<std::string, double> times_;
+  std::map<std::string, double> stddevs_;
   std::map<std::string, bool> medians_;
 };
 
@@ -164,10 +174,16 @@ struct Row {
   double fwdbwd_ms = 0;
   double fwd_ratio = 0;
   double fwdbwd_ratio = 0;
+  /// The spread of the repetitions: standard deviation over median (0 for
+  /// a single run).
+  double fwd_spread = 0;
+  double fwdbwd_spread = 0;
 };
 
 /// Rows with ratios against the plain Linear of the same case and run.
-inline std::vector<Row> ratio_rows(const std::map<std::string, double>& times) {
+inline std::vector<Row> ratio_rows(
+    const std::map<std::string, double>& times,
+    const std::map<std::string, double>& stddevs = {}) {
   std::vector<Row> rows;
   std::map<std::string, size_t> index;
   for (const auto& [name, key] : registry()) {
@@ -182,6 +198,11 @@ inline std::vector<Row> ratio_rows(const std::map<std::string, double>& times) {
     }
     auto& row = rows[index[row_name]];
     (key.backward ? row.fwdbwd_ms : row.fwd_ms) = found->second;
+    const auto stddev = stddevs.find(name);
+    if (stddev != stddevs.end() && found->second > 0) {
+      (key.backward ? row.fwdbwd_spread : row.fwd_spread) =
+          stddev->second / found->second;
+    }
   }
   for (auto& row : rows) {
     const auto plain = index.find(case_name(row.c) + "/plain");
@@ -387,6 +408,7 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       << "\" fill=\"white\"/>\n<text x=\"410\" y=\"26\" text-anchor=\"middle\" font-size=\"15\">"
       << "time against a plain frozen Linear (1.00x), lower is better</text>\n";
   const std::map<std::string, std::string> colors = {
+      {"plain_again", "#1f77b4"},
       {"full_ft", "#7f7f7f"},
       {"unfused", "#ff7f0e"},
       {"torchlora", "#d62728"},
@@ -434,7 +456,9 @@ inline void write_report(
          {"fwd_ms", row.fwd_ms},
          {"fwdbwd_ms", row.fwdbwd_ms},
          {"fwd_ratio", row.fwd_ratio},
-         {"fwdbwd_ratio", row.fwdbwd_ratio}});
+         {"fwdbwd_ratio", row.fwdbwd_ratio},
+         {"fwd_spread", row.fwd_spread},
+         {"fwdbwd_spread", row.fwdbwd_spread}});
   }
   for (const auto& row : mixed) {
     list.push_back(

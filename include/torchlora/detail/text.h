@@ -29,5 +29,20 @@ inline std::string without_prefix(const std::string& message) {
                                        : message;
 }
 
+/// Another torchlora error's text as a clause of a new message: without
+/// its prefix, its closing " Nothing was changed." and its final period.
+inline std::string as_clause(const std::string& message) {
+  auto text = without_prefix(message);
+  const std::string ending = TORCHLORA_NOTHING_CHANGED;
+  if (text.size() >= ending.size() &&
+      text.compare(text.size() - ending.size(), ending.size(), ending) == 0) {
+    text.erase(text.size() - ending.size());
+  }
+  while (!text.empty() && (text.back() == '.' || text.back() == ' ')) {
+    text.pop_back();
+  }
+  return text;
+}
+
 } // namespace detail
 } // namespace torchlora
