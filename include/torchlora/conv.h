@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/adapted_weight_function.h>
 #include <torchlora/detail/check.h>
 #include <torchlora/detail/conv_input_gradient.h>
 #include <torchlora/detail/matrix_dicts.h>
@@ -216,6 +217,30 @@ class LoRAConvImplT final
         full.masked_fill(same_group, 0).abs().max().item<double>();
     const torch::Tensor within = full.diagonal(0, 0, 2).permute({3, 0, 1, 2});
     return {within.reshape(this->weight.sizes()), across};
+  }
+
+  /// `weight + s delta(A, B)`, differentiable in A and B (see
+  /// `LoRALayerImpl`); refused for a grouped base when the delta joins
+  /// channels across groups, as `merge` is.
+  torch::Tensor add_recorded_delta(
+      const torch::Tensor& weight,
+      const detail::Adapter& adapter,
+      const std::string& where) const {
+    const double s = adapter.effective_scaling();
+    if (this->options.groups() == 1) {
+      const auto out = weight.size(0);
+      const auto rank = adapter.A.size(0);
+      return detail::AdaptedWeightFunction::apply(
+                 weight.reshape({out, -1}),
+                 adapter.A.reshape({rank, -1}),
+                 adapter.B.reshape({out, rank}),
+                 s,
+                 where)
+          .view(weight.sizes());
+    }
+    const auto [within, across] = grouped_delta(adapter.A, adapter.B);
+    check_within_groups(across, s);
+    return weight + within * s;
   }
 
   /// `weight += s delta(A, B)`: `delta[o, i, k] = sum_r B[o, r] A[r, i, k]`.

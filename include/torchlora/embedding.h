@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchlora/detail/adapted_weight_function.h>
 #include <torchlora/detail/check.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
@@ -221,6 +222,19 @@ class LoRAEmbeddingImpl final
   }
 
   /// `weight += s (B A)^T = s A^T B^T`.
+  /// `weight + s A^T B^T`, differentiable in A and B (see `LoRALayerImpl`).
+  torch::Tensor add_recorded_delta(
+      const torch::Tensor& weight,
+      const detail::Adapter& adapter,
+      const std::string& where) const {
+    return detail::AdaptedWeightFunction::apply(
+        weight,
+        adapter.B.t(),
+        adapter.A.t(),
+        adapter.effective_scaling(),
+        where);
+  }
+
   static void add_delta_weight(
       torch::Tensor& weight,
       const torch::Tensor& A,

@@ -536,8 +536,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
         member_.bound ? member_.where : std::string("this ") + Derived::kName;
     for (const auto& adapter : adapters_.all()) {
       if (adapter.active) {
-        adapted = detail::AdaptedWeightFunction::apply(
-            adapted, adapter.A, adapter.B, adapter.effective_scaling(), where);
+        adapted = derived().add_recorded_delta(adapted, adapter, where);
       }
     }
     return adapted;
@@ -697,6 +696,17 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
   /// Throws when the active adapters' delta has no form of the base's
   /// weight; kinds whose delta always fits keep this one.
   void check_delta_fits() const {}
+
+  /// `weight + s B A`, differentiable in A and B to any order, refusing a
+  /// backward after A or B changed (`where` names the layer then). Kinds
+  /// whose delta has another form in the weight's layout replace it.
+  torch::Tensor add_recorded_delta(
+      const torch::Tensor& weight,
+      const detail::Adapter& adapter,
+      const std::string& where) const {
+    return detail::AdaptedWeightFunction::apply(
+        weight, adapter.A, adapter.B, adapter.effective_scaling(), where);
+  }
 
   /// `y += s * product`, in y's dtype; kinds may fuse it.
   void add_adapter_output(
