@@ -5,7 +5,8 @@
 #include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/check.h>
 #include <torchlora/inject.h>
-#include <torchlora/io/peft_config_json.h>
+#include <torchlora/io/peft_config_read.h>
+#include <torchlora/io/peft_config_write.h>
 #include <torchlora/io/peft_layout.h>
 #include <torchlora/kinds/layer_kinds.h>
 #include <torchlora/layer.h>
