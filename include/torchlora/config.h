@@ -4,6 +4,7 @@
 #include <torchlora/parameters.h>
 
 #include <torch/arg.h>
+#include <torch/types.h>
 
 #include <cstdint>
 #include <string>

@@ -21,6 +21,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/transformerlayer.h>
 #include <torch/nn/pimpl.h>
+#include <torch/types.h>
 
 #include <c10/util/Exception.h>
 
@@ -174,9 +175,9 @@ inline void check_only_held_by_model(
       "ModuleDict." TORCHLORA_NOTHING_CHANGED);
 }
 
-/// Adds the `out_proj` of every planned MultiheadAttention (with the
-/// attention's options, as peft does) unless planned already, keeping model
-/// order.
+/// Adds the companion of every planned layer whose kind has one (an
+/// attention's `out_proj`, with the attention's options, as peft does) unless
+/// planned already, keeping model order.
 inline void add_attention_output_projections(
     const ModelIndex& index,
     const LoRAConfig& config,
@@ -188,11 +189,11 @@ inline void add_attention_output_projections(
   };
   std::vector<PlannedLayer> added;
   for (const auto& layer : planned) {
-    if (layer.kind->plain_name !=
-        std::string("torch::nn::MultiheadAttention")) {
+    if (layer.kind->companion == nullptr) {
       continue;
     }
-    const auto out_path = layer.entry->paths.front() + ".out_proj";
+    const auto out_path =
+        layer.entry->paths.front() + "." + layer.kind->companion;
     for (const auto& entry : index.entries()) {
       if (entry.paths.front() != out_path || planned_at(entry)) {
         continue;
@@ -283,6 +284,108 @@ inline std::vector<PlannedLayer> plan_injection(
 
 } // namespace detail
 
+namespace detail {
+
+/// Carries out `planned` (made by `plan_injection` from `index` of `model`,
+/// nothing changed since) and returns the adapted paths; on any failure the
+/// model is as it was.
+inline std::vector<std::string> inject_planned(
+    torch::nn::Module& model,
+    const TargetMatcher& matcher,
+    const ModelIndex& index,
+    const std::vector<PlannedLayer>& planned) {
+  const auto& config = matcher.config();
+  // The walk held no references; each plain target is now held here once.
+  std::vector<std::shared_ptr<torch::nn::Module>> held(planned.size());
+  std::vector<std::string> bindings(planned.size());
+  for (size_t i = 0; i < planned.size(); ++i) {
+    const auto& entry = *planned[i].entry;
+    if (planned[i].kind->is_plain(*entry.module)) {
+      held[i] = share(entry);
+      bindings[i] = member_binding(entry, held[i], *planned[i].kind);
+      if (bindings[i].empty()) {
+        check_only_held_by_model(entry, held[i], *planned[i].kind);
+      }
+    }
+  }
+
+  // Every check passed; what can still fail is memory. On any failure the
+  // steps taken are undone, so the model is as it was.
+  const auto& name = config.adapter_name();
+  const TrainableFlags flags(model);
+  std::vector<LoRALayer*> extended;
+  std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
+  try {
+    // The innermost first: an attention's out_proj is swapped before the
+    // attention, whose LoRA layer then takes it over.
+    for (size_t i = planned.size(); i-- > 0;) {
+      const auto& entry = *planned[i].entry;
+      try {
+        if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
+          layer->add_adapter(name, planned[i].options);
+          extended.push_back(layer);
+        } else {
+          auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
+          try {
+            dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
+                name, planned[i].options);
+          } catch (...) {
+            // A LoRAMultiheadAttention took its base's out_proj over when
+            // made: unloading gives it back.
+            dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
+            throw;
+          }
+          swapped.emplace_back(i, wrapped);
+          replace_everywhere(entry, entry.module, wrapped, wrapped_any);
+          if (!bindings[i].empty()) {
+            bind_member(dynamic_cast<LoRALayer&>(*wrapped), bindings[i]);
+          }
+        }
+      } catch (const c10::Error& error) { // a layer kind's own refusal
+        TORCHLORA_CHECK(
+            false,
+            "cannot adapt '",
+            entry.paths.front(),
+            "': ",
+            as_clause(error.what_without_backtrace()),
+            "." TORCHLORA_NOTHING_CHANGED);
+      }
+    }
+    mark_only_lora_as_trainable(model, config.bias());
+    for (const auto& entry : index.entries()) {
+      if (matcher.is_module_to_save(entry.paths.front())) {
+        for (auto& parameter : entry.module->parameters()) {
+          parameter.set_requires_grad(true);
+        }
+      }
+    }
+  } catch (...) {
+    for (auto* layer : extended) {
+      layer->delete_adapter(name);
+    }
+    for (auto it = swapped.rbegin(); it != swapped.rend(); ++it) {
+      const auto& [i, wrapped] = *it;
+      // Gives a bound member its weight back and the attention its out_proj.
+      dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
+      replace_everywhere(
+          *planned[i].entry,
+          wrapped.get(),
+          held[i],
+          planned[i].kind->plain_any(held[i]));
+    }
+    flags.restore();
+    throw;
+  }
+
+  std::vector<std::string> paths;
+  for (const auto& layer : planned) {
+    paths.push_back(layer.entry->paths.front());
+  }
+  return paths;
+}
+
+} // namespace detail
+
 /// Adds a LoRA adapter to every layer of `model` that `config` targets and
 /// returns their paths, in model order. `model` is an existing, loaded model
 /// (a reference, a `std::shared_ptr` or a holder).
@@ -326,95 +429,8 @@ inline std::vector<std::string> inject_lora(
   detail::check_not_routed(index, "inject_lora");
   detail::check_no_forward_running(index, "inject_lora");
   detail::check_adapters_enabled(index, "inject_lora");
-  const auto planned = detail::plan_injection(index, matcher);
-
-  // The walk held no references; each plain target is now held here once.
-  std::vector<std::shared_ptr<torch::nn::Module>> held(planned.size());
-  std::vector<std::string> bindings(planned.size());
-  for (size_t i = 0; i < planned.size(); ++i) {
-    const auto& entry = *planned[i].entry;
-    if (planned[i].kind->is_plain(*entry.module)) {
-      held[i] = detail::share(entry);
-      bindings[i] = detail::member_binding(entry, held[i], *planned[i].kind);
-      if (bindings[i].empty()) {
-        detail::check_only_held_by_model(entry, held[i], *planned[i].kind);
-      }
-    }
-  }
-
-  // Every check passed; what can still fail is memory. On any failure the
-  // steps taken are undone, so the model is as it was.
-  const auto& name = config.adapter_name();
-  const detail::TrainableFlags flags(model);
-  std::vector<LoRALayer*> extended;
-  std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
-  try {
-    // The innermost first: an attention's out_proj is swapped before the
-    // attention, whose LoRA layer then takes it over.
-    for (size_t i = planned.size(); i-- > 0;) {
-      const auto& entry = *planned[i].entry;
-      try {
-        if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
-          layer->add_adapter(name, planned[i].options);
-          extended.push_back(layer);
-        } else {
-          auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
-          try {
-            dynamic_cast<LoRALayer&>(*wrapped).add_adapter(
-                name, planned[i].options);
-          } catch (...) {
-            // A LoRAMultiheadAttention took its base's out_proj over when
-            // made: unloading gives it back.
-            dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
-            throw;
-          }
-          swapped.emplace_back(i, wrapped);
-          detail::replace_everywhere(entry, entry.module, wrapped, wrapped_any);
-          if (!bindings[i].empty()) {
-            bind_member(dynamic_cast<LoRALayer&>(*wrapped), bindings[i]);
-          }
-        }
-      } catch (const c10::Error& error) { // a layer kind's own refusal
-        TORCHLORA_CHECK(
-            false,
-            "cannot adapt '",
-            entry.paths.front(),
-            "': ",
-            detail::as_clause(error.what_without_backtrace()),
-            "." TORCHLORA_NOTHING_CHANGED);
-      }
-    }
-    mark_only_lora_as_trainable(model, config.bias());
-    for (const auto& entry : index.entries()) {
-      if (matcher.is_module_to_save(entry.paths.front())) {
-        for (auto& parameter : entry.module->parameters()) {
-          parameter.set_requires_grad(true);
-        }
-      }
-    }
-  } catch (...) {
-    for (auto* layer : extended) {
-      layer->delete_adapter(name);
-    }
-    for (auto it = swapped.rbegin(); it != swapped.rend(); ++it) {
-      const auto& [i, wrapped] = *it;
-      // Gives a bound member its weight back and the attention its out_proj.
-      dynamic_cast<LoRALayer&>(*wrapped).unload(/*merge_first=*/false);
-      detail::replace_everywhere(
-          *planned[i].entry,
-          wrapped.get(),
-          held[i],
-          planned[i].kind->plain_any(held[i]));
-    }
-    flags.restore();
-    throw;
-  }
-
-  std::vector<std::string> paths;
-  for (const auto& layer : planned) {
-    paths.push_back(layer.entry->paths.front());
-  }
-  return paths;
+  return detail::inject_planned(
+      model, matcher, index, detail::plan_injection(index, matcher));
 }
 
 /// Runs a layer that is a `torch::nn::Linear` or a `torchlora::LoRALinear`,
@@ -453,38 +469,26 @@ inline torch::Tensor linear_forward(
 inline torch::Tensor layer_forward(
     torch::nn::Module& layer,
     const torch::Tensor& input) {
-  if (auto* lora = layer.as<LoRAEmbeddingImpl>()) {
-    return lora->forward(input);
-  }
-  if (auto* plain = layer.as<torch::nn::EmbeddingImpl>()) {
-    return plain->forward(input);
-  }
-  if (auto* lora = layer.as<LoRAConv1dImpl>()) {
-    return lora->forward(input);
-  }
-  if (auto* plain = layer.as<torch::nn::Conv1dImpl>()) {
-    return plain->forward(input);
-  }
-  if (auto* lora = layer.as<LoRAConv2dImpl>()) {
-    return lora->forward(input);
-  }
-  if (auto* plain = layer.as<torch::nn::Conv2dImpl>()) {
-    return plain->forward(input);
-  }
-  if (auto* lora = layer.as<LoRAConv3dImpl>()) {
-    return lora->forward(input);
-  }
-  if (auto* plain = layer.as<torch::nn::Conv3dImpl>()) {
-    return plain->forward(input);
-  }
+  const auto* kind = detail::kind_of(layer);
   TORCHLORA_CHECK(
-      layer.as<LoRALinearImpl>() != nullptr ||
-          layer.as<torch::nn::LinearImpl>() != nullptr,
+      kind != nullptr,
       "layer_forward needs a layer torchlora adapts (",
       detail::adaptable_kinds_text(),
       "), got a ",
       layer.name());
-  return linear_forward(layer, input);
+  TORCHLORA_CHECK(
+      kind->forward != nullptr,
+      "layer_forward runs layers with one input; a ",
+      layer.name(),
+      " takes several: call its own forward");
+  auto output = kind->forward(layer, input);
+  TORCHLORA_CHECK(
+      output.defined(),
+      "layer_forward needs a layer torchlora adapts (",
+      detail::adaptable_kinds_text(),
+      "), got a ",
+      layer.name());
+  return output;
 }
 
 } // namespace torchlora

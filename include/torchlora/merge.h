@@ -11,6 +11,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/types.h>
 
 #include <c10/util/Exception.h>
 

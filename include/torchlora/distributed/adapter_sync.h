@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
+#include <torch/types.h>
 
 #include <string>
 #include <vector>

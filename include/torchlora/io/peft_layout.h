@@ -49,7 +49,8 @@ inline std::set<std::string> adapted_attentions(
     const std::string& name) {
   std::set<std::string> paths;
   for (const auto& [entry, layer] : index.lora_layers()) {
-    if (dynamic_cast<const LoRAMultiheadAttentionImpl*>(entry->module) &&
+    const auto* kind = kind_of(*entry->module);
+    if (kind != nullptr && kind->companion != nullptr &&
         layer->has_adapter(name)) {
       paths.insert(entry->paths.front());
     }
@@ -63,13 +64,10 @@ inline std::set<std::string> adapted_attentions(
 inline std::string peft_module_path(
     const std::string& path,
     const std::set<std::string>& attentions) {
-  const std::string suffix = ".out_proj";
-  if (path.size() > suffix.size() &&
-      path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0) {
-    const auto parent = path.substr(0, path.size() - suffix.size());
-    if (attentions.count(parent) > 0) {
-      return parent + ".base_layer.out_proj";
-    }
+  std::string parent;
+  const auto* kind = companion_kind(path, &parent);
+  if (kind != nullptr && attentions.count(parent) > 0) {
+    return parent + ".base_layer." + kind->companion;
   }
   return path;
 }

@@ -19,12 +19,14 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/types.h>
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -61,6 +63,13 @@ struct LayerKind {
       const std::shared_ptr<torch::nn::Module>& plain);
   /// The shapes of a rank-`rank` adapter on `layer` (plain or LoRA).
   AdapterShapes (*shapes)(const torch::nn::Module& layer, int64_t rank);
+  /// The forward of `layer` (plain or LoRA) for one input; undefined when
+  /// `layer` is neither. Null for kinds whose forward takes several inputs.
+  torch::Tensor (*forward)(torch::nn::Module& layer, const torch::Tensor& x);
+  /// The child adapted together with the layer, with its options (an
+  /// attention's "out_proj"), or null; peft holds it at
+  /// `<layer>.base_layer.<companion>`.
+  const char* companion;
 
   /// The in-memory name of matrix `matrix` ("A"/"B") of adapter `adapter`.
   std::string parameter_name(const char* matrix, const std::string& adapter)
@@ -76,6 +85,28 @@ struct LayerKind {
   }
 };
 
+/// True when `Layer` has a forward taking one tensor.
+template <typename Layer, typename = void>
+struct has_unary_forward : std::false_type {};
+template <typename Layer>
+struct has_unary_forward<
+    Layer,
+    std::void_t<decltype(std::declval<Layer&>().forward(
+        std::declval<const torch::Tensor&>()))>> : std::true_type {};
+
+/// `layer`'s forward for `x`, `layer` being a `Plain` or a `LoRA` layer;
+/// undefined when it is neither.
+template <typename Plain, typename LoRA>
+torch::Tensor unary_forward(torch::nn::Module& layer, const torch::Tensor& x) {
+  if (auto* lora = dynamic_cast<LoRA*>(&layer)) {
+    return lora->forward(x);
+  }
+  if (auto* plain = dynamic_cast<Plain*>(&layer)) {
+    return plain->forward(x);
+  }
+  return torch::Tensor();
+}
+
 /// The kind of `Plain` layers and their `LoRA` layers; `Recognised` is what
 /// counts as its LoRA layer (`LoRA` itself, or any `LoRALayer` for Linear).
 template <typename Plain, typename LoRA, typename Recognised = LoRA>
@@ -85,7 +116,12 @@ LayerKind make_layer_kind(
     bool linear,
     const char* matrix_prefix,
     bool matrix_has_weight,
-    AdapterShapes (*shapes)(const torch::nn::Module&, int64_t)) {
+    AdapterShapes (*shapes)(const torch::nn::Module&, int64_t),
+    const char* companion = nullptr) {
+  torch::Tensor (*forward)(torch::nn::Module&, const torch::Tensor&) = nullptr;
+  if constexpr (has_unary_forward<Plain>::value) {
+    forward = unary_forward<Plain, LoRA>;
+  }
   return LayerKind{
       plain_name,
       lora_name,
@@ -110,7 +146,9 @@ LayerKind make_layer_kind(
       [](const std::shared_ptr<torch::nn::Module>& plain) {
         return torch::nn::AnyModule(std::dynamic_pointer_cast<Plain>(plain));
       },
-      shapes};
+      shapes,
+      forward,
+      companion};
 }
 
 /// The base weight of a plain or LoRA layer (LoRA layers register their
@@ -162,20 +200,11 @@ inline AdapterShapes attention_shapes(
   return {{r, E}, {3 * E, r}};
 }
 
-/// Every kind, the most specific first: a LoRA layer of a type this table
+/// Every kind, Linear last: a LoRA layer of a type this table
 /// does not know (a `LoRALinearImplT` over another base, say) counts as a
 /// Linear one.
 inline const std::vector<LayerKind>& layer_kinds() {
   static const std::vector<LayerKind> kinds = {
-      make_layer_kind<
-          torch::nn::MultiheadAttentionImpl,
-          LoRAMultiheadAttentionImpl>(
-          "torch::nn::MultiheadAttention",
-          "torchlora::LoRAMultiheadAttention",
-          false,
-          "lora_",
-          true,
-          attention_shapes),
       make_layer_kind<torch::nn::EmbeddingImpl, LoRAEmbeddingImpl>(
           "torch::nn::Embedding",
           "torchlora::LoRAEmbedding",
@@ -204,6 +233,16 @@ inline const std::vector<LayerKind>& layer_kinds() {
           "lora_",
           true,
           conv_shapes<3, torch::nn::Conv3dImpl, LoRAConv3dImpl>),
+      make_layer_kind<
+          torch::nn::MultiheadAttentionImpl,
+          LoRAMultiheadAttentionImpl>(
+          "torch::nn::MultiheadAttention",
+          "torchlora::LoRAMultiheadAttention",
+          false,
+          "lora_",
+          true,
+          attention_shapes,
+          "out_proj"),
       make_layer_kind<torch::nn::LinearImpl, LoRALinearImpl, LoRALayer>(
           "torch::nn::Linear",
           "torchlora::LoRALinear",
@@ -233,11 +272,44 @@ inline bool is_plain_layer(const torch::nn::Module& module) {
   return kind != nullptr && kind->is_plain(module);
 }
 
-/// "torch::nn::Linear, Embedding, Conv1d, Conv2d, Conv3d" and their LoRA
-/// layers, for messages.
+/// "torch::nn::Linear, Embedding, ... layers and their torchlora LoRA
+/// layers", for messages: every kind of the table, Linear first.
 inline std::string adaptable_kinds_text() {
-  return "torch::nn::Linear, Embedding, Conv1d, Conv2d, Conv3d and "
-         "MultiheadAttention layers and their torchlora LoRA layers";
+  std::vector<std::string> names;
+  for (const bool linear : {true, false}) {
+    for (const auto& kind : layer_kinds()) {
+      if (kind.linear == linear) {
+        const std::string name = kind.plain_name;
+        names.push_back(
+            names.empty() ? name : name.substr(name.rfind(':') + 1));
+      }
+    }
+  }
+  std::string text;
+  for (size_t i = 0; i < names.size(); ++i) {
+    text += (i == 0 ? "" : i + 1 == names.size() ? " and " : ", ") + names[i];
+  }
+  return text + " layers and their torchlora LoRA layers";
+}
+
+/// The kind whose companion child sits at `path` under a layer of that kind
+/// (`<attention>.out_proj`), with the layer's path in `parent`; null when
+/// `path` names no kind's companion.
+inline const LayerKind* companion_kind(
+    const std::string& path,
+    std::string* parent) {
+  for (const auto& kind : layer_kinds()) {
+    if (kind.companion == nullptr) {
+      continue;
+    }
+    const auto suffix = std::string(".") + kind.companion;
+    if (path.size() > suffix.size() &&
+        path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      *parent = path.substr(0, path.size() - suffix.size());
+      return &kind;
+    }
+  }
+  return nullptr;
 }
 
 } // namespace detail

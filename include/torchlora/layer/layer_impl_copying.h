@@ -6,6 +6,7 @@
 
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
+#include <torch/types.h>
 
 #include <memory>
 #include <ostream>

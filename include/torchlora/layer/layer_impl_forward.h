@@ -6,6 +6,7 @@
 #include <torchlora/layer_base.h>
 
 #include <torch/nn/functional/dropout.h>
+#include <torch/types.h>
 
 namespace torchlora {
 

@@ -14,6 +14,7 @@
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
+#include <torch/types.h>
 
 #include <c10/util/Exception.h>
 
