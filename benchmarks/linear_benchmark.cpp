@@ -10,7 +10,10 @@
 //
 //   linear_benchmark                        Google Benchmark output
 //   linear_benchmark --report docs/perf-cpu  also a table of ratios against
-//                                             plain, written as .json and .svg
+//                                             plain, written as .json and .svg;
+//                                             the ratios timed in pairs
+//                                             (--paired_rounds,
+//                                             --paired_block_s)
 //   scripts/benchmark-report.sh             the report with the settings of
 //                                             docs/PERFORMANCE.md
 #include "memory_benchmark.h"
@@ -21,12 +24,15 @@
 #include <benchmark/benchmark.h>
 
 #include <malloc.h>
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <iostream>
 #include <map>
 #include <set>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -115,8 +121,9 @@ void time_calls(benchmark::State& state, torch::Device device, Call& call) {
   }
 }
 
-void run(
-    benchmark::State& state,
+/// One call of `layer` on the case's input: a forward without grad, or a
+/// forward and the gradients of the input and the trainable tensors.
+std::function<void()> make_call(
     const Layer& layer,
     const Case& c,
     bool backward) {
@@ -126,7 +133,7 @@ void run(
   const auto grad_output = torch::randn({c.rows, c.out}, options);
   std::vector<torch::Tensor> inputs = {x};
   inputs.insert(inputs.end(), layer.trainable.begin(), layer.trainable.end());
-  auto call = [&] {
+  return [layer, x, grad_output, inputs, backward] {
     if (backward) {
       const auto y = layer.forward(x);
       auto grads = torch::autograd::grad({y}, inputs, {grad_output});
@@ -137,7 +144,101 @@ void run(
       benchmark::DoNotOptimize(y.data_ptr());
     }
   };
+}
+
+void run(
+    benchmark::State& state,
+    const Layer& layer,
+    const Case& c,
+    bool backward) {
+  auto call = make_call(layer, c, backward);
   time_calls(state, c.device, call);
+}
+
+/// Settings of the paired ratios (`--paired_rounds`, `--paired_block_s`).
+struct PairedSettings {
+  int rounds = 21;
+  double block_seconds = 0.05;
+};
+
+/// Seconds for `calls` calls of `call`, synchronized on CUDA.
+double time_block(
+    const std::function<void()>& call,
+    int calls,
+    torch::Device device) {
+  if (device.is_cuda()) {
+    torch::cuda::synchronize();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < calls; ++i) {
+    call();
+  }
+  if (device.is_cuda()) {
+    torch::cuda::synchronize();
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+/// The ratio of `variant` to `plain` timed in pairs: a block of plain calls
+/// and a block of variant calls, next to each other (in turn plain first
+/// and variant first), each pair giving one quotient; the median quotient,
+/// and the spread of the quotients (interquartile range over median). A
+/// change of the machine's speed during the run (clock, other processes)
+/// touches both blocks of a pair alike, which a quotient of two medians
+/// timed minutes apart does not cancel.
+std::pair<double, double> paired_ratio(
+    const Layer& plain,
+    const Layer& variant,
+    const Case& c,
+    bool backward,
+    const PairedSettings& settings) {
+  const auto plain_call = make_call(plain, c, backward);
+  const auto variant_call = make_call(variant, c, backward);
+  for (int i = 0; i < 2; ++i) { // warm-up
+    time_block(plain_call, 1, c.device);
+    time_block(variant_call, 1, c.device);
+  }
+  const double one = std::max(1e-6, time_block(plain_call, 1, c.device));
+  const int calls = std::max(1, static_cast<int>(settings.block_seconds / one));
+  std::vector<double> quotients;
+  for (int round = 0; round < settings.rounds; ++round) {
+    double plain_time = 0;
+    double variant_time = 0;
+    if (round % 2 == 0) {
+      plain_time = time_block(plain_call, calls, c.device);
+      variant_time = time_block(variant_call, calls, c.device);
+    } else {
+      variant_time = time_block(variant_call, calls, c.device);
+      plain_time = time_block(plain_call, calls, c.device);
+    }
+    quotients.push_back(variant_time / plain_time);
+  }
+  std::sort(quotients.begin(), quotients.end());
+  const auto at = [&](double q) {
+    return quotients[static_cast<size_t>(q * (quotients.size() - 1) + 0.5)];
+  };
+  const double median = at(0.5);
+  return {median, (at(0.75) - at(0.25)) / median};
+}
+
+/// Replaces each row's ratios with paired ones (see `paired_ratio`).
+void add_paired_ratios(
+    std::vector<bench::Row>& rows,
+    const PairedSettings& settings) {
+  for (auto& row : rows) {
+    if (row.variant == "plain") {
+      row.fwd_pair_spread = 0;
+      row.fwdbwd_pair_spread = 0;
+      continue;
+    }
+    const auto plain = make_layer("plain", row.c);
+    const auto variant = make_layer(row.variant, row.c);
+    std::tie(row.fwd_ratio, row.fwd_pair_spread) =
+        paired_ratio(plain, variant, row.c, /*backward=*/false, settings);
+    std::tie(row.fwdbwd_ratio, row.fwdbwd_pair_spread) =
+        paired_ratio(plain, variant, row.c, /*backward=*/true, settings);
+  }
 }
 
 /// A LoRALinear with K adapters "t0".."t<K-1>" (r = the case's rank), and
@@ -289,11 +390,16 @@ int main(int argc, char** argv) {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
   std::string report;
+  PairedSettings paired;
   std::vector<char*> arguments;
   for (int i = 0; i < argc; ++i) {
     const std::string argument = argv[i];
     if (argument == "--report" && i + 1 < argc) {
       report = argv[++i];
+    } else if (argument == "--paired_rounds" && i + 1 < argc) {
+      paired.rounds = std::max(1, std::stoi(argv[++i]));
+    } else if (argument == "--paired_block_s" && i + 1 < argc) {
+      paired.block_seconds = std::stod(argv[++i]);
     } else {
       arguments.push_back(argv[i]);
     }
@@ -309,7 +415,8 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   if (!report.empty()) {
-    const auto rows = bench::ratio_rows(reporter.times(), reporter.stddevs());
+    auto rows = bench::ratio_rows(reporter.times(), reporter.stddevs());
+    add_paired_ratios(rows, paired);
     const auto memory = bench::memory_rows();
     const auto mixed = bench::mixed_rows(reporter.times(), rows);
     const auto merge_memory = bench::merge_memory_rows();

@@ -178,6 +178,10 @@ struct Row {
   /// a single run).
   double fwd_spread = 0;
   double fwdbwd_spread = 0;
+  /// The spread of the paired quotients behind the ratios: interquartile
+  /// range over median (-1 when the ratios are quotients of medians).
+  double fwd_pair_spread = -1;
+  double fwdbwd_pair_spread = -1;
 };
 
 /// Rows with ratios against the plain Linear of the same case and run.
@@ -458,7 +462,9 @@ inline void write_report(
          {"fwd_ratio", row.fwd_ratio},
          {"fwdbwd_ratio", row.fwdbwd_ratio},
          {"fwd_spread", row.fwd_spread},
-         {"fwdbwd_spread", row.fwdbwd_spread}});
+         {"fwdbwd_spread", row.fwdbwd_spread},
+         {"fwd_pair_spread", row.fwd_pair_spread},
+         {"fwdbwd_pair_spread", row.fwdbwd_pair_spread}});
   }
   for (const auto& row : mixed) {
     list.push_back(

@@ -15,7 +15,7 @@ fi
 prefix="${1:-docs/perf-${device}}"
 mkdir -p "$(dirname "$prefix")"
 build/default/benchmarks/linear_benchmark --report "$prefix" \
-  --benchmark_repetitions=9 --benchmark_report_aggregates_only=true \
+  --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
   --benchmark_enable_random_interleaving=true --benchmark_min_time=0.4
 # Data-parallel steps: 1 and 2 processes in one run, on this machine.
 scripts/launch.sh 2 build/default/benchmarks/distributed_benchmark \

@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -430,6 +431,63 @@ TEST_F(LayerKindsTest, WrongInputsAreNamedErrors) {
       torchlora::LoRAEmbedding(sparse, LoRAOptions(2)),
       "to an Embedding with sparse = true");
   EXPECT_TRUE(sparse->weight.requires_grad());
+}
+
+TEST_F(LayerKindsTest, LayerForwardRunsEveryOneInputKindAndNamesTheRest) {
+  torch::manual_seed(3);
+  struct Case {
+    std::shared_ptr<torch::nn::Module> layer;
+    torch::Tensor input;
+    std::function<torch::Tensor()> own_forward; // as a model calls it
+  };
+  std::vector<Case> layers;
+  const auto add = [&](auto plain, auto lora, torch::Tensor input) {
+    layers.push_back(
+        {plain.ptr(), input, [=]() mutable { return plain(input); }});
+    layers.push_back(
+        {lora.ptr(), input, [=]() mutable { return lora(input); }});
+  };
+  add(torch::nn::Linear(4, 3),
+      torchlora::LoRALinear(torch::nn::Linear(4, 3), LoRAOptions(2)),
+      torch::randn({2, 4}));
+  add(torch::nn::Embedding(10, 4),
+      torchlora::LoRAEmbedding(torch::nn::Embedding(10, 4), LoRAOptions(2)),
+      torch::tensor({1, 7, 3}));
+  add(torch::nn::Conv1d(torch::nn::Conv1dOptions(2, 3, 3)),
+      torchlora::LoRAConv1d(
+          torch::nn::Conv1d(torch::nn::Conv1dOptions(2, 3, 3)), LoRAOptions(2)),
+      torch::randn({1, 2, 6}));
+  add(torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3)),
+      torchlora::LoRAConv2d(
+          torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3)), LoRAOptions(2)),
+      torch::randn({1, 2, 5, 5}));
+  add(torch::nn::Conv3d(torch::nn::Conv3dOptions(2, 3, 2)),
+      torchlora::LoRAConv3d(
+          torch::nn::Conv3d(torch::nn::Conv3dOptions(2, 3, 2)), LoRAOptions(2)),
+      torch::randn({1, 2, 3, 3, 3}));
+  for (const auto& [layer, input, own_forward] : layers) {
+    SCOPED_TRACE(layer->name());
+    auto* lora = dynamic_cast<torchlora::LoRALayer*>(layer.get());
+    if (lora != nullptr) {
+      for (auto& B : lora->adapter_parameters()) {
+        torch::NoGradGuard no_grad;
+        B.normal_(); // A and B both nonzero: the adapter shows in the output
+      }
+    }
+    EXPECT_TRUE(
+        torch::equal(torchlora::layer_forward(*layer, input), own_forward()));
+  }
+  torch::nn::Sequential sequential(torch::nn::Linear(4, 3));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::layer_forward(*sequential, torch::randn({2, 4})),
+      "layer_forward needs a layer torchlora adapts (torch::nn::Linear, "
+      "Embedding, Conv1d, Conv2d, Conv3d and MultiheadAttention layers and "
+      "their torchlora LoRA layers), got a torch::nn::Sequential");
+  torch::nn::MultiheadAttention attention(8, 2);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::layer_forward(*attention, torch::randn({3, 1, 8})),
+      "layer_forward runs layers with one input; a "
+      "torch::nn::MultiheadAttention takes several: call its own forward");
 }
 
 TEST_F(LayerKindsTest, InjectIntoACnnWithAnEmbeddingTakesEffect) {
