@@ -478,6 +478,36 @@ TEST_F(TransformerTest, AdapterFilesRoundTripWithPeftKeys) {
   std::filesystem::remove_all(dir);
 }
 
+TEST_F(TransformerTest, ALoneLoRALayerIsNoModelForAdapterFiles) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / "torchlora_lone_layer_adapter";
+  std::filesystem::remove_all(dir);
+  torchlora::LoRAMultiheadAttention attention(
+      torch::nn::MultiheadAttention(8, 2), LoRAOptions(2));
+  torchlora::LoRALinear linear(torch::nn::Linear(4, 3), LoRAOptions(2));
+  for (torch::nn::Module* layer :
+       std::vector<torch::nn::Module*>{attention.get(), linear.get()}) {
+    EXPECT_TORCHLORA_ERROR(
+        save_adapter(*layer, dir.string()),
+        "save_adapter: the model is itself a " + layer->name() +
+            "; adapter files hold the layers of a model by their paths, and "
+            "this layer has none. Register it in a module "
+            "(register_module(\"layer\", ...)) and pass that module. Nothing "
+            "was changed.");
+    EXPECT_FALSE(std::filesystem::exists(dir));
+  }
+  // A file of the layer inside a model does not load into the lone layer.
+  torch::nn::Sequential model;
+  model->push_back(torch::nn::Linear(4, 3));
+  inject_lora(model, LoRAConfig(2).target_modules({"0"}));
+  save_adapter(*model, dir.string());
+  EXPECT_TORCHLORA_ERROR(
+      load_adapter(*linear, dir.string()),
+      "load_adapter: the model is itself a torchlora::LoRALinear");
+  EXPECT_EQ(linear->adapter_names(), std::vector<std::string>{"default"});
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(TransformerTest, AnOutProjAdapterTheAttentionLacksKeepsItsOwnKeys) {
   const auto dir =
       std::filesystem::temp_directory_path() / "torchlora_out_proj_adapter";

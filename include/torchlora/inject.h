@@ -193,7 +193,7 @@ inline void add_attention_output_projections(
       continue;
     }
     const auto out_path =
-        layer.entry->paths.front() + "." + layer.kind->companion;
+        child_path(layer.entry->paths.front(), layer.kind->companion);
     for (const auto& entry : index.entries()) {
       if (entry.paths.front() != out_path || planned_at(entry)) {
         continue;

@@ -348,6 +348,7 @@ inline void load_adapter(
     const std::string& adapter_name = "default") {
   namespace fs = std::filesystem;
   auto& model = model_ref.get();
+  detail::check_not_a_lone_layer(model, "load_adapter");
   const auto folder = detail::adapter_files_folder(dir, adapter_name);
   const auto config_path = (fs::path(folder) / "adapter_config.json").string();
   TORCHLORA_CHECK(

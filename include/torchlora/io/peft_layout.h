@@ -38,7 +38,22 @@ inline std::string peft_matrix_key(
     const std::string& path,
     const LayerKind& kind,
     const char* matrix) {
-  return kPeftPrefix + path + "." + kind.file_suffix(matrix);
+  return kPeftPrefix + child_path(path, kind.file_suffix(matrix));
+}
+
+/// Refuses a model that is itself a LoRA layer: adapter files name each
+/// layer by its path in a model, and the model's own layer has none.
+inline void check_not_a_lone_layer(
+    const torch::nn::Module& model,
+    const char* operation) {
+  TORCHLORA_CHECK(
+      dynamic_cast<const LoRALayer*>(&model) == nullptr,
+      operation,
+      ": the model is itself a ",
+      model.name(),
+      "; adapter files hold the layers of a model by their paths, and this "
+      "layer has none. Register it in a module (register_module(\"layer\", "
+      "...)) and pass that module." TORCHLORA_NOTHING_CHANGED);
 }
 
 /// The paths of the model's MultiheadAttention layers that carry adapter
@@ -67,7 +82,7 @@ inline std::string peft_module_path(
   std::string parent;
   const auto* kind = companion_kind(path, &parent);
   if (kind != nullptr && attentions.count(parent) > 0) {
-    return parent + ".base_layer." + kind->companion;
+    return child_path(child_path(parent, "base_layer"), kind->companion);
   }
   return path;
 }

@@ -224,6 +224,7 @@ inline void save_adapter_as(
     const SaveAdapterOptions& options,
     const LoRAConfig* injected_with) {
   auto& model = model_ref.get();
+  check_not_a_lone_layer(model, "save_adapter");
   const auto& name = options.adapter_name();
   const detail::ModelIndex index(model);
   safetensors::Tensors tensors;

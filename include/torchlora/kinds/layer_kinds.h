@@ -292,9 +292,17 @@ inline std::string adaptable_kinds_text() {
   return text + " layers and their torchlora LoRA layers";
 }
 
+/// The path of child `name` of the module at `parent` ("" for the root).
+inline std::string child_path(
+    const std::string& parent,
+    const std::string& name) {
+  return parent.empty() ? name : parent + "." + name;
+}
+
 /// The kind whose companion child sits at `path` under a layer of that kind
-/// (`<attention>.out_proj`), with the layer's path in `parent`; null when
-/// `path` names no kind's companion.
+/// (`<attention>.out_proj`, or `out_proj` under an attention at the root),
+/// with the layer's path in `parent`; null when `path` names no kind's
+/// companion.
 inline const LayerKind* companion_kind(
     const std::string& path,
     std::string* parent) {
@@ -302,7 +310,12 @@ inline const LayerKind* companion_kind(
     if (kind.companion == nullptr) {
       continue;
     }
-    const auto suffix = std::string(".") + kind.companion;
+    const std::string name = kind.companion;
+    if (path == name) {
+      parent->clear();
+      return &kind;
+    }
+    const auto suffix = "." + name;
     if (path.size() > suffix.size() &&
         path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0) {
       *parent = path.substr(0, path.size() - suffix.size());
