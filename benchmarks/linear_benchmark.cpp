@@ -157,7 +157,7 @@ void run(
 
 /// Settings of the paired ratios (`--paired_rounds`, `--paired_block_s`).
 struct PairedSettings {
-  int rounds = 21;
+  int rounds = 40;
   double block_seconds = 0.05;
 };
 
@@ -180,39 +180,64 @@ double time_block(
       .count();
 }
 
-/// The ratio of `variant` to `plain` timed in pairs: a block of plain calls
-/// and a block of variant calls, next to each other (in turn plain first
-/// and variant first), each pair giving one quotient; the median quotient,
-/// and the spread of the quotients (interquartile range over median). A
-/// change of the machine's speed during the run (clock, other processes)
-/// touches both blocks of a pair alike, which a quotient of two medians
-/// timed minutes apart does not cancel.
-std::pair<double, double> paired_ratio(
-    const Layer& plain,
-    const Layer& variant,
-    const Case& c,
-    bool backward,
-    const PairedSettings& settings) {
-  const auto plain_call = make_call(plain, c, backward);
-  const auto variant_call = make_call(variant, c, backward);
+/// The quotients of `variant`'s time over `plain`'s, timed in pairs: a block
+/// of plain calls and a block of variant calls, next to each other (in turn
+/// plain first and variant first), each pair giving one quotient.
+void add_paired_quotients(
+    const std::function<void()>& plain_call,
+    const std::function<void()>& variant_call,
+    torch::Device device,
+    int rounds,
+    double block_seconds,
+    std::vector<double>& quotients) {
   for (int i = 0; i < 2; ++i) { // warm-up
-    time_block(plain_call, 1, c.device);
-    time_block(variant_call, 1, c.device);
+    time_block(plain_call, 1, device);
+    time_block(variant_call, 1, device);
   }
-  const double one = std::max(1e-6, time_block(plain_call, 1, c.device));
-  const int calls = std::max(1, static_cast<int>(settings.block_seconds / one));
-  std::vector<double> quotients;
-  for (int round = 0; round < settings.rounds; ++round) {
+  const double one = std::max(1e-6, time_block(plain_call, 1, device));
+  const int calls = std::max(1, static_cast<int>(block_seconds / one));
+  for (int round = 0; round < rounds; ++round) {
     double plain_time = 0;
     double variant_time = 0;
     if (round % 2 == 0) {
-      plain_time = time_block(plain_call, calls, c.device);
-      variant_time = time_block(variant_call, calls, c.device);
+      plain_time = time_block(plain_call, calls, device);
+      variant_time = time_block(variant_call, calls, device);
     } else {
-      variant_time = time_block(variant_call, calls, c.device);
-      plain_time = time_block(plain_call, calls, c.device);
+      variant_time = time_block(variant_call, calls, device);
+      plain_time = time_block(plain_call, calls, device);
     }
     quotients.push_back(variant_time / plain_time);
+  }
+}
+
+/// The ratio of `variant` to plain: the median of the paired quotients (see
+/// `add_paired_quotients`), and their spread (interquartile range over
+/// median). The layers and their inputs are made anew 5 times, the rounds
+/// shared among them: where tensors happen to lie in memory moves a
+/// memory-bound variant's time by several percent from one process to the
+/// next, and a change of the machine's speed during the run (clock, other
+/// processes) touches both blocks of a pair alike, which a quotient of two
+/// medians timed minutes apart does not cancel.
+std::pair<double, double> paired_ratio(
+    const std::string& variant,
+    const Case& c,
+    bool backward,
+    const PairedSettings& settings) {
+  constexpr int kConstructions = 5;
+  std::vector<double> quotients;
+  for (int i = 0; i < kConstructions; ++i) {
+    // Each construction allocates anew; the earlier ones are freed first.
+    const auto plain_call = make_call(make_layer("plain", c), c, backward);
+    const auto variant_call = make_call(make_layer(variant, c), c, backward);
+    const int rounds = (settings.rounds + kConstructions - 1 - i) /
+        kConstructions; // the rounds spread over the constructions
+    add_paired_quotients(
+        plain_call,
+        variant_call,
+        c.device,
+        std::max(1, rounds),
+        settings.block_seconds,
+        quotients);
   }
   std::sort(quotients.begin(), quotients.end());
   const auto at = [&](double q) {
@@ -232,12 +257,10 @@ void add_paired_ratios(
       row.fwdbwd_pair_spread = 0;
       continue;
     }
-    const auto plain = make_layer("plain", row.c);
-    const auto variant = make_layer(row.variant, row.c);
     std::tie(row.fwd_ratio, row.fwd_pair_spread) =
-        paired_ratio(plain, variant, row.c, /*backward=*/false, settings);
+        paired_ratio(row.variant, row.c, /*backward=*/false, settings);
     std::tie(row.fwdbwd_ratio, row.fwdbwd_pair_spread) =
-        paired_ratio(plain, variant, row.c, /*backward=*/true, settings);
+        paired_ratio(row.variant, row.c, /*backward=*/true, settings);
   }
 }
 

@@ -137,14 +137,12 @@ inline void check_only_held_by_model(
     return;
   }
   const auto& registration = entry.registrations.front();
-  const auto& path = entry.paths.front();
+  const auto layer =
+      "cannot adapt '" + entry.paths.front() + "': this " + kind.plain_name;
   if (is_container(*registration.parent)) {
     TORCHLORA_CHECK(
         false,
-        "cannot adapt '",
-        path,
-        "': this ",
-        kind.plain_name,
+        layer,
         " sits in a container but is also held outside the model (",
         outside,
         " more reference(s), e.g. a variable or member that still holds the "
@@ -155,10 +153,7 @@ inline void check_only_held_by_model(
   }
   TORCHLORA_CHECK(
       false,
-      "cannot adapt '",
-      path,
-      "': this ",
-      kind.plain_name,
+      layer,
       " is also held outside the model's registry and containers (",
       outside,
       " more reference(s): a typed member such as `",

@@ -145,7 +145,7 @@ class LoRALinearImplT final
       } else {
         // Serving: the same values without the autograd Function's cost.
         y = detail::LoRALinearFunction::compute(
-            x, weight, b, adapter->A, adapter->B, s, fold);
+            {x, weight, b, adapter->A, adapter->B, s}, fold);
       }
     } else {
       y = torch::nn::functional::linear(x, weight, bias);

@@ -45,20 +45,26 @@ inline bool fold_adapter_into_weight(
 /// from differentiable ops on the saved inputs, so second- and higher-order
 /// gradients are exact. Without a bias, `b`
 /// is an empty tensor (autograd Functions take no undefined inputs).
+/// The operands of `y = x W^T + b + s (x A^T) B^T` (`b` empty: no bias).
+struct LoRALinearOperands {
+  const torch::Tensor& x;
+  const torch::Tensor& W;
+  const torch::Tensor& b;
+  const torch::Tensor& A;
+  const torch::Tensor& B;
+  double scaling;
+};
+
 struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
   /// The forward's values, without autograd (what `forward` computes; also
   /// called directly where no gradient is needed). Optionally hands out the
   /// folded weight or `(x A^T)^T`, whichever the formulation made.
   static torch::Tensor compute(
-      const torch::Tensor& x,
-      const torch::Tensor& W,
-      const torch::Tensor& b,
-      const torch::Tensor& A,
-      const torch::Tensor& B,
-      double scaling,
+      const LoRALinearOperands& operands,
       bool fold,
       torch::Tensor* folded_out = nullptr,
       torch::Tensor* xA_t_out = nullptr) {
+    const auto& [x, W, b, A, B, scaling] = operands;
     const bool has_bias = b.numel() > 0;
     if (fold) {
       const auto folded = torch::addmm(W, B, A, /*beta=*/1, /*alpha=*/scaling);
@@ -87,7 +93,7 @@ struct LoRALinearFunction : torch::autograd::Function<LoRALinearFunction> {
       bool fold) {
     torch::Tensor folded;
     torch::Tensor xA_t; // (x A^T)^T, [r, rows]
-    auto y = compute(x, W, b, A, B, scaling, fold, &folded, &xA_t);
+    auto y = compute({x, W, b, A, B, scaling}, fold, &folded, &xA_t);
     // The folded weight is kept for dx only, and only when no larger than x.
     torch::Tensor saved_weight;
     if (fold && x.requires_grad() && W.size(0) <= x.size(0)) {

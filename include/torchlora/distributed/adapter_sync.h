@@ -251,11 +251,7 @@ class AdapterSync {
     auto lines = description();
     lines.insert(lines.begin(), "bucket_bytes " + std::to_string(bucket_bytes));
     const auto all = detail::exchange_lines(
-        world_,
-        "torchlora/adapter_sync/" + std::to_string(generation) + "/",
-        lines,
-        problem,
-        "AdapterSync");
+        world_, "AdapterSync", generation, lines, problem);
     if (!problem.empty()) {
       return; // the constructor throws it
     }

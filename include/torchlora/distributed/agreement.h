@@ -37,17 +37,23 @@ inline std::string describe_tensor(
 }
 
 /// Every rank publishes its `lines` (or, when `problem` is not empty, that
-/// it failed and why) under `prefix` in the world's store, then reads
-/// every rank's. Returns them by rank. An error names a rank that failed
-/// (with its reason) or did not publish within the timeout. A rank with a
-/// `problem` publishes it and returns nothing: it throws its own error.
+/// it failed and why) in the world's store, under `what` and `generation`
+/// (the how-many-th exchange of `what`), then reads every rank's. Returns
+/// them by rank. An error names `what` and a rank that failed (with its
+/// reason) or did not publish within the timeout. A rank with a `problem`
+/// publishes it and returns nothing: it throws its own error.
 inline std::vector<std::vector<std::string>> exchange_lines(
     const World& world,
-    const std::string& prefix,
+    const std::string& what,
+    int64_t generation,
     const std::vector<std::string>& lines,
-    const std::string& problem,
-    const std::string& what) {
+    const std::string& problem) {
+  const auto prefix =
+      "torchlora/" + what + "/" + std::to_string(generation) + "/";
   const auto& store = world.store();
+  const auto fail = [&](const auto&... reason) {
+    TORCHLORA_CHECK(false, what, " on ", world.describe(), reason...);
+  };
   std::string mine = problem.empty() ? "" : "!" + problem;
   for (const auto& line : lines) {
     mine += problem.empty() ? line + "\n" : "";
@@ -57,13 +63,7 @@ inline std::vector<std::vector<std::string>> exchange_lines(
         prefix + std::to_string(world.rank()),
         std::vector<uint8_t>(mine.begin(), mine.end()));
   } catch (const std::exception& error) {
-    TORCHLORA_CHECK(
-        false,
-        what,
-        " on ",
-        world.describe(),
-        " could not reach the store: ",
-        message_of(error));
+    fail(" could not reach the store: ", message_of(error));
   }
   std::vector<std::vector<std::string>> all;
   if (!problem.empty()) {
@@ -74,11 +74,7 @@ inline std::vector<std::vector<std::string>> exchange_lines(
     try {
       bytes = store->get(prefix + std::to_string(rank));
     } catch (const std::exception& error) {
-      TORCHLORA_CHECK(
-          false,
-          what,
-          " on ",
-          world.describe(),
+      fail(
           ": rank ",
           rank,
           " did not describe its model within ",

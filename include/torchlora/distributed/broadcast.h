@@ -117,11 +117,7 @@ inline void broadcast_state(ModuleRef model, const World& world) {
     add(item.key(), item.value());
   }
   const auto all = detail::exchange_lines(
-      world,
-      "torchlora/broadcast_state/" + std::to_string(generation) + "/",
-      lines,
-      problem,
-      "broadcast_state");
+      world, "broadcast_state", generation, lines, problem);
   TORCH_CHECK(problem.empty(), problem);
   detail::check_same_tensors(
       all, 0, "broadcast_state cannot copy rank 0's", "tensor");
