@@ -336,7 +336,8 @@ inline std::vector<std::string> check_file_tensors(
 /// attention's out_proj B, doubled where the config is peft's (it has
 /// `peft_version` or `auto_mapping`), as peft applies it. The loaded adapter
 /// is trainable (`inference_mode` is not applied; call
-/// `torchlora::set_adapter` or freeze it to serve).
+/// `torchlora::set_adapter` or freeze it to serve). As for `save_adapter`,
+/// `model` holds the layers; a LoRA layer by itself is refused.
 ///
 /// Example:
 /// ```

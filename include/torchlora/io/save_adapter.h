@@ -183,7 +183,9 @@ inline void warn_if_out_proj_alone(
 /// (huggingface/peft#3774). Run-time scales (`set_scale`) are not saved.
 /// Trainable parameters that the file would leave out (a module trained in full
 /// but not named in `modules_to_save`, say) are named in a warning: pass the
-/// `LoRAConfig` the model was injected with to save what it trains.
+/// `LoRAConfig` the model was injected with to save what it trains. The file
+/// names layers by their paths in `model`, so `model` holds the LoRA layers
+/// (a `LoRALinear` by itself is refused: register it in a module).
 ///
 /// Example:
 /// ```
