@@ -80,6 +80,12 @@ inline double lora_scaling(const LoRAOptions& options) {
 
 namespace detail {
 
+/// Throws unless an adapter's `rank` is > 0: "<who> needs a rank > 0, got
+/// <rank>" (every place that makes an adapter checks its rank here).
+inline void check_adapter_rank(int64_t rank, const std::string& who) {
+  TORCHLORA_CHECK(rank > 0, who, " needs a rank > 0, got ", rank);
+}
+
 /// Checks rank, alpha, dropout and dtype; throws a `torchlora:` error.
 inline void check_lora_options(const LoRAOptions& options) {
   TORCHLORA_CHECK(

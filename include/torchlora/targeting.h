@@ -249,8 +249,7 @@ class TargetMatcher {
 
   void check_config() const {
     const auto& lora = config_.lora_options();
-    TORCHLORA_CHECK(
-        lora.rank() > 0, "LoRAConfig needs a rank > 0, got ", lora.rank());
+    detail::check_adapter_rank(lora.rank(), "LoRAConfig");
     detail::check_lora_options(lora);
     const auto& name = config_.adapter_name();
     TORCHLORA_CHECK(
@@ -285,8 +284,7 @@ class TargetMatcher {
         config_.layers_pattern().front(),
         "\" without it");
     for (const auto& [key, rank] : config_.rank_pattern()) {
-      TORCHLORA_CHECK(
-          rank > 0, "rank_pattern \"", key, "\" needs a rank > 0, got ", rank);
+      detail::check_adapter_rank(rank, "rank_pattern \"" + key + "\"");
     }
     for (const auto& [key, alpha] : config_.alpha_pattern()) {
       TORCHLORA_CHECK(

@@ -65,12 +65,7 @@ void LoRALayerImpl<Derived, BaseImpl>::add_adapter(
   check_not_merged("add_adapter");
   check_no_forward_running("add_adapter");
   adapters_.check_new_name(name);
-  TORCHLORA_CHECK(
-      lora.rank() > 0,
-      "add_adapter(\"",
-      name,
-      "\") needs a rank > 0, got ",
-      lora.rank());
+  detail::check_adapter_rank(lora.rank(), "add_adapter(\"" + name + "\")");
   detail::check_lora_options(lora);
   derived().check_adapter_options(name, lora);
   member_.check_options(name, lora);
