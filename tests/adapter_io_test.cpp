@@ -915,6 +915,24 @@ TEST_F(AdapterIoTest, PathsThatAreNotRegularFilesAreErrors) {
   expect_unchanged(before, *target);
 }
 
+TEST_F(AdapterIoTest, AFileTensorWithAnEmptyKeyIsRefused) {
+  torch::nn::Sequential model(torch::nn::Linear(4, 3));
+  inject_lora(model, LoRAConfig(2).target_modules({"0"}));
+  torchlora::save_adapter(*model, dir);
+  const auto file = dir + "/adapter_model.safetensors";
+  auto tensors = torchlora::safetensors::load(file);
+  tensors.insert("", torch::zeros({1}));
+  torchlora::safetensors::save(file, tensors);
+  torch::nn::Sequential fresh(torch::nn::Linear(4, 3));
+  const auto before = snapshot(*fresh);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::load_adapter(*fresh, dir),
+      "load_adapter: the file's tensor \"\" (shape [1]) matches nothing in "
+      "the model");
+  expect_unchanged(before, *fresh);
+  EXPECT_EQ(fresh[0]->as<torchlora::LoRALinearImpl>(), nullptr);
+}
+
 TEST_F(AdapterIoTest, LoadingIntoAMergedModelIsRefusedWithNothingChanged) {
   auto pair = make_pair(dir + "_base.pt");
   torchlora::inject_lora(

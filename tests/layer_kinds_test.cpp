@@ -433,6 +433,28 @@ TEST_F(LayerKindsTest, WrongInputsAreNamedErrors) {
   EXPECT_TRUE(sparse->weight.requires_grad());
 }
 
+/// A base layer shaped like a Linear that is not a torch::nn::Linear.
+struct OtherLinearImpl : torch::nn::Cloneable<OtherLinearImpl> {
+  explicit OtherLinearImpl(const torch::nn::LinearOptions& options_)
+      : options(options_) {
+    reset();
+  }
+  void reset() override {
+    weight = register_parameter(
+        "weight",
+        torch::randn({options.out_features(), options.in_features()}));
+    bias = register_parameter("bias", torch::randn({options.out_features()}));
+  }
+  void reset_parameters() {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::nn::functional::linear(x, weight, bias);
+  }
+  torch::nn::LinearOptions options;
+  torch::Tensor weight, bias;
+};
+using OtherLinearLoRAImpl = torchlora::LoRALinearImplT<OtherLinearImpl>;
+TORCH_MODULE(OtherLinearLoRA);
+
 TEST_F(LayerKindsTest, LayerForwardRunsEveryOneInputKindAndNamesTheRest) {
   torch::manual_seed(3);
   struct Case {
@@ -478,6 +500,12 @@ TEST_F(LayerKindsTest, LayerForwardRunsEveryOneInputKindAndNamesTheRest) {
         torch::equal(torchlora::layer_forward(*layer, input), own_forward()));
   }
   torch::nn::Sequential sequential(torch::nn::Linear(4, 3));
+  OtherLinearLoRA other(torch::nn::LinearOptions(4, 3));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::layer_forward(*other, torch::randn({2, 4})),
+      "layer_forward runs the LoRA layers of torch::nn::Linear, Embedding, "
+      "Conv1d, Conv2d, Conv3d and MultiheadAttention layers; this "
+      "torchlora::LoRALinear wraps another base layer: call its own forward");
   EXPECT_TORCHLORA_ERROR(
       torchlora::layer_forward(*sequential, torch::randn({2, 4})),
       "layer_forward needs a layer torchlora adapts (torch::nn::Linear, "
@@ -488,6 +516,59 @@ TEST_F(LayerKindsTest, LayerForwardRunsEveryOneInputKindAndNamesTheRest) {
       torchlora::layer_forward(*attention, torch::randn({3, 1, 8})),
       "layer_forward runs layers with one input; a "
       "torch::nn::MultiheadAttention takes several: call its own forward");
+}
+
+/// A grouped convolution (groups = 2) and a Linear after it.
+struct GroupedNetImpl : torch::nn::Module {
+  GroupedNetImpl() {
+    features = register_module(
+        "features",
+        torch::nn::Sequential(
+            torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3).groups(2)),
+            torch::nn::ReLU(),
+            torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3))));
+    head =
+        register_module("head", torch::nn::Sequential(torch::nn::Linear(4, 4)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return head->forward(features->forward(x).mean({2, 3}));
+  }
+  torch::nn::Sequential features{nullptr};
+  torch::nn::Sequential head{nullptr};
+};
+TORCH_MODULE(GroupedNet);
+
+TEST_F(LayerKindsTest, ARefusedInjectionKeepsEachLayersActiveAdapters) {
+  torch::manual_seed(5);
+  GroupedNet model;
+  const auto random = LoRAInit::random;
+  inject_lora(
+      model,
+      LoRAConfig(2).adapter_name("a").init(random).target_modules({"head.0"}));
+  inject_lora(
+      model,
+      LoRAConfig(2).adapter_name("b").init(random).target_modules(
+          {"features.2"}));
+  torchlora::set_adapter(*model, "b"); // head.0 has no active adapter now
+  auto* head = dynamic_cast<torchlora::LoRALayer*>(
+      model->head->named_children()["0"].get());
+  ASSERT_NE(head, nullptr);
+  ASSERT_TRUE(head->active_adapters().empty());
+  const auto x = torch::randn({1, 4, 7, 7});
+  const auto before = snapshot(*model);
+  const auto output = model(x);
+  // head.0 takes the adapter in place before the grouped convolution
+  // (the layers are changed from the last) refuses rank 3.
+  EXPECT_TORCHLORA_ERROR(
+      inject_lora(
+          model, LoRAConfig(3).target_modules({"features.0", "head.0"})),
+      "cannot adapt 'features.0': adapter \"default\" on a grouped "
+      "convolution (groups = 2) needs a rank divisible by the groups, got "
+      "rank 3");
+  expect_unchanged(before, *model);
+  EXPECT_TRUE(head->active_adapters().empty());
+  EXPECT_EQ(head->adapter_names(), std::vector<std::string>{"a"});
+  EXPECT_TRUE(torch::equal(model(x), output));
 }
 
 TEST_F(LayerKindsTest, InjectIntoACnnWithAnEmbeddingTakesEffect) {

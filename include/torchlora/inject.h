@@ -304,11 +304,13 @@ inline std::vector<std::string> inject_planned(
     }
   }
 
-  // Every check passed; what can still fail is memory. On any failure the
-  // steps taken are undone, so the model is as it was.
+  // What can still fail: a layer kind's own refusal of the options, and
+  // memory. On any failure the steps taken are undone, so the model is as
+  // it was: a layer that took the adapter in place gets its active set back
+  // too (removing the adapter would otherwise activate another, as in peft).
   const auto& name = config.adapter_name();
   const TrainableFlags flags(model);
-  std::vector<LoRALayer*> extended;
+  std::vector<std::pair<LoRALayer*, std::vector<std::string>>> extended;
   std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
   try {
     // The innermost first: an attention's out_proj is swapped before the
@@ -317,8 +319,9 @@ inline std::vector<std::string> inject_planned(
       const auto& entry = *planned[i].entry;
       try {
         if (auto* layer = dynamic_cast<LoRALayer*>(entry.module)) {
+          auto active = layer->active_adapters();
           layer->add_adapter(name, planned[i].options);
-          extended.push_back(layer);
+          extended.emplace_back(layer, std::move(active));
         } else {
           auto [wrapped, wrapped_any] = planned[i].kind->wrap(held[i]);
           try {
@@ -355,8 +358,9 @@ inline std::vector<std::string> inject_planned(
       }
     }
   } catch (...) {
-    for (auto* layer : extended) {
+    for (const auto& [layer, active] : extended) {
       layer->delete_adapter(name);
+      layer->set_active_adapters(active);
     }
     for (auto it = swapped.rbegin(); it != swapped.rend(); ++it) {
       const auto& [i, wrapped] = *it;
@@ -477,12 +481,14 @@ inline torch::Tensor layer_forward(
       layer.name(),
       " takes several: call its own forward");
   auto output = kind->forward(layer, input);
+  // A LoRA layer the table counts as Linear's but over another base.
   TORCHLORA_CHECK(
       output.defined(),
-      "layer_forward needs a layer torchlora adapts (",
-      detail::adaptable_kinds_text(),
-      "), got a ",
-      layer.name());
+      "layer_forward runs the LoRA layers of ",
+      detail::adaptable_kinds_text(/*lora_only=*/true),
+      "; this ",
+      layer.name(),
+      " wraps another base layer: call its own forward");
   return output;
 }
 

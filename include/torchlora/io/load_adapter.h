@@ -249,7 +249,9 @@ inline std::vector<std::string> check_file_tensors(
       want.file_key = key;
     }
     known.insert(key);
-    known.insert(want.alternate);
+    if (!want.alternate.empty()) {
+      known.insert(want.alternate);
+    }
     if (found == nullptr && want.optional) {
       want.file_key.clear();
       biases_kept.push_back(key.substr(std::strlen(kPeftPrefix)));

@@ -273,8 +273,9 @@ inline bool is_plain_layer(const torch::nn::Module& module) {
 }
 
 /// "torch::nn::Linear, Embedding, ... layers and their torchlora LoRA
-/// layers", for messages: every kind of the table, Linear first.
-inline std::string adaptable_kinds_text() {
+/// layers", for messages: every kind of the table, Linear first; with
+/// `lora_only`, "torch::nn::Linear, Embedding, ... layers".
+inline std::string adaptable_kinds_text(bool lora_only = false) {
   std::vector<std::string> names;
   for (const bool linear : {true, false}) {
     for (const auto& kind : layer_kinds()) {
@@ -289,7 +290,8 @@ inline std::string adaptable_kinds_text() {
   for (size_t i = 0; i < names.size(); ++i) {
     text += (i == 0 ? "" : i + 1 == names.size() ? " and " : ", ") + names[i];
   }
-  return text + " layers and their torchlora LoRA layers";
+  return text +
+      (lora_only ? " layers" : " layers and their torchlora LoRA layers");
 }
 
 /// The path of child `name` of the module at `parent` ("" for the root).
