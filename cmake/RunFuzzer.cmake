@@ -3,21 +3,15 @@
 # Variables: SOURCE_DIR (torchlora), WORK_DIR, CLANGXX, SECONDS, PREFIX_PATH,
 # MIN_RUNS (the fewest inputs the run must execute; 10000).
 cmake_minimum_required(VERSION 3.18)
-function(run_step what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "fuzz test: ${what} failed (${rc}):\n${out}")
-  endif()
-  set(step_output "${out}" PARENT_SCOPE)
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/RunStep.cmake")
 
-run_step("configure" "${CMAKE_COMMAND}" -S "${SOURCE_DIR}/fuzz" -B "${WORK_DIR}/build"
+torchlora_run_step("fuzz test" "configure" "${CMAKE_COMMAND}" -S "${SOURCE_DIR}/fuzz" -B "${WORK_DIR}/build"
          -DCMAKE_CXX_COMPILER=${CLANGXX} -DCMAKE_BUILD_TYPE=RelWithDebInfo
          "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}")
-run_step("build" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
+torchlora_run_step("fuzz test" "build" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
 file(REMOVE_RECURSE "${WORK_DIR}/corpus")
 file(COPY "${SOURCE_DIR}/fuzz/corpus/" DESTINATION "${WORK_DIR}/corpus")
-run_step("run" "${WORK_DIR}/build/safetensors_fuzz"
+torchlora_run_step("fuzz test" "run" "${WORK_DIR}/build/safetensors_fuzz"
          -max_total_time=${SECONDS} -print_final_stats=1
          "-dict=${SOURCE_DIR}/fuzz/safetensors.dict"
          "-artifact_prefix=${WORK_DIR}/"
