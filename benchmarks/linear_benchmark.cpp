@@ -13,7 +13,9 @@
 //                                             plain, written as .json and .svg;
 //                                             the ratios timed in pairs
 //                                             (--paired_rounds,
-//                                             --paired_block_s)
+//                                             --paired_block_s,
+//                                             --paired_precision,
+//                                             --paired_max_rounds)
 //   scripts/benchmark-report.sh             the report with the settings of
 //                                             docs/PERFORMANCE.md
 #include "memory_benchmark.h"
@@ -26,9 +28,12 @@
 #include <malloc.h>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <iostream>
 #include <map>
+#include <memory>
+#include <random>
 #include <set>
 #include <string>
 #include <tuple>
@@ -155,10 +160,16 @@ void run(
   time_calls(state, c.device, call);
 }
 
-/// Settings of the paired ratios (`--paired_rounds`, `--paired_block_s`).
+/// Settings of the paired ratios (`--paired_rounds`, `--paired_block_s`,
+/// `--paired_precision`, `--paired_max_rounds`).
 struct PairedSettings {
   int rounds = 40;
   double block_seconds = 0.05;
+  /// More rounds are timed, 20 at a time, while the median's estimated
+  /// relative standard error is above this and fewer than `max_rounds`
+  /// have been timed.
+  double precision = 0.005;
+  int max_rounds = 200;
 };
 
 /// Seconds for `calls` calls of `call`, synchronized on CUDA.
@@ -180,87 +191,147 @@ double time_block(
       .count();
 }
 
-/// The quotients of `variant`'s time over `plain`'s, timed in pairs: a block
-/// of plain calls and a block of variant calls, next to each other (in turn
-/// plain first and variant first), each pair giving one quotient.
+/// The quotients of `variant_call`'s time over `reference_call`'s, timed in
+/// pairs: a block of reference calls and a block of variant calls, next to
+/// each other (in turn reference first and variant first), each pair giving
+/// one quotient.
 void add_paired_quotients(
-    const std::function<void()>& plain_call,
+    const std::function<void()>& reference_call,
     const std::function<void()>& variant_call,
     torch::Device device,
     int rounds,
     double block_seconds,
     std::vector<double>& quotients) {
   for (int i = 0; i < 2; ++i) { // warm-up
-    time_block(plain_call, 1, device);
+    time_block(reference_call, 1, device);
     time_block(variant_call, 1, device);
   }
-  const double one = std::max(1e-6, time_block(plain_call, 1, device));
+  const double one = std::max(1e-6, time_block(reference_call, 1, device));
   const int calls = std::max(1, static_cast<int>(block_seconds / one));
   for (int round = 0; round < rounds; ++round) {
-    double plain_time = 0;
+    double reference_time = 0;
     double variant_time = 0;
     if (round % 2 == 0) {
-      plain_time = time_block(plain_call, calls, device);
+      reference_time = time_block(reference_call, calls, device);
       variant_time = time_block(variant_call, calls, device);
     } else {
       variant_time = time_block(variant_call, calls, device);
-      plain_time = time_block(plain_call, calls, device);
+      reference_time = time_block(reference_call, calls, device);
     }
-    quotients.push_back(variant_time / plain_time);
+    quotients.push_back(variant_time / reference_time);
   }
 }
 
-/// The ratio of `variant` to plain: the median of the paired quotients (see
-/// `add_paired_quotients`), and their spread (interquartile range over
-/// median). The layers and their inputs are made anew 5 times, the rounds
-/// shared among them: where tensors happen to lie in memory moves a
-/// memory-bound variant's time by several percent from one process to the
-/// next, and a change of the machine's speed during the run (clock, other
-/// processes) touches both blocks of a pair alike, which a quotient of two
-/// medians timed minutes apart does not cancel.
-std::pair<double, double> paired_ratio(
-    const std::string& variant,
-    const Case& c,
-    bool backward,
-    const PairedSettings& settings) {
-  constexpr int kConstructions = 5;
-  std::vector<double> quotients;
-  for (int i = 0; i < kConstructions; ++i) {
-    // Each construction allocates anew; the earlier ones are freed first.
-    const auto plain_call = make_call(make_layer("plain", c), c, backward);
-    const auto variant_call = make_call(make_layer(variant, c), c, backward);
-    const int rounds = (settings.rounds + kConstructions - 1 - i) /
-        kConstructions; // the rounds spread over the constructions
-    add_paired_quotients(
-        plain_call,
-        variant_call,
-        c.device,
-        std::max(1, rounds),
-        settings.block_seconds,
-        quotients);
-  }
-  std::sort(quotients.begin(), quotients.end());
+/// Makes a layer and its input anew and returns one call of it.
+using CallFactory = std::function<std::function<void()>()>;
+
+/// The median and the spread (interquartile range over median) of sorted
+/// quotients.
+std::pair<double, double> median_and_spread(const std::vector<double>& sorted) {
   const auto at = [&](double q) {
-    return quotients[static_cast<size_t>(q * (quotients.size() - 1) + 0.5)];
+    return sorted[static_cast<size_t>(q * (sorted.size() - 1) + 0.5)];
   };
   const double median = at(0.5);
   return {median, (at(0.75) - at(0.25)) / median};
 }
 
-/// Replaces each row's ratios with paired ones (see `paired_ratio`).
+/// The ratio of the variant's time to the reference's: the median of the
+/// paired quotients (see `add_paired_quotients`), and their spread
+/// (interquartile range over median).
+///
+/// Both calls are made anew 10 times per batch of rounds, the rounds shared
+/// among them: where tensors happen to lie in memory moves a memory-bound
+/// call's time by several percent, and a change of the machine's speed
+/// during the run (clock, other processes) touches both blocks of a pair
+/// alike, which a quotient of two medians timed minutes apart does not
+/// cancel. Before each construction a block of random size is allocated and
+/// kept, and the order of the two constructions alternates, so that the
+/// reference's tensors do not land in the same place every time.
+///
+/// After `settings.rounds`, batches of 20 more rounds follow while the
+/// median's relative standard error, estimated from the spread as for a
+/// normal sample (1.253 sigma / sqrt(n), sigma = IQR / 1.349), is above
+/// `settings.precision`, up to `settings.max_rounds`: a noisy pair is timed
+/// longer, a steady one is not.
+bench::PairedRatio paired_ratio(
+    const CallFactory& make_reference,
+    const CallFactory& make_variant,
+    torch::Device device,
+    const PairedSettings& settings) {
+  constexpr int kConstructions = 10;
+  constexpr int kMoreRounds = 20;
+  std::mt19937 random(12345);
+  std::uniform_int_distribution<int64_t> spacer_bytes(0, int64_t{8} << 20);
+  std::vector<double> quotients;
+  const auto add_rounds = [&](int total) {
+    for (int i = 0; i < kConstructions && total > 0; ++i) {
+      // Each construction allocates anew; the earlier ones are freed first.
+      const auto spacer = torch::empty({spacer_bytes(random)}, torch::kUInt8);
+      std::function<void()> reference_call;
+      std::function<void()> variant_call;
+      if (i % 2 == 0) {
+        reference_call = make_reference();
+        variant_call = make_variant();
+      } else {
+        variant_call = make_variant();
+        reference_call = make_reference();
+      }
+      // The rounds spread over the constructions.
+      const int rounds = (total + kConstructions - 1 - i) / kConstructions;
+      if (rounds > 0) {
+        add_paired_quotients(
+            reference_call,
+            variant_call,
+            device,
+            rounds,
+            settings.block_seconds,
+            quotients);
+      }
+    }
+  };
+  add_rounds(settings.rounds);
+  while (true) {
+    std::sort(quotients.begin(), quotients.end());
+    const auto [median, spread] = median_and_spread(quotients);
+    const double standard_error = 1.253 * (spread / 1.349) /
+        std::sqrt(static_cast<double>(quotients.size()));
+    const int timed = static_cast<int>(quotients.size());
+    if (standard_error <= settings.precision || timed >= settings.max_rounds) {
+      return {median, spread, timed};
+    }
+    add_rounds(std::min(kMoreRounds, settings.max_rounds - timed));
+  }
+}
+
+/// Makes `variant`'s layer for the case and returns one call of it.
+CallFactory layer_call(
+    const std::string& variant,
+    const Case& c,
+    bool backward) {
+  return [variant, c, backward] {
+    return make_call(make_layer(variant, c), c, backward);
+  };
+}
+
+/// Replaces each row's ratios with paired ones against plain (see
+/// `paired_ratio`).
 void add_paired_ratios(
     std::vector<bench::Row>& rows,
     const PairedSettings& settings) {
   for (auto& row : rows) {
     if (row.variant == "plain") {
-      row.fwd_pair_spread = 0;
-      row.fwdbwd_pair_spread = 0;
+      row.fwd_pair = row.fwdbwd_pair = {1, 0, 0};
       continue;
     }
-    std::tie(row.fwd_ratio, row.fwd_pair_spread) =
-        paired_ratio(row.variant, row.c, /*backward=*/false, settings);
-    std::tie(row.fwdbwd_ratio, row.fwdbwd_pair_spread) =
-        paired_ratio(row.variant, row.c, /*backward=*/true, settings);
+    for (const bool backward : {false, true}) {
+      const auto paired = paired_ratio(
+          layer_call("plain", row.c, backward),
+          layer_call(row.variant, row.c, backward),
+          row.c.device,
+          settings);
+      (backward ? row.fwdbwd_ratio : row.fwd_ratio) = paired.ratio;
+      (backward ? row.fwdbwd_pair : row.fwd_pair) = paired;
+    }
   }
 }
 
@@ -295,11 +366,10 @@ MixedLayer make_mixed(const bench::MixedKey& key) {
   return mixed;
 }
 
-/// Forward of a mixed batch without grad: routed (one routing per batch,
+/// One forward of a mixed batch without grad: routed (one routing per batch,
 /// its construction timed) or naive (one forward per adapter's rows).
-void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
-  auto mixed = make_mixed(key);
-  auto& layer = mixed.layer;
+std::function<void()> make_mixed_call(const bench::MixedKey& key) {
+  const auto mixed = std::make_shared<MixedLayer>(make_mixed(key));
   const auto& c = key.c;
   const auto options = torch::TensorOptions().device(c.device).dtype(c.dtype);
   torch::manual_seed(1);
@@ -307,23 +377,24 @@ void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
   // The naive way's groups, made once.
   std::map<std::string, torch::Tensor> groups;
   for (const auto& name :
-       std::set<std::string>(mixed.names.begin(), mixed.names.end())) {
+       std::set<std::string>(mixed->names.begin(), mixed->names.end())) {
     std::vector<int64_t> rows;
-    for (size_t row = 0; row < mixed.names.size(); ++row) {
-      if (mixed.names[row] == name) {
+    for (size_t row = 0; row < mixed->names.size(); ++row) {
+      if (mixed->names[row] == name) {
         rows.push_back(static_cast<int64_t>(row));
       }
     }
     groups[name] = torch::tensor(rows, torch::kLong).to(c.device);
   }
-  torch::NoGradGuard no_grad;
-  auto call = [&] {
+  return [mixed, key, x, groups, options] {
+    torch::NoGradGuard no_grad;
+    auto& layer = mixed->layer;
     torch::Tensor y;
     if (key.variant == "mixed") {
-      torchlora::AdapterRouting routing(*layer, mixed.names);
+      torchlora::AdapterRouting routing(*layer, mixed->names);
       y = layer(x);
     } else {
-      y = torch::empty({c.rows, c.out}, options);
+      y = torch::empty({key.c.rows, key.c.out}, options);
       for (const auto& [name, index] : groups) {
         if (name == "__base__") {
           layer->set_adapters_enabled(false);
@@ -336,7 +407,38 @@ void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
     }
     benchmark::DoNotOptimize(y.data_ptr());
   };
-  time_calls(state, c.device, call);
+}
+
+void run_mixed(benchmark::State& state, const bench::MixedKey& key) {
+  auto call = make_mixed_call(key);
+  time_calls(state, key.c.device, call);
+}
+
+/// Replaces each mixed row's ratios with paired ones: against one adapter
+/// over all rows (`torchlora`'s forward) timed in pairs, and against plain
+/// as that quotient times `torchlora`'s paired ratio to plain.
+void add_paired_mixed_ratios(
+    std::vector<bench::MixedRow>& mixed,
+    const std::vector<bench::Row>& rows,
+    const PairedSettings& settings) {
+  for (auto& row : mixed) {
+    const auto single =
+        std::find_if(rows.begin(), rows.end(), [&](const auto& r) {
+          return r.variant == "torchlora" &&
+              bench::case_name(r.c) == bench::case_name(row.key.c);
+        });
+    if (single == rows.end()) {
+      continue;
+    }
+    const auto key = row.key;
+    row.fwd_pair = paired_ratio(
+        layer_call("torchlora", key.c, /*backward=*/false),
+        [key] { return make_mixed_call(key); },
+        key.c.device,
+        settings);
+    row.fwd_ratio_to_single = row.fwd_pair.ratio;
+    row.fwd_ratio = row.fwd_ratio_to_single * single->fwd_ratio;
+  }
 }
 
 /// The mixed-batch measurements: K = 1, 4, 16, 64 adapters over the rows
@@ -423,6 +525,10 @@ int main(int argc, char** argv) {
       paired.rounds = std::max(1, std::stoi(argv[++i]));
     } else if (argument == "--paired_block_s" && i + 1 < argc) {
       paired.block_seconds = std::stod(argv[++i]);
+    } else if (argument == "--paired_precision" && i + 1 < argc) {
+      paired.precision = std::stod(argv[++i]);
+    } else if (argument == "--paired_max_rounds" && i + 1 < argc) {
+      paired.max_rounds = std::max(1, std::stoi(argv[++i]));
     } else {
       arguments.push_back(argv[i]);
     }
@@ -441,7 +547,8 @@ int main(int argc, char** argv) {
     auto rows = bench::ratio_rows(reporter.times(), reporter.stddevs());
     add_paired_ratios(rows, paired);
     const auto memory = bench::memory_rows();
-    const auto mixed = bench::mixed_rows(reporter.times(), rows);
+    auto mixed = bench::mixed_rows(reporter.times(), rows);
+    add_paired_mixed_ratios(mixed, rows, paired);
     const auto merge_memory = bench::merge_memory_rows();
     bench::print_run_context(std::cout);
     bench::print_tables(rows, memory, std::cout);

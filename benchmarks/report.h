@@ -16,6 +16,7 @@
 #include <ostream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace bench {
@@ -166,8 +167,19 @@ class CapturingReporter : public benchmark::ConsoleReporter {
   std::map<std::string, bool> medians_;
 };
 
+/// A ratio timed in pairs: the median of the paired quotients, their spread
+/// (interquartile range over median) and how many pairs were timed (0 when
+/// the ratio is a quotient of medians).
+struct PairedRatio {
+  double ratio = 0;
+  double spread = -1;
+  int rounds = 0;
+};
+
 /// One row of the report: a variant of a case, both passes.
 struct Row {
+  Row(const Case& c, std::string variant) : c(c), variant(std::move(variant)) {}
+
   Case c;
   std::string variant;
   double fwd_ms = 0;
@@ -178,10 +190,9 @@ struct Row {
   /// a single run).
   double fwd_spread = 0;
   double fwdbwd_spread = 0;
-  /// The spread of the paired quotients behind the ratios: interquartile
-  /// range over median (-1 when the ratios are quotients of medians).
-  double fwd_pair_spread = -1;
-  double fwdbwd_pair_spread = -1;
+  /// The paired timing behind the ratios (see PairedRatio).
+  PairedRatio fwd_pair;
+  PairedRatio fwdbwd_pair;
 };
 
 /// Rows with ratios against the plain Linear of the same case and run.
@@ -198,7 +209,7 @@ inline std::vector<Row> ratio_rows(
     const auto row_name = case_name(key.c) + "/" + key.variant;
     if (index.count(row_name) == 0) {
       index[row_name] = rows.size();
-      rows.push_back(Row{key.c, key.variant});
+      rows.emplace_back(key.c, key.variant);
     }
     auto& row = rows[index[row_name]];
     (key.backward ? row.fwdbwd_ms : row.fwd_ms) = found->second;
@@ -236,10 +247,13 @@ inline std::vector<Row> ratio_rows(
 /// A mixed-batch forward with its ratios: against the plain frozen Linear
 /// and against one adapter over all rows (`torchlora`), same case and run.
 struct MixedRow {
+  MixedRow(MixedKey key, double fwd_ms) : key(std::move(key)), fwd_ms(fwd_ms) {}
+
   MixedKey key;
   double fwd_ms = 0;
   double fwd_ratio = 0;
   double fwd_ratio_to_single = 0;
+  PairedRatio fwd_pair; // the paired timing against `torchlora`
 };
 
 inline std::vector<MixedRow> mixed_rows(
@@ -251,7 +265,7 @@ inline std::vector<MixedRow> mixed_rows(
     if (found == times.end()) {
       continue;
     }
-    MixedRow row{key, found->second};
+    MixedRow row(key, found->second);
     for (const auto& reference : rows) {
       if (case_name(reference.c) != case_name(key.c) || reference.fwd_ms <= 0) {
         continue;
@@ -463,8 +477,10 @@ inline void write_report(
          {"fwdbwd_ratio", row.fwdbwd_ratio},
          {"fwd_spread", row.fwd_spread},
          {"fwdbwd_spread", row.fwdbwd_spread},
-         {"fwd_pair_spread", row.fwd_pair_spread},
-         {"fwdbwd_pair_spread", row.fwdbwd_pair_spread}});
+         {"fwd_pair_spread", row.fwd_pair.spread},
+         {"fwdbwd_pair_spread", row.fwdbwd_pair.spread},
+         {"fwd_pair_rounds", row.fwd_pair.rounds},
+         {"fwdbwd_pair_rounds", row.fwdbwd_pair.rounds}});
   }
   for (const auto& row : mixed) {
     list.push_back(
@@ -479,7 +495,9 @@ inline void write_report(
          {"base_rows", row.key.half_base ? 0.5 : 0.0},
          {"fwd_ms", row.fwd_ms},
          {"fwd_ratio", row.fwd_ratio},
-         {"fwd_ratio_to_single", row.fwd_ratio_to_single}});
+         {"fwd_ratio_to_single", row.fwd_ratio_to_single},
+         {"fwd_pair_spread", row.fwd_pair.spread},
+         {"fwd_pair_rounds", row.fwd_pair.rounds}});
   }
   const nlohmann::ordered_json report = {
       {"context", run_context()}, {"rows", list}};

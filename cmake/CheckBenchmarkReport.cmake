@@ -7,7 +7,7 @@ file(REMOVE_RECURSE "${folder}")
 file(MAKE_DIRECTORY "${folder}")
 execute_process(
   COMMAND "${PROGRAM}" --report "${PREFIX}" --benchmark_min_time=0.01
-          --paired_rounds 3 --paired_block_s 0.005
+          --paired_rounds 3 --paired_max_rounds 3 --paired_block_s 0.005
           "--benchmark_filter=^cpu/f32/16x"
   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
 message(STATUS "${out}")
@@ -36,7 +36,7 @@ foreach(variant plain plain_again full_ft unfused torchlora merged mixed mixed_n
   endif()
 endforeach()
 foreach(field device dtype n d_in d_out rank fwd_ms fwdbwd_ms fwd_ratio fwdbwd_ratio
-              fwd_pair_spread fwdbwd_pair_spread
+              fwd_pair_spread fwdbwd_pair_spread fwd_pair_rounds fwdbwd_pair_rounds
               adapters base_rows fwd_ratio_to_single)
   if(NOT json MATCHES "\"${field}\":")
     message(FATAL_ERROR "the report rows have no field ${field}")
