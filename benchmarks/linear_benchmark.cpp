@@ -264,7 +264,12 @@ bench::PairedRatio paired_ratio(
   std::uniform_int_distribution<int64_t> spacer_bytes(0, int64_t{8} << 20);
   std::vector<double> quotients;
   const auto add_rounds = [&](int total) {
-    for (int i = 0; i < kConstructions && total > 0; ++i) {
+    for (int i = 0; i < kConstructions; ++i) {
+      // The rounds spread over the constructions.
+      const int rounds = (total + kConstructions - 1 - i) / kConstructions;
+      if (rounds == 0) {
+        continue;
+      }
       // Each construction allocates anew; the earlier ones are freed first.
       const auto spacer = torch::empty({spacer_bytes(random)}, torch::kUInt8);
       std::function<void()> reference_call;
@@ -276,17 +281,13 @@ bench::PairedRatio paired_ratio(
         variant_call = make_variant();
         reference_call = make_reference();
       }
-      // The rounds spread over the constructions.
-      const int rounds = (total + kConstructions - 1 - i) / kConstructions;
-      if (rounds > 0) {
-        add_paired_quotients(
-            reference_call,
-            variant_call,
-            device,
-            rounds,
-            settings.block_seconds,
-            quotients);
-      }
+      add_paired_quotients(
+          reference_call,
+          variant_call,
+          device,
+          rounds,
+          settings.block_seconds,
+          quotients);
     }
   };
   add_rounds(settings.rounds);
