@@ -1,0 +1,577 @@
+#pragma once
+
+#include <torchlora/adapted_weights.h>
+#include <torchlora/detail/check.h>
+#include <torchlora/detail/member_sentinel.h>
+#include <torchlora/inject.h>
+#include <torchlora/io/load_adapter.h>
+#include <torchlora/io/save_adapter.h>
+#include <torchlora/jit/script_mirror.h>
+#include <torchlora/layer.h>
+#include <torchlora/layer/member_binding.h>
+#include <torchlora/merge.h>
+#include <torchlora/model/model_walk.h>
+
+#include <torch/csrc/jit/api/module.h>
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchlora {
+namespace jit {
+namespace detail {
+
+/// What a TorchScript module's adapted attribute holds outside an
+/// `AdaptedWeights` call: every operator on it, and saving or copying the
+/// module, is a torchlora: error.
+inline std::string guard_message(const std::string& path, const char* name) {
+  return TORCHLORA_PREFIX "'" + path + "." + name +
+      "' of this TorchScript module is its base weight plus LoRA adapters, "
+      "computed only while torchlora runs the module: call it through "
+      "torchlora::jit::AdaptedWeights (or ScriptLoRA::forward), not "
+      "directly. To save or run it as a plain TorchScript module, "
+      "merge() it first, or merge_and_unload() it. (Saving, copying or "
+      "moving it with to() is refused until then; ScriptLoRA::to moves it)";
+}
+
+/// The weight the base layer of a bound LoRA layer reads through its member:
+/// what `torchlora::AdaptedWeights` computed for it.
+inline torch::Tensor bound_member(const LoRALayer& layer) {
+  const auto base = layer.base_module();
+  if (const auto* linear = base->as<torch::nn::LinearImpl>()) {
+    return linear->weight;
+  }
+  if (const auto* embedding = base->as<torch::nn::EmbeddingImpl>()) {
+    return embedding->weight;
+  }
+  if (const auto* conv = base->as<torch::nn::Conv1dImpl>()) {
+    return conv->weight;
+  }
+  if (const auto* conv = base->as<torch::nn::Conv2dImpl>()) {
+    return conv->weight;
+  }
+  if (const auto* conv = base->as<torch::nn::Conv3dImpl>()) {
+    return conv->weight;
+  }
+  const auto* attention = base->as<torch::nn::MultiheadAttentionImpl>();
+  TORCHLORA_INTERNAL_ASSERT(attention != nullptr, "unknown base layer");
+  return attention->in_proj_weight;
+}
+
+/// One adapted attribute of the TorchScript module.
+struct ScriptTarget {
+  std::string path;
+  torch::jit::Module owner;
+  std::string attribute;
+  LoRALayer* layer = nullptr;
+  /// What the attribute holds outside `AdaptedWeights` calls when the layer
+  /// is not merged.
+  torch::Tensor guard;
+  /// What torchlora last put into the attribute: anything else there was
+  /// put by someone else, and is refused.
+  torch::Tensor installed;
+};
+
+/// What a `ScriptLoRA` shares with its copies and its `AdaptedWeights`.
+struct ScriptState {
+  explicit ScriptState(torch::jit::Module script)
+      : module(script), mirror(std::move(script)) {}
+
+  torch::jit::Module module;
+  ScriptMirror mirror;
+  std::vector<ScriptTarget> targets;
+  /// Calls of the module through torchlora, one at a time.
+  std::mutex calls;
+  /// `AdaptedWeights` alive now.
+  int scopes = 0;
+
+  /// The mirror's tensor `attribute` of the layer at `path` (the base
+  /// weight, merged when merged).
+  torch::Tensor mirror_tensor(const std::string& path, const std::string& name)
+      const {
+    const torch::nn::Module* module = &mirror.model();
+    size_t start = 0;
+    while (start <= path.size()) {
+      const auto dot = path.find('.', start);
+      const auto part = path.substr(
+          start, dot == std::string::npos ? std::string::npos : dot - start);
+      module = module->named_children()[part].get();
+      if (dot == std::string::npos) {
+        break;
+      }
+      start = dot + 1;
+    }
+    return module->named_parameters(/*recurse=*/false)[name];
+  }
+
+  /// Refuses when `target`'s attribute holds something torchlora did not
+  /// put there (a `setattr` or `to()` behind its back).
+  static void check_untouched(const ScriptTarget& target) {
+    const auto held = target.owner.attr(target.attribute);
+    TORCHLORA_CHECK(
+        held.isTensor() &&
+            held.toTensor().unsafeGetTensorImpl() ==
+                target.installed.unsafeGetTensorImpl(),
+        "'",
+        target.path,
+        ".",
+        target.attribute,
+        "' of the TorchScript module was replaced behind torchlora's back "
+        "(setattr, or to() on the module): the adapters would not reach "
+        "it. Change the module through its ScriptLoRA (ScriptLoRA::to "
+        "moves it)." TORCHLORA_NOTHING_CHANGED);
+  }
+
+  void install(ScriptTarget& target, const torch::Tensor& tensor) {
+    target.owner.setattr(target.attribute, tensor);
+    target.installed = tensor;
+  }
+
+  /// What the attribute holds between calls: the merged weight when merged,
+  /// else the guard.
+  void install_resting(ScriptTarget& target) {
+    install(
+        target,
+        target.layer->merged() ? target.layer->base_weight() : target.guard);
+  }
+
+  /// Matches the targets to the mirror's LoRA layers now (after inject,
+  /// load, unload or any model function on `mirror.model()`): new layers
+  /// are bound and guarded, layers no longer adapted get their base weight
+  /// back.
+  void refresh() {
+    for (const auto& target : targets) {
+      check_untouched(target);
+    }
+    // The new targets are made aside, so that an error leaves the old ones.
+    std::vector<ScriptTarget> next;
+    const torchlora::detail::ModelIndex index(mirror.model());
+    for (const auto& [entry, layer] : index.lora_layers()) {
+      const auto& path = entry->paths.front();
+      const auto kind = mirror.kind_at(path);
+      TORCHLORA_INTERNAL_ASSERT(kind, "a LoRA layer at ", path, " unmirrored");
+      const auto found =
+          std::find_if(targets.begin(), targets.end(), [&](const auto& old) {
+            return old.path == path;
+          });
+      ScriptTarget target;
+      if (found != targets.end()) {
+        target = *found;
+      } else {
+        target.path = path;
+        target.owner = mirror.script_module(path);
+        target.attribute = adapted_attribute(*kind);
+        target.installed = target.owner.attr(target.attribute).toTensor();
+      }
+      target.layer = layer;
+      if (!is_member_bound(layer)) {
+        bind_member(*layer, "'" + path + "' (a layer of a TorchScript module)");
+      }
+      const auto base = mirror_tensor(path, target.attribute);
+      if (!target.guard.defined() || target.guard.sizes() != base.sizes() ||
+          target.guard.dtype() != base.dtype() ||
+          target.guard.device() != base.device()) {
+        target.guard = torchlora::detail::member_sentinel(
+            base, guard_message(path, target.attribute.c_str()));
+      }
+      next.push_back(std::move(target));
+    }
+    for (auto& old : targets) {
+      const bool kept =
+          std::any_of(next.begin(), next.end(), [&](const auto& target) {
+            return target.path == old.path;
+          });
+      if (!kept) {
+        install(old, mirror_tensor(old.path, old.attribute));
+      }
+    }
+    for (auto& target : next) {
+      install_resting(target);
+    }
+    targets = std::move(next);
+  }
+
+  /// Puts each target's base weight (merged when merged) back, for an
+  /// operation on the whole TorchScript module.
+  void install_tensors() {
+    for (auto& target : targets) {
+      check_untouched(target);
+      install(target, mirror_tensor(target.path, target.attribute));
+    }
+  }
+
+  void check_no_scope(const char* operation) const {
+    TORCHLORA_CHECK(
+        scopes == 0,
+        operation,
+        " while ",
+        scopes,
+        " torchlora::jit::AdaptedWeights hold the adapted weights; end them "
+        "first." TORCHLORA_NOTHING_CHANGED);
+  }
+};
+
+} // namespace detail
+
+/// LoRA adapters on a TorchScript module (scripted or traced in Python,
+/// loaded with `torch::jit::load`), and what to do with them: train, merge,
+/// save in peft's format.
+///
+/// The TorchScript module's code cannot be changed, but it reads its
+/// weights from attributes at every call. So each adapted layer's weight
+/// attribute is given `W + sum s B A` of its active adapters for the length
+/// of a call made through torchlora (`AdaptedWeights`), differentiable in
+/// every A and B. Between calls it holds a guard that refuses every use, so
+/// a forward that bypasses torchlora, or a `save()` of the module with its
+/// adapters unmerged, is an error and never the base weight used in
+/// silence. `merge()` puts the merged weights in (the module then runs and
+/// saves as a plain TorchScript module); `merge_and_unload()` leaves a
+/// plain module for good.
+///
+/// Targeting, adapters, scales and files work as for LibTorch models: the
+/// layers are found under the TorchScript module's paths (the Python
+/// model's), and `model()` is a LibTorch module with those paths which
+/// torchlora's model functions take (`torchlora::set_adapter(lora.model(),
+/// "a")`). Linear (and NonDynamicallyQuantizableLinear), Embedding,
+/// Conv1d/2d/3d and MultiheadAttention's packed `in_proj_weight` are
+/// adapted; adapters need dropout 0 (they act on the weight).
+///
+/// A `ScriptLoRA` is a handle: copies share the adapters.
+///
+/// Example:
+/// ```
+/// auto module = torch::jit::load("model.pt");
+/// auto lora = torchlora::jit::inject_lora(
+///     module, torchlora::LoRAConfig(8).alpha(16).target_modules({"fc1"}));
+/// torch::optim::AdamW optimizer(lora.parameters(), 1e-3);
+/// for (const auto& batch : batches) {
+///   auto loss = loss_of(lora.forward({batch.data}).toTensor(), batch);
+///   optimizer.zero_grad();
+///   loss.backward();
+///   optimizer.step();
+/// }
+/// lora.save_adapter("out/adapter");
+/// lora.merge_and_unload().save("out/merged.pt");
+/// ```
+class ScriptLoRA {
+ public:
+  /// Takes `module` (shared, not copied) with no adapter yet; refuses a
+  /// module without parameters (frozen by `torch.jit.freeze`) or one that
+  /// is itself a single layer.
+  explicit ScriptLoRA(torch::jit::Module module)
+      : state_(std::make_shared<detail::ScriptState>(std::move(module))) {}
+
+  /// Adds the adapter `config` describes to the layers it targets, as
+  /// `torchlora::inject_lora` does for a LibTorch model; returns their
+  /// paths. Refuses (changing nothing) an adapter with dropout, a layer
+  /// used by the module at several paths being adapted under one, and
+  /// `modules_to_save`.
+  std::vector<std::string> inject(const LoRAConfig& config) {
+    auto& state = *state_;
+    const std::lock_guard<std::mutex> lock(state.calls);
+    state.check_no_scope("jit::inject_lora");
+    TORCHLORA_CHECK(
+        config.dropout() == 0,
+        "jit::inject_lora: dropout must be 0 for a TorchScript module, got ",
+        config.dropout(),
+        ": its layers are adapted through their weights (W + s B A), so the "
+        "adapter's input cannot be dropped out." TORCHLORA_NOTHING_CHANGED);
+    TORCHLORA_CHECK(
+        config.modules_to_save().empty(),
+        "jit::inject_lora: modules_to_save (got ",
+        config.modules_to_save().size(),
+        ") cannot be used with a TorchScript module, whose code cannot call "
+        "a trainable copy of a module." TORCHLORA_NOTHING_CHANGED);
+    state.refresh();
+    auto paths = torchlora::inject_lora(state.mirror.model(), config);
+    state.refresh();
+    return paths;
+  }
+
+  /// Loads an adapter saved by peft or by `save_adapter` (see
+  /// `torchlora::load_adapter`), injecting it where it belongs.
+  void load_adapter(
+      const std::string& dir,
+      const std::string& adapter_name = "default") {
+    auto& state = *state_;
+    const std::lock_guard<std::mutex> lock(state.calls);
+    state.check_no_scope("jit::load_adapter");
+    const auto folder =
+        torchlora::detail::adapter_files_folder(dir, adapter_name);
+    const auto config_path = folder + "/adapter_config.json";
+    if (std::filesystem::exists(config_path)) {
+      const auto dropout =
+          torchlora::detail::read_peft_config(config_path, adapter_name)
+              .config.dropout();
+      TORCHLORA_CHECK(
+          dropout == 0,
+          "jit::load_adapter: the adapter in '",
+          dir,
+          "' has lora_dropout ",
+          dropout,
+          "; a TorchScript module's layers are adapted through their "
+          "weights (W + s B A), where dropout cannot apply. Set "
+          "\"lora_dropout\": 0 in its adapter_config.json to load it (the "
+          "trained values do not depend on it)." TORCHLORA_NOTHING_CHANGED);
+    }
+    state.refresh();
+    torchlora::load_adapter(state.mirror.model(), dir, adapter_name);
+    state.refresh();
+  }
+
+  /// Saves an adapter in peft's format (see `torchlora::save_adapter`),
+  /// under the keys peft gives the Python model the module came from.
+  void save_adapter(
+      const std::string& dir,
+      const SaveAdapterOptions& options = {}) const {
+    torchlora::save_adapter(state_->mirror.model(), dir, options);
+  }
+
+  /// `save_adapter` with the settings of the config the adapter was
+  /// injected with (see `torchlora::save_adapter`).
+  void save_adapter(const std::string& dir, const LoRAConfig& config) const {
+    torchlora::save_adapter(state_->mirror.model(), dir, config);
+  }
+
+  /// The tensors to train: the adapters' A and B (of the active adapters).
+  std::vector<torch::Tensor> parameters() const {
+    std::vector<torch::Tensor> trainable;
+    for (const auto& parameter : state_->mirror.model().parameters()) {
+      if (parameter.requires_grad()) {
+        trainable.push_back(parameter);
+      }
+    }
+    return trainable;
+  }
+
+  /// The paths of the adapted layers.
+  std::vector<std::string> adapted_paths() const {
+    const std::lock_guard<std::mutex> lock(state_->calls);
+    state_->refresh();
+    std::vector<std::string> paths;
+    for (const auto& target : state_->targets) {
+      paths.push_back(target.path);
+    }
+    return paths;
+  }
+
+  /// A LibTorch module with the TorchScript module's paths and adapters,
+  /// for torchlora's model functions (`set_adapter`, `set_scale`,
+  /// `delete_adapter`, `DisableAdapters`, `adapter_names`, ...). Do not
+  /// call its forward.
+  torch::nn::Module& model() const {
+    return state_->mirror.model();
+  }
+
+  /// The TorchScript module.
+  torch::jit::Module& module() const {
+    return state_->module;
+  }
+
+  /// Runs the module's forward with the adapters (an `AdaptedWeights` for
+  /// one call).
+  c10::IValue forward(std::vector<c10::IValue> inputs);
+
+  /// Runs the module's method `name` with the adapters.
+  c10::IValue run_method(
+      const std::string& name,
+      std::vector<c10::IValue> inputs);
+
+  /// Merges the active adapters into the base weights (see
+  /// `torchlora::merge`): the module then runs and saves as a plain
+  /// TorchScript module with merged weights, until `unmerge`.
+  void merge(const MergeOptions& options = {}) {
+    run_on_mirror("jit::merge", [&](torch::nn::Module& model) {
+      torchlora::merge(model, options);
+    });
+  }
+
+  /// Restores the base weights (bit for bit after `merge`).
+  void unmerge() {
+    run_on_mirror("jit::unmerge", [](torch::nn::Module& model) {
+      torchlora::unmerge(model);
+    });
+  }
+
+  /// Merges the active adapters for good and removes every adapter: the
+  /// module is a plain TorchScript module again, with merged weights, which
+  /// `save()` writes and Python's `torch.jit.load` runs without torchlora.
+  torch::jit::Module merge_and_unload(const MergeOptions& options = {}) {
+    run_on_mirror("jit::merge_and_unload", [&](torch::nn::Module& model) {
+      torchlora::merge_and_unload(model, options);
+    });
+    return state_->module;
+  }
+
+  /// Removes every adapter without merging: the module is as it was loaded.
+  torch::jit::Module unload() {
+    run_on_mirror("jit::unload", [](torch::nn::Module& model) {
+      torchlora::unload(model);
+    });
+    return state_->module;
+  }
+
+  /// Moves the module and its adapters to `device` (the module's own `to()`
+  /// is refused while it holds guards).
+  void to(torch::Device device) {
+    auto& state = *state_;
+    const std::lock_guard<std::mutex> lock(state.calls);
+    state.check_no_scope("jit::ScriptLoRA::to");
+    state.refresh();
+    state.install_tensors();
+    try {
+      state.module.to(device);
+      state.mirror.model().to(device);
+    } catch (...) {
+      state.refresh();
+      throw;
+    }
+    state.refresh();
+  }
+
+ private:
+  friend class AdaptedWeights;
+
+  template <typename Operation>
+  void run_on_mirror(const char* name, Operation operation) {
+    auto& state = *state_;
+    const std::lock_guard<std::mutex> lock(state.calls);
+    state.check_no_scope(name);
+    state.refresh();
+    operation(state.mirror.model());
+    state.refresh();
+  }
+
+  std::shared_ptr<detail::ScriptState> state_;
+};
+
+/// The adapted weights of a `ScriptLoRA`, computed once when it is made
+/// (as `torchlora::AdaptedWeights` does for LibTorch models: one per
+/// training step, after `optimizer.step()`), and the calls of the module
+/// that use them. During each call the adapted layers' attributes hold
+/// these weights; afterwards they hold their guards (or merged weights)
+/// again. While one lives, changing the adapters, merging or saving the
+/// adapters' module state is refused. Calls through one `ScriptLoRA` run
+/// one at a time.
+///
+/// Example:
+/// ```
+/// torchlora::jit::AdaptedWeights adapted(lora);
+/// auto loss = adapted.forward({x}).toTensor().pow(2).mean();
+/// loss.backward();
+/// ```
+class AdaptedWeights {
+ public:
+  explicit AdaptedWeights(ScriptLoRA& lora) : state_(lora.state_) {
+    const std::lock_guard<std::mutex> lock(state_->calls);
+    state_->refresh();
+    weights_ =
+        std::make_unique<torchlora::AdaptedWeights>(state_->mirror.model());
+    ++state_->scopes;
+  }
+
+  AdaptedWeights(const AdaptedWeights&) = delete;
+  AdaptedWeights& operator=(const AdaptedWeights&) = delete;
+
+  ~AdaptedWeights() {
+    const std::lock_guard<std::mutex> lock(state_->calls);
+    --state_->scopes;
+    weights_.reset();
+  }
+
+  /// The module's forward with the adapted weights.
+  c10::IValue forward(std::vector<c10::IValue> inputs) {
+    return run_method("forward", std::move(inputs));
+  }
+
+  /// The module's method `name` with the adapted weights.
+  c10::IValue run_method(
+      const std::string& name,
+      std::vector<c10::IValue> inputs) {
+    auto& state = *state_;
+    const std::lock_guard<std::mutex> lock(state.calls);
+    const auto method = state.module.find_method(name);
+    TORCHLORA_CHECK(
+        method.has_value(),
+        "the TorchScript module has no method \"",
+        name,
+        "\"");
+    for (auto& target : state.targets) {
+      detail::ScriptState::check_untouched(target);
+    }
+    for (auto& target : state.targets) {
+      state.install(target, detail::bound_member(*target.layer));
+    }
+    try {
+      auto result = (*method)(std::move(inputs));
+      for (auto& target : state.targets) {
+        state.install_resting(target);
+      }
+      return result;
+    } catch (...) {
+      for (auto& target : state.targets) {
+        state.install_resting(target);
+      }
+      throw;
+    }
+  }
+
+ private:
+  std::shared_ptr<detail::ScriptState> state_;
+  std::unique_ptr<torchlora::AdaptedWeights> weights_;
+};
+
+inline c10::IValue ScriptLoRA::forward(std::vector<c10::IValue> inputs) {
+  AdaptedWeights adapted(*this);
+  return adapted.forward(std::move(inputs));
+}
+
+inline c10::IValue ScriptLoRA::run_method(
+    const std::string& name,
+    std::vector<c10::IValue> inputs) {
+  AdaptedWeights adapted(*this);
+  return adapted.run_method(name, std::move(inputs));
+}
+
+/// Adapts the layers of a TorchScript module that `config` targets (see
+/// `ScriptLoRA`); the returned object owns the adapters and runs the module
+/// with them.
+///
+/// Example:
+/// ```
+/// auto module = torch::jit::load("model.pt");
+/// auto lora = torchlora::jit::inject_lora(
+///     module, torchlora::LoRAConfig(8).target_modules({"q_proj", "v_proj"}));
+/// std::cout << lora.adapted_paths().size() << " layers adapted\n";
+/// ```
+inline ScriptLoRA inject_lora(
+    const torch::jit::Module& module,
+    const LoRAConfig& config) {
+  ScriptLoRA lora(module);
+  lora.inject(config);
+  return lora;
+}
+
+/// A `ScriptLoRA` for `module` holding the adapter saved in `dir` (by peft
+/// for the Python model the module came from, or by `save_adapter`).
+inline ScriptLoRA load_adapter(
+    const torch::jit::Module& module,
+    const std::string& dir,
+    const std::string& adapter_name = "default") {
+  ScriptLoRA lora(module);
+  lora.load_adapter(dir, adapter_name);
+  return lora;
+}
+
+} // namespace jit
+} // namespace torchlora

@@ -1,0 +1,143 @@
+#!/usr/bin/python3
+"""Makes the TorchScript fixtures of tests/jit_test.cpp with Debian's
+python3-torch: four small models, each scripted and traced, and for each a
+reference file with an input, the model's output, adapter matrices for some
+of its layers and the output of the model whose weights are W + s B A
+(computed here, in Python, by changing the weights).
+
+  scripts/make-jit-fixtures.py [OUT_DIR]     (default: tests/data/jit)
+
+The committed files were written by PyTorch 1.13 (Debian 12), which both
+LibTorch 1.13 and 2.x load. Seeds are fixed; outputs are float32.
+"""
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RANK = 2
+ALPHA = 4.0  # scaling alpha / rank = 2
+
+
+class Typed(nn.Module):
+    """Typed members, one of them also read directly (gate.weight), and a
+    method other than forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.gate = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        g = torch.sigmoid(F.linear(x, self.gate.weight, self.gate.bias))
+        return self.out(self.proj(x) * g)
+
+    @torch.jit.export
+    def features(self, x):
+        return self.proj(x)
+
+
+class CNN(nn.Module):
+    """An Embedding, a Conv1d and a Conv2d, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.conv1 = nn.Conv1d(8, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h = torch.relu(self.conv1(self.emb(tokens).transpose(1, 2)))
+        h = torch.relu(self.conv2(h.unsqueeze(1)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 4))
+    layer = nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return {
+        # name: (model, input, adapted attributes (path, attribute))
+        "mlp": (mlp, torch.randn(5, 6),
+                [("0", "weight"), ("2", "weight"), ("4", "weight")]),
+        "typed": (Typed(), torch.randn(5, 6),
+                  [("proj", "weight"), ("gate", "weight")]),
+        "encoder": (encoder, torch.randn(2, 5, 16),
+                    [("layers.0.self_attn", "in_proj_weight"),
+                     ("layers.1.linear1", "weight")]),
+        "cnn": (CNN(), torch.randint(0, 20, (2, 7)),
+                [("emb", "weight"), ("conv1", "weight"), ("conv2", "weight")]),
+    }
+
+
+def module_at(model, path):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def delta_shapes(weight, attribute, kind):
+    """A and B of peft's layout for a weight (Embedding: A [r, num],
+    B [dim, r], the delta transposed)."""
+    if kind == "emb":
+        return (RANK, weight.shape[0]), (weight.shape[1], RANK)
+    inner = weight[0].numel()
+    return (RANK, inner), (weight.shape[0], RANK)
+
+
+def adapted_weight(weight, A, B, kind):
+    scaling = ALPHA / RANK
+    if kind == "emb":
+        return weight + scaling * (B @ A).T
+    return weight + scaling * (B @ A).reshape(weight.shape)
+
+
+class Holder(nn.Module):
+    def __init__(self, tensors):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+    def forward(self):
+        return 0
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+        os.path.dirname(__file__), "..", "tests", "data", "jit")
+    os.makedirs(out, exist_ok=True)
+    for name, (model, x, targets) in models().items():
+        model.eval()
+        torch.manual_seed(1)
+        scripted = torch.jit.script(model)
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        scripted.save(os.path.join(out, name + "_scripted.pt"))
+        traced.save(os.path.join(out, name + "_traced.pt"))
+        tensors = {"input": x, "output": model(x).detach()}
+        with torch.no_grad():
+            for i, (path, attribute) in enumerate(targets):
+                layer = module_at(model, path)
+                weight = getattr(layer, attribute)
+                kind = "emb" if isinstance(layer, nn.Embedding) else "other"
+                a_shape, b_shape = delta_shapes(weight, attribute, kind)
+                A = torch.randn(a_shape) * 0.3
+                B = torch.randn(b_shape) * 0.3
+                tensors["A%d" % i] = A
+                tensors["B%d" % i] = B
+                weight.copy_(adapted_weight(weight, A, B, kind))
+            tensors["adapted_output"] = model(x).detach()
+        torch.jit.script(Holder(tensors)).save(
+            os.path.join(out, name + "_reference.pt"))
+    print("wrote the fixtures to", os.path.abspath(out))
+
+
+if __name__ == "__main__":
+    main()

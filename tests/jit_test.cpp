@@ -1,0 +1,651 @@
+// torchlora::jit: LoRA on TorchScript modules made in Python
+// (scripts/make-jit-fixtures.py wrote the fixtures in tests/data/jit).
+#include <torchlora/jit.h>
+
+#include "test_support.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using torchlora_test::message_of;
+
+/// Expects `statement` to throw an error (TorchScript's interpreter wraps
+/// the errors of the operators it runs) whose text holds a torchlora:
+/// message containing `text`.
+#define EXPECT_SCRIPT_ERROR(statement, text)                                \
+  do {                                                                      \
+    try {                                                                   \
+      statement;                                                            \
+      ADD_FAILURE() << "expected an error containing: " << (text);          \
+    } catch (const std::exception& error) {                                 \
+      const std::string message = error.what();                             \
+      EXPECT_NE(message.find("torchlora: "), std::string::npos) << message; \
+      EXPECT_NE(message.find(text), std::string::npos) << message;          \
+    }                                                                       \
+  } while (false)
+
+std::string fixture(const std::string& name) {
+  return std::string(TORCHLORA_TEST_DATA_DIR) + "/jit/" + name;
+}
+
+/// The tensors of a fixture's reference file, by name.
+std::map<std::string, torch::Tensor> reference(const std::string& model) {
+  auto holder = torch::jit::load(fixture(model + "_reference.pt"));
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& buffer : holder.named_buffers(/*recurse=*/false)) {
+    tensors[buffer.name] = buffer.value;
+  }
+  return tensors;
+}
+
+/// A fixture model: its adapted layers and which attribute of each the
+/// reference file's A<i>/B<i> belong to.
+struct FixtureModel {
+  std::string name;
+  std::vector<std::string> targets;
+};
+
+const std::vector<FixtureModel>& fixture_models() {
+  static const std::vector<FixtureModel> models = {
+      {"mlp", {"0", "2", "4"}},
+      {"typed", {"proj", "gate"}},
+      {"encoder", {"layers.0.self_attn", "layers.1.linear1"}},
+      {"cnn", {"emb", "conv1", "conv2"}},
+  };
+  return models;
+}
+
+const std::vector<std::string>& forms() {
+  static const std::vector<std::string> names = {"scripted", "traced"};
+  return names;
+}
+
+torch::jit::Module load_model(
+    const std::string& name,
+    const std::string& form) {
+  auto module = torch::jit::load(fixture(name + "_" + form + ".pt"));
+  module.eval();
+  return module;
+}
+
+/// The config of the reference file's adapters: rank 2, scaling 2.
+torchlora::LoRAConfig fixture_config(const std::vector<std::string>& targets) {
+  std::vector<std::string> regexes;
+  std::string regex;
+  for (const auto& target : targets) {
+    regex += (regex.empty() ? "" : "|") + std::string("^") + target + "$";
+  }
+  // Exact paths: the name "0" would also match "layers.0".
+  return torchlora::LoRAConfig(2).alpha(4).target_regex(regex);
+}
+
+/// The adapter tensors ("A"/"B") of adapter `adapter` at `path` of the
+/// ScriptLoRA's model.
+torch::Tensor adapter_matrix(
+    const torchlora::jit::ScriptLoRA& lora,
+    const std::string& path,
+    const std::string& matrix,
+    const std::string& adapter = "default") {
+  const auto parameters = lora.model().named_parameters();
+  for (const auto& prefix : {"lora_", "lora_embedding_"}) {
+    for (const auto& suffix : {".weight", ""}) {
+      const auto key = path + "." + prefix + matrix + "." + adapter + suffix;
+      if (parameters.contains(key)) {
+        return parameters[key];
+      }
+    }
+  }
+  ADD_FAILURE() << "no " << matrix << " at " << path;
+  return torch::Tensor();
+}
+
+/// Copies the reference file's A<i>/B<i> into the adapters.
+void set_reference_adapters(
+    torchlora::jit::ScriptLoRA& lora,
+    const FixtureModel& model,
+    const std::map<std::string, torch::Tensor>& tensors) {
+  const torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < model.targets.size(); ++i) {
+    for (const auto* matrix : {"A", "B"}) {
+      auto target = adapter_matrix(lora, model.targets[i], matrix);
+      const auto& values = tensors.at(matrix + std::to_string(i));
+      target.copy_(values.reshape(target.sizes()));
+    }
+  }
+}
+
+void expect_close(
+    const torch::Tensor& actual,
+    const torch::Tensor& expected,
+    double tolerance,
+    const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  const auto scale = expected.abs().max().item<double>() + 1e-12;
+  const auto error = (actual.to(torch::kDouble) - expected.to(torch::kDouble))
+                         .abs()
+                         .max()
+                         .item<double>();
+  EXPECT_LE(error / scale, tolerance) << what;
+}
+
+// ---------------------------------------------------------------- fixtures
+
+TEST(JitFixtures, FreshAdaptersKeepPythonsOutput) {
+  for (const auto& model : fixture_models()) {
+    const auto tensors = reference(model.name);
+    for (const auto& form : forms()) {
+      auto module = load_model(model.name, form);
+      auto lora =
+          torchlora::jit::inject_lora(module, fixture_config(model.targets));
+      auto paths = lora.adapted_paths();
+      for (const auto& target : model.targets) {
+        EXPECT_NE(std::find(paths.begin(), paths.end(), target), paths.end())
+            << model.name << " " << form << " " << target;
+      }
+      const torch::NoGradGuard no_grad;
+      const auto y = lora.forward({tensors.at("input")}).toTensor();
+      expect_close(y, tensors.at("output"), 1e-5, model.name + " " + form);
+    }
+  }
+}
+
+TEST(JitFixtures, AdaptedOutputEqualsPythonsChangedWeights) {
+  for (const auto& model : fixture_models()) {
+    const auto tensors = reference(model.name);
+    for (const auto& form : forms()) {
+      auto module = load_model(model.name, form);
+      auto lora =
+          torchlora::jit::inject_lora(module, fixture_config(model.targets));
+      set_reference_adapters(lora, model, tensors);
+      const auto y = lora.forward({tensors.at("input")}).toTensor();
+      expect_close(
+          y, tensors.at("adapted_output"), 1e-5, model.name + " " + form);
+      // Merged, the module runs by itself and gives the same.
+      lora.merge();
+      const torch::NoGradGuard no_grad;
+      const auto merged = module.forward({tensors.at("input")}).toTensor();
+      expect_close(
+          merged,
+          tensors.at("adapted_output"),
+          1e-5,
+          model.name + " " + form + " merged");
+    }
+  }
+}
+
+// ---------------------------------------------------------------- float64
+
+/// The float64 reference of a ScriptLoRA's forward: a fresh copy of the
+/// module whose adapted attributes are set to W + sum s B A computed with
+/// plain ops from leaf copies of the adapters, so that autograd through
+/// those ops gives the reference gradients of A and B.
+struct Float64Reference {
+  torch::jit::Module module;
+  std::vector<torch::Tensor> leaves; // A, B of each target, in order
+
+  c10::IValue forward(const std::vector<c10::IValue>& inputs) {
+    return module.forward(inputs);
+  }
+};
+
+struct TargetSpec {
+  std::string path;
+  std::string attribute;
+  bool embedding;
+};
+
+/// The module at `path` of a TorchScript module.
+torch::jit::Module submodule(
+    torch::jit::Module module,
+    const std::string& path) {
+  size_t start = 0;
+  while (true) {
+    const auto dot = path.find('.', start);
+    module = module.attr(path.substr(start, dot - start)).toModule();
+    if (dot == std::string::npos) {
+      return module;
+    }
+    start = dot + 1;
+  }
+}
+
+Float64Reference float64_reference(
+    const std::string& file,
+    const std::vector<TargetSpec>& targets,
+    const torchlora::jit::ScriptLoRA& lora,
+    const std::vector<std::pair<std::string, double>>& adapters) {
+  Float64Reference reference{torch::jit::load(file), {}};
+  reference.module.eval();
+  reference.module.to(torch::kDouble);
+  for (const auto& target : targets) {
+    auto owner = submodule(reference.module, target.path);
+    auto weight = owner.attr(target.attribute).toTensor().detach();
+    for (const auto& [adapter, scaling] : adapters) {
+      const auto A = adapter_matrix(lora, target.path, "A", adapter)
+                         .detach()
+                         .clone()
+                         .requires_grad_(true);
+      const auto B = adapter_matrix(lora, target.path, "B", adapter)
+                         .detach()
+                         .clone()
+                         .requires_grad_(true);
+      reference.leaves.push_back(A);
+      reference.leaves.push_back(B);
+      const auto product = B.flatten(1).mm(A.flatten(1)) * scaling;
+      weight = weight +
+          (target.embedding ? product.t() : product.reshape(weight.sizes()));
+    }
+    owner.setattr(target.attribute, weight);
+  }
+  return reference;
+}
+
+/// The adapted attributes of `lora` (an attention's out_proj included).
+std::vector<TargetSpec> target_specs(const torchlora::jit::ScriptLoRA& lora) {
+  using torchlora::jit::detail::ScriptKind;
+  std::vector<TargetSpec> specs;
+  for (const auto& path : lora.adapted_paths()) {
+    const auto kind =
+        torchlora::jit::detail::script_kind(submodule(lora.module(), path));
+    specs.push_back(
+        {path,
+         kind == ScriptKind::attention ? "in_proj_weight" : "weight",
+         kind == ScriptKind::embedding});
+  }
+  return specs;
+}
+
+TEST(JitReference, ForwardAndGradientsMatchFloat64OverRandomSettings) {
+  std::mt19937 random(7);
+  int cases = 0;
+  for (int trial = 0; trial < 24; ++trial) {
+    const auto& model = fixture_models()[trial % fixture_models().size()];
+    const auto& form = forms()[(trial / 4) % 2];
+    const int64_t rank = 1 + static_cast<int64_t>(random() % 4);
+    const double alpha = 0.5 + static_cast<double>(random() % 16);
+    const bool rslora = random() % 2 == 0;
+    const bool two_adapters = random() % 3 == 0;
+    SCOPED_TRACE(
+        model.name + " " + form + " r=" + std::to_string(rank) +
+        " alpha=" + std::to_string(alpha) + (rslora ? " rslora" : "") +
+        (two_adapters ? " two adapters" : ""));
+    torch::manual_seed(trial);
+    auto module = load_model(model.name, form);
+    module.to(torch::kDouble);
+    auto config = fixture_config(model.targets);
+    config.rank(rank).alpha(alpha).use_rslora(rslora).init(
+        torchlora::LoRAInit::random);
+    torchlora::jit::ScriptLoRA lora(module);
+    lora.inject(config);
+    std::vector<std::pair<std::string, double>> adapters = {
+        {"default",
+         rslora ? alpha / std::sqrt(static_cast<double>(rank))
+                : alpha / static_cast<double>(rank)}};
+    if (two_adapters) {
+      auto second = fixture_config(model.targets);
+      second.rank(2).alpha(3).adapter_name("second").init(
+          torchlora::LoRAInit::random);
+      lora.inject(second);
+      torchlora::set_adapter(
+          lora.model(), std::vector<std::string>{"default", "second"});
+      adapters.emplace_back("second", 1.5);
+    }
+    auto input = reference(model.name).at("input");
+    if (input.is_floating_point()) {
+      input = input.to(torch::kDouble);
+    }
+    auto ref = float64_reference(
+        fixture(model.name + "_" + form + ".pt"),
+        target_specs(lora),
+        lora,
+        adapters);
+    const auto y = lora.forward({input}).toTensor();
+    const auto y_ref = ref.forward({input}).toTensor();
+    expect_close(y, y_ref, 1e-12, "forward");
+    // First order.
+    const auto weights = torch::randn_like(y_ref);
+    std::vector<torch::Tensor> leaves;
+    for (const auto& target : target_specs(lora)) {
+      for (const auto& [adapter, scaling] : adapters) {
+        leaves.push_back(adapter_matrix(lora, target.path, "A", adapter));
+        leaves.push_back(adapter_matrix(lora, target.path, "B", adapter));
+      }
+    }
+    const auto grads =
+        torch::autograd::grad({(y * weights).sum()}, leaves, {}, true, true);
+    const auto grads_ref = torch::autograd::grad(
+        {(y_ref * weights).sum()}, ref.leaves, {}, true, true);
+    ASSERT_EQ(grads.size(), grads_ref.size());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      expect_close(grads[i], grads_ref[i], 1e-10, "grad " + std::to_string(i));
+    }
+    // Second order: the gradient of sum(v * dL/dA0) with respect to B0.
+    const auto v = torch::randn_like(grads[0]);
+    const auto second = torch::autograd::grad(
+        {(grads[0] * v).sum()}, {leaves[1]}, {}, true, false, true);
+    const auto second_ref = torch::autograd::grad(
+        {(grads_ref[0] * v).sum()}, {ref.leaves[1]}, {}, true, false, true);
+    if (second_ref[0].defined()) {
+      ASSERT_TRUE(second[0].defined());
+      expect_close(second[0], second_ref[0], 1e-10, "second order");
+    }
+    ++cases;
+  }
+  EXPECT_EQ(cases, 24);
+}
+
+// ---------------------------------------------------------------- training
+
+TEST(Jit, GradientsStayEqualAfterTheExecutorOptimizes) {
+  auto module = load_model("mlp", "scripted");
+  module.train();
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(4)
+          .alpha(8)
+          .target_modules({"0", "2"})
+          .init(torchlora::LoRAInit::random));
+  const auto x = torch::randn({8, 6});
+  std::vector<torch::Tensor> first;
+  for (int call = 0; call < 8; ++call) {
+    const auto loss = lora.forward({x}).toTensor().pow(2).sum();
+    const auto grads = torch::autograd::grad({loss}, lora.parameters());
+    if (call == 0) {
+      first = grads;
+      continue;
+    }
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(grads[i], first[i], 1e-6, 1e-7))
+          << "call " << call << " tensor " << i;
+    }
+  }
+}
+
+TEST(Jit, AdamStepsTrainTheAdaptersOnly) {
+  auto module = load_model("typed", "traced");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(4).alpha(8).target_modules({"proj", "out"}));
+  const auto base = torchlora_test::base_tensors(lora.model());
+  torch::optim::Adam optimizer(lora.parameters(), 1e-2);
+  const auto x = torch::randn({32, 6});
+  const auto target = torch::randn({32, 3});
+  double first = 0;
+  double last = 0;
+  for (int step = 0; step < 60; ++step) {
+    torchlora::jit::AdaptedWeights adapted(lora);
+    const auto loss = torch::mse_loss(adapted.forward({x}).toTensor(), target);
+    optimizer.zero_grad();
+    loss.backward();
+    optimizer.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  EXPECT_LT(last, 0.8 * first);
+  // The base weights did not move.
+  for (const auto& [name, values] :
+       torchlora_test::base_tensors(lora.model())) {
+    EXPECT_TRUE(torch::equal(values, base.at(name))) << name;
+  }
+  EXPECT_EQ(lora.parameters().size(), 4u);
+}
+
+TEST(Jit, OtherMethodsUseTheAdapters) {
+  auto module = load_model("typed", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2).target_modules({"proj"}).init(
+          torchlora::LoRAInit::random));
+  const auto x = torch::randn({3, 6});
+  const torch::NoGradGuard no_grad;
+  const auto plain = torch::jit::load(fixture("typed_scripted.pt"))
+                         .run_method("features", x)
+                         .toTensor();
+  const auto adapted = lora.run_method("features", {x}).toTensor();
+  EXPECT_FALSE(torch::allclose(adapted, plain));
+  lora.merge();
+  EXPECT_TRUE(torch::allclose(
+      module.run_method("features", x).toTensor(), adapted, 1e-6, 1e-6));
+}
+
+// ---------------------------------------------------------------- merging
+
+TEST(Jit, MergeUnmergeIsExactAndMergedModuleRunsAlone) {
+  for (const auto& model : fixture_models()) {
+    auto module = load_model(model.name, "scripted");
+    auto lora = torchlora::jit::inject_lora(
+        module,
+        fixture_config(model.targets).init(torchlora::LoRAInit::random));
+    const auto input = reference(model.name).at("input");
+    const auto before = torchlora_test::base_tensors(lora.model());
+    const torch::NoGradGuard no_grad;
+    const auto adapted = lora.forward({input}).toTensor();
+    lora.merge();
+    EXPECT_TRUE(torch::equal(module.forward({input}).toTensor(), adapted))
+        << model.name;
+    lora.unmerge();
+    for (const auto& [name, values] :
+         torchlora_test::base_tensors(lora.model())) {
+      EXPECT_TRUE(torch::equal(values, before.at(name))) << name;
+    }
+    EXPECT_TRUE(torch::equal(lora.forward({input}).toTensor(), adapted));
+  }
+}
+
+TEST(Jit, MergeAndUnloadLeavesAModuleThatSavesAndLoads) {
+  auto module = load_model("encoder", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(4)
+          .target_modules({"self_attn", "linear1", "linear2"})
+          .init(torchlora::LoRAInit::random));
+  const auto input = reference("encoder").at("input");
+  torch::Tensor adapted;
+  {
+    const torch::NoGradGuard no_grad;
+    adapted = lora.forward({input}).toTensor();
+  }
+  auto merged = lora.merge_and_unload();
+  EXPECT_TRUE(lora.adapted_paths().empty());
+  const auto file = std::filesystem::temp_directory_path() /
+      ("torchlora_jit_merged_" + std::to_string(::getpid()) + ".pt");
+  merged.save(file.string());
+  auto loaded = torch::jit::load(file.string());
+  loaded.eval();
+  std::filesystem::remove(file);
+  const torch::NoGradGuard no_grad;
+  expect_close(loaded.forward({input}).toTensor(), adapted, 1e-6, "reloaded");
+  // Its keys are the plain model's.
+  std::vector<std::string> names;
+  for (const auto& parameter : loaded.named_parameters()) {
+    names.push_back(parameter.name);
+  }
+  for (const auto& name : names) {
+    EXPECT_EQ(name.find("lora"), std::string::npos) << name;
+  }
+  EXPECT_EQ(
+      names.size(),
+      torch::jit::load(fixture("encoder_scripted.pt"))
+          .named_parameters()
+          .size());
+}
+
+TEST(Jit, UnloadGivesTheLoadedModuleBack) {
+  auto module = load_model("cnn", "traced");
+  const auto input = reference("cnn").at("input");
+  const torch::NoGradGuard no_grad;
+  const auto plain = module.forward({input}).toTensor();
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2)
+          .target_modules({"emb", "conv1", "head"})
+          .init(torchlora::LoRAInit::random));
+  EXPECT_FALSE(torch::equal(lora.forward({input}).toTensor(), plain));
+  lora.unload();
+  EXPECT_TRUE(torch::equal(module.forward({input}).toTensor(), plain));
+}
+
+// ---------------------------------------------------------------- files
+
+TEST(Jit, AdapterFilesUsePeftKeysAndLoadIntoTheOtherForm) {
+  const auto dir = std::filesystem::temp_directory_path() /
+      ("torchlora_jit_adapter_" + std::to_string(::getpid()));
+  auto scripted = load_model("encoder", "scripted");
+  const auto config = torchlora::LoRAConfig(4)
+                          .alpha(8)
+                          .target_modules({"self_attn", "linear2"})
+                          .init(torchlora::LoRAInit::random);
+  auto lora = torchlora::jit::inject_lora(scripted, config);
+  lora.save_adapter(dir.string(), config);
+  const auto tensors = torchlora::safetensors::load(
+      (dir / "adapter_model.safetensors").string());
+  EXPECT_TRUE(
+      tensors.contains("base_model.model.layers.0.self_attn.lora_A.weight"));
+  EXPECT_TRUE(
+      tensors.contains("base_model.model.layers.1.linear2.lora_B.weight"));
+
+  auto traced = load_model("encoder", "traced");
+  auto loaded = torchlora::jit::load_adapter(traced, dir.string());
+  EXPECT_EQ(loaded.adapted_paths(), lora.adapted_paths());
+  const auto input = reference("encoder").at("input");
+  const torch::NoGradGuard no_grad;
+  expect_close(
+      loaded.forward({input}).toTensor(),
+      lora.forward({input}).toTensor(),
+      1e-6,
+      "loaded");
+  std::filesystem::remove_all(dir);
+}
+
+// ---------------------------------------------------------------- refusals
+
+TEST(JitRefusals, ForwardOutsideTorchloraIsAnError) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(module, fixture_config({"2"}));
+  EXPECT_SCRIPT_ERROR(
+      module.forward({torch::randn({2, 6})}),
+      "'2.weight' of this TorchScript module is its base weight plus LoRA "
+      "adapters");
+  // And after the error, torchlora's own call still works.
+  EXPECT_NO_THROW(lora.forward({torch::randn({2, 6})}));
+}
+
+TEST(JitRefusals, SavingTheModuleWithUnmergedAdaptersIsAnError) {
+  auto module = load_model("mlp", "traced");
+  auto lora = torchlora::jit::inject_lora(module, fixture_config({"0"}));
+  std::stringstream stream;
+  EXPECT_SCRIPT_ERROR(module.save(stream), "merge() it first");
+  lora.merge();
+  std::stringstream merged;
+  EXPECT_NO_THROW(module.save(merged));
+}
+
+TEST(JitRefusals, FrozenModuleNamesFreezing) {
+  auto module = load_model("mlp", "scripted");
+  auto frozen = torch::jit::freeze(module);
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(frozen, fixture_config({"0"})),
+      "torch.jit.freeze");
+}
+
+TEST(JitRefusals, LoneLayerDropoutAndModulesToSave) {
+  auto module = load_model("mlp", "scripted");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          module.attr("0").toModule(), fixture_config({"0"})),
+      "is itself a torch.nn.modules.linear.Linear");
+  const auto before = module.named_parameters().size();
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(module, fixture_config({"0"}).dropout(0.1)),
+      "dropout must be 0 for a TorchScript module, got 0.1");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          module, fixture_config({"0"}).modules_to_save({"2"})),
+      "modules_to_save (got 1)");
+  // Nothing was adapted: the module runs by itself.
+  EXPECT_EQ(module.named_parameters().size(), before);
+  EXPECT_NO_THROW(module.forward({torch::randn({2, 6})}));
+}
+
+TEST(JitRefusals, TargetThatCannotBeAdaptedIsNamed) {
+  auto module = load_model("encoder", "scripted");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          module, torchlora::LoRAConfig(2).target_modules({"norm1"})),
+      "a torch.nn.modules.normalization.LayerNorm");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          module, torchlora::LoRAConfig(2).target_modules({"nothing"})),
+      "no module matched");
+  EXPECT_NO_THROW(module.forward({torch::randn({1, 3, 16})}));
+}
+
+TEST(JitRefusals, AttributeReplacedBehindTorchlorasBack) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(module, fixture_config({"2"}));
+  auto layer = module.attr("2").toModule();
+  layer.setattr("weight", torch::zeros({16, 16}));
+  EXPECT_TORCHLORA_ERROR(
+      lora.forward({torch::randn({2, 6})}),
+      "'2.weight' of the TorchScript module was replaced behind torchlora's "
+      "back");
+  EXPECT_TORCHLORA_ERROR(lora.merge(), "replaced behind torchlora's back");
+}
+
+TEST(JitRefusals, SecondScriptLoRAOnAnAdaptedModule) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(module, fixture_config({"2"}));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(module, fixture_config({"0"})),
+      "holds adapters of another torchlora::jit::ScriptLoRA");
+}
+
+TEST(JitRefusals, ChangesWhileAdaptedWeightsLive) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module, fixture_config({"2"}).init(torchlora::LoRAInit::random));
+  torch::optim::SGD optimizer(lora.parameters(), 0.1);
+  {
+    torchlora::jit::AdaptedWeights adapted(lora);
+    EXPECT_TORCHLORA_ERROR(
+        lora.merge(), "jit::merge while 1 torchlora::jit::AdaptedWeights");
+    EXPECT_TORCHLORA_ERROR(
+        lora.inject(fixture_config({"0"}).adapter_name("b")),
+        "jit::inject_lora while 1");
+    EXPECT_TORCHLORA_ERROR(
+        adapted.run_method("missing", {}), "has no method \"missing\"");
+    // A backward after the adapters changed belongs to the old ones.
+    const auto loss = adapted.forward({torch::randn({4, 6})}).toTensor().sum();
+    loss.backward({}, /*retain_graph=*/true);
+    optimizer.step();
+    EXPECT_TORCHLORA_ERROR(loss.backward(), "before its adapters changed");
+  }
+  EXPECT_NO_THROW(lora.merge());
+}
+
+TEST(JitRefusals, AdapterFileWithDropout) {
+  const auto dir = std::filesystem::temp_directory_path() /
+      ("torchlora_jit_dropout_" + std::to_string(::getpid()));
+  {
+    torch::nn::Sequential plain(
+        torch::nn::Linear(6, 16), torch::nn::ReLU(), torch::nn::Linear(16, 16));
+    torchlora::inject_lora(
+        *plain, torchlora::LoRAConfig(2).target_modules({"2"}).dropout(0.05));
+    torchlora::save_adapter(*plain, dir.string());
+  }
+  auto module = load_model("mlp", "scripted");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::load_adapter(module, dir.string()),
+      "has lora_dropout 0.05");
+  EXPECT_NO_THROW(module.forward({torch::randn({2, 6})}));
+  std::filesystem::remove_all(dir);
+}
+
+} // namespace
