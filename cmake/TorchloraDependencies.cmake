@@ -151,3 +151,27 @@ function(torchlora_add_gtest_suites target)
     "endif()\n")
   set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${include_file}")
 endfunction()
+
+# A Python that imports torch (Debian's python3-torch), for the TorchScript
+# fixtures and example: TORCHLORA_PYTHON_TORCH, empty when none is found.
+# /usr/bin/python3 comes first: a python3 earlier on PATH (a virtual
+# environment, pyenv) may lack Debian's packages.
+function(torchlora_find_python_torch)
+  if(DEFINED CACHE{TORCHLORA_PYTHON_TORCH} AND TORCHLORA_PYTHON_TORCH)
+    return()
+  endif()
+  find_program(path_python3 NAMES python3)
+  set(found "")
+  foreach(candidate /usr/bin/python3 ${path_python3})
+    if(EXISTS "${candidate}")
+      execute_process(COMMAND "${candidate}" -c "import torch"
+                      RESULT_VARIABLE rc OUTPUT_QUIET ERROR_QUIET)
+      if(rc EQUAL 0)
+        set(found "${candidate}")
+        break()
+      endif()
+    endif()
+  endforeach()
+  set(TORCHLORA_PYTHON_TORCH "${found}" CACHE FILEPATH
+      "A Python that imports torch (TorchScript fixtures and example)" FORCE)
+endfunction()

@@ -27,6 +27,8 @@ packages=(
   dataset-fashion-mnist       # the images of the vision example
   zlib1g-dev                  # which it reads, gzipped, with zlib
   python3                     # runs the peft interop check (tests/interop)
+  python3-torch               # PyTorch: makes the TorchScript fixtures and
+                              # runs the TorchScript example's Python side
   iproute2                    # ip: the network namespaces of the multi-machine tests
   doxygen                     # the API reference, checked by the tests
 )

@@ -5,6 +5,7 @@
 #include "test_support.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -32,8 +33,13 @@ using torchlora_test::message_of;
     }                                                                       \
   } while (false)
 
+/// A fixture file: the committed ones, or those in $TORCHLORA_JIT_FIXTURES
+/// (made anew by cmake/CheckJitPython.cmake with this machine's PyTorch).
 std::string fixture(const std::string& name) {
-  return std::string(TORCHLORA_TEST_DATA_DIR) + "/jit/" + name;
+  const char* fresh = std::getenv("TORCHLORA_JIT_FIXTURES");
+  return (fresh != nullptr ? std::string(fresh)
+                           : std::string(TORCHLORA_TEST_DATA_DIR) + "/jit") +
+      "/" + name;
 }
 
 /// The tensors of a fixture's reference file, by name.
@@ -177,6 +183,28 @@ TEST(JitFixtures, AdaptedOutputEqualsPythonsChangedWeights) {
           tensors.at("adapted_output"),
           1e-5,
           model.name + " " + form + " merged");
+    }
+  }
+}
+
+// Run by cmake/CheckJitPython.cmake, which sets TORCHLORA_JIT_MERGED: the
+// fixtures adapted with the reference file's adapters and merged, for
+// tests/jit/check_merged.py to run in Python without torchlora.
+TEST(JitFixtures, WritesMergedModulesForPython_Optional) {
+  const char* out = std::getenv("TORCHLORA_JIT_MERGED");
+  if (out == nullptr) {
+    GTEST_SKIP() << "run by cmake/CheckJitPython.cmake only";
+  }
+  std::filesystem::create_directories(out);
+  for (const auto& model : fixture_models()) {
+    const auto tensors = reference(model.name);
+    for (const auto& form : forms()) {
+      auto module = load_model(model.name, form);
+      auto lora =
+          torchlora::jit::inject_lora(module, fixture_config(model.targets));
+      set_reference_adapters(lora, model, tensors);
+      lora.merge_and_unload().save(
+          std::string(out) + "/" + model.name + "_" + form + ".pt");
     }
   }
 }

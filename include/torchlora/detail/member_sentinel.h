@@ -12,7 +12,9 @@
 // operator that receives it is dispatched to the fallback registered here for
 // that key, which throws the sentinel's message. Its sizes, dtype and
 // `defined()` are those of the weight it stands for, so code that only looks
-// at shapes keeps working.
+// at shapes keeps working. Reading its memory without an operator (the
+// TorchScript serializer) is LibTorch's "Cannot access storage of" error,
+// followed by the message.
 
 #include <torchlora/detail/check.h>
 
@@ -43,10 +45,19 @@ class MemberSentinelImpl final : public c10::TensorImpl {
             like.device()),
         message_(std::move(message)) {
     set_sizes_contiguous(like.sizes());
+    // What reads memory without an operator (saving a TorchScript module
+    // that holds it) gets an error naming it too, not a null storage.
+    set_storage_access_should_throw();
   }
 
   const std::string& message() const {
     return message_;
+  }
+
+ protected:
+  /// The name LibTorch's "Cannot access storage of ..." error gives.
+  const char* tensorimpl_type_name() const override {
+    return message_.c_str();
   }
 
  private:
