@@ -137,12 +137,32 @@ struct ScriptState {
     target.installed = tensor;
   }
 
-  /// What the attribute holds between calls: the merged weight when merged,
-  /// else the guard.
-  void install_resting(ScriptTarget& target) {
+  /// What the attribute holds between calls: the merged weight when merged;
+  /// the base weight when the model is merged and this layer has nothing to
+  /// merge (no active adapter, or the adapters disabled); else the guard.
+  void install_resting(ScriptTarget& target, bool model_merged) {
+    const auto& layer = *target.layer;
+    const bool inert =
+        layer.active_adapters().empty() || !layer.adapters_enabled();
     install(
         target,
-        target.layer->merged() ? target.layer->base_weight() : target.guard);
+        layer.merged() || (model_merged && inert) ? layer.base_weight()
+                                                  : target.guard);
+  }
+
+  /// True when any adapted layer is merged.
+  bool model_merged() const {
+    return std::any_of(targets.begin(), targets.end(), [](const auto& target) {
+      return target.layer->merged();
+    });
+  }
+
+  /// `install_resting` for every target.
+  void install_all_resting() {
+    const bool merged = model_merged();
+    for (auto& target : targets) {
+      install_resting(target, merged);
+    }
   }
 
   /// Matches the targets to the mirror's LoRA layers now (after inject,
@@ -195,10 +215,8 @@ struct ScriptState {
         install(old, mirror_tensor(old.path, old.attribute));
       }
     }
-    for (auto& target : next) {
-      install_resting(target);
-    }
     targets = std::move(next);
+    install_all_resting();
   }
 
   /// Puts each target's base weight (merged when merged) back, for an
@@ -514,14 +532,10 @@ class AdaptedWeights {
     }
     try {
       auto result = (*method)(std::move(inputs));
-      for (auto& target : state.targets) {
-        state.install_resting(target);
-      }
+      state.install_all_resting();
       return result;
     } catch (...) {
-      for (auto& target : state.targets) {
-        state.install_resting(target);
-      }
+      state.install_all_resting();
       throw;
     }
   }
