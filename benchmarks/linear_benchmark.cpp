@@ -3,7 +3,10 @@
 // Variants: plain (frozen Linear, the floor), full_ft (weights trainable),
 // unfused (y = linear(x) + linear(linear(x, A), B) * s, the straightforward
 // formulation), torchlora (LoRALinear, unmerged) and merged (LoRALinear after
-// merge()). Each as a forward without grad and a forward + backward with the
+// merge()), and the Linear inside a TorchScript module, trainable
+// (script_full_ft) or with torchlora::jit's LoRA (script_lora, a
+// torchlora::jit::AdaptedWeights per call, as per training step). Each as a
+// forward without grad and a forward + backward with the
 // input requiring grad (as inside a network). CPU fp32 always; CUDA bf16 and
 // fp32 when a GPU is present. Benchmark names:
 //   <device>/<dtype>/<rows>x<in>x<out>/r<rank>/<variant>/<fwd|fwdbwd>
@@ -21,6 +24,7 @@
 #include "memory_benchmark.h"
 #include "report.h"
 
+#include <torchlora/jit.h>
 #include <torchlora/torchlora.h>
 
 #include <benchmark/benchmark.h>
@@ -59,8 +63,52 @@ torch::nn::Linear base_linear(const Case& c, bool trainable) {
   return linear;
 }
 
+/// The case's Linear (the values `base_linear` gives) inside a TorchScript
+/// module, as scripting a Python model holding an `nn.Linear` named `fc`
+/// makes it: the child's class is PyTorch's Linear.
+torch::jit::Module script_model(const Case& c, bool trainable) {
+  const auto linear = base_linear(c, trainable);
+  torch::jit::Module fc(
+      c10::QualifiedName("__torch__.torch.nn.modules.linear.Linear"));
+  fc.register_parameter("weight", linear->weight, false);
+  fc.register_parameter("bias", linear->bias, false);
+  fc.define(
+      "def forward(self, x):\n"
+      "  return torch.linear(x, self.weight, self.bias)\n");
+  torch::jit::Module model(c10::QualifiedName("__torch__.Model"));
+  model.register_module("fc", fc);
+  model.define("def forward(self, x):\n  return self.fc.forward(x)\n");
+  model.eval();
+  return model;
+}
+
 Layer make_layer(const std::string& variant, const Case& c) {
   torch::manual_seed(0);
+  if (variant == "script_full_ft") {
+    auto model = script_model(c, true);
+    std::vector<torch::Tensor> trainable;
+    for (const auto& parameter : model.parameters()) {
+      trainable.push_back(parameter);
+    }
+    return {
+        [model](const torch::Tensor& x) mutable {
+          return model.forward({x}).toTensor();
+        },
+        trainable};
+  }
+  if (variant == "script_lora") {
+    auto lora = torchlora::jit::inject_lora(
+        script_model(c, false),
+        torchlora::LoRAConfig(c.rank)
+            .alpha(2.0 * static_cast<double>(c.rank))
+            .target_modules({"fc"})
+            .init(torchlora::LoRAInit::random));
+    return {
+        [lora](const torch::Tensor& x) mutable {
+          return lora.forward({x}).toTensor();
+        },
+        lora.parameters()};
+  }
   if (variant == "plain" || variant == "plain_again") {
     auto linear = base_linear(c, false);
     return {[linear](const torch::Tensor& x) mutable { return linear(x); }, {}};

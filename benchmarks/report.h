@@ -34,8 +34,17 @@ struct Case {
 /// The variants, plain first: the others are measured against it.
 /// `plain_again` is the plain layer timed a second time as a variant of its
 /// own: its ratio (an A/A comparison) shows the run's noise floor.
-constexpr const char* kVariants[] =
-    {"plain", "plain_again", "full_ft", "unfused", "torchlora", "merged"};
+/// `script_full_ft` and `script_lora` are the same Linear inside a
+/// TorchScript module, fully trainable and with torchlora::jit's LoRA.
+constexpr const char* kVariants[] = {
+    "plain",
+    "plain_again",
+    "full_ft",
+    "unfused",
+    "torchlora",
+    "merged",
+    "script_full_ft",
+    "script_lora"};
 
 inline std::string device_name(const Case& c) {
   return c.device.is_cuda() ? "cuda" : "cpu";
@@ -430,7 +439,9 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       {"full_ft", "#7f7f7f"},
       {"unfused", "#ff7f0e"},
       {"torchlora", "#d62728"},
-      {"merged", "#2ca02c"}};
+      {"merged", "#2ca02c"},
+      {"script_full_ft", "#8c564b"},
+      {"script_lora", "#9467bd"}};
   for (size_t i = 0; i < bars.size(); ++i) {
     const double y = top + step * static_cast<double>(i);
     const auto& bar = bars[i];

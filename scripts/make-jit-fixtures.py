@@ -56,6 +56,44 @@ class CNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class Odd(nn.Module):
+    """Layers torchlora refuses or reads specially: an Embedding with
+    max_norm, a grouped Conv1d, a Conv3d and a Linear without a bias (which
+    a traced module keeps no attribute for)."""
+
+    def __init__(self):
+        super().__init__()
+        self.renorm = nn.Embedding(10, 4, max_norm=1.0)
+        self.grouped = nn.Conv1d(4, 6, 3, groups=2)
+        self.volume = nn.Conv3d(2, 3, 2)
+        self.nobias = nn.Linear(4, 4, bias=False)
+
+    def forward(self, tokens, memory, volume):
+        h = self.nobias(self.renorm(tokens))
+        return self.grouped(h.transpose(1, 2)).sum() + self.volume(volume).sum()
+
+
+class OddAttention(Odd):
+    """Odd with a MultiheadAttention whose keys and values have another
+    size (separate q/k/v weights); PyTorch 1.13 cannot script it, so it is
+    traced only."""
+
+    def __init__(self):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(4, 2, kdim=6, vdim=6, batch_first=True)
+
+    def forward(self, tokens, memory, volume):
+        h = self.nobias(self.renorm(tokens))
+        h = h + self.cross(h, memory, memory)[0]
+        return self.grouped(h.transpose(1, 2)).sum() + self.volume(volume).sum()
+
+
+def odd_inputs():
+    torch.manual_seed(2)
+    return (torch.randint(0, 10, (2, 5)), torch.randn(2, 3, 6),
+            torch.randn(1, 2, 4, 4, 4))
+
+
 def models():
     torch.manual_seed(0)
     mlp = nn.Sequential(
@@ -136,6 +174,14 @@ def main():
             tensors["adapted_output"] = model(x).detach()
         torch.jit.script(Holder(tensors)).save(
             os.path.join(out, name + "_reference.pt"))
+    inputs = odd_inputs()
+    torch.manual_seed(3)
+    torch.jit.script(Odd().eval()).save(os.path.join(out, "odd_scripted.pt"))
+    torch.jit.trace(OddAttention().eval(), inputs, check_trace=False).save(
+        os.path.join(out, "odd_traced.pt"))
+    torch.jit.script(Holder({"tokens": inputs[0], "memory": inputs[1],
+                             "volume": inputs[2]})).save(
+        os.path.join(out, "odd_reference.pt"))
     print("wrote the fixtures to", os.path.abspath(out))
 
 

@@ -4,14 +4,17 @@
 
 #include "test_support.h"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -832,6 +835,176 @@ TEST(Jit, AdapterFilesUsePeftKeysAndLoadIntoTheOtherForm) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(Jit, LayerFilterAndConvolutionsOfEveryForm) {
+  // layers_to_transform reads the layer index from the Python paths.
+  auto encoder = load_model("encoder", "traced");
+  auto lora = torchlora::jit::inject_lora(
+      encoder,
+      torchlora::LoRAConfig(2)
+          .target_modules({"linear1"})
+          .layers_to_transform({1}));
+  EXPECT_EQ(lora.adapted_paths(), std::vector<std::string>{"layers.1.linear1"});
+
+  const auto inputs = reference("odd");
+  for (const auto& form : forms()) {
+    SCOPED_TRACE(form);
+    auto module = load_model("odd", form);
+    module.to(torch::kDouble);
+    // A grouped convolution, whose groups a traced layer keeps in its code.
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::jit::inject_lora(
+            module, torchlora::LoRAConfig(2).target_modules({"grouped"})),
+        "'grouped', a torch.nn.modules.conv.Conv1d with groups = 2 (a LoRA "
+        "adapter joins channels across groups");
+    auto odd = torchlora::jit::inject_lora(
+        module,
+        torchlora::LoRAConfig(2)
+            .alpha(2)
+            .target_modules({"volume"})
+            .init(torchlora::LoRAInit::random));
+    ASSERT_NE(
+        odd.model().named_children()["volume"]->as<torchlora::LoRAConv3dImpl>(),
+        nullptr);
+    const std::vector<c10::IValue> args = {
+        inputs.at("tokens"),
+        inputs.at("memory").to(torch::kDouble),
+        inputs.at("volume").to(torch::kDouble)};
+    const torch::NoGradGuard no_grad;
+    // Merged and unmerged agree.
+    const auto adapted = odd.forward(args).toTensor();
+    odd.merge();
+    EXPECT_TRUE(torch::equal(module.forward(args).toTensor(), adapted));
+    odd.unmerge();
+    // The Conv3d against float64, W + s B A from plain ops.
+    auto ref = float64_reference(
+        fixture("odd_" + form + ".pt"),
+        {{"volume", "weight", false}},
+        odd,
+        {{"default", 1.0}});
+    expect_close(
+        odd.forward(args).toTensor(),
+        ref.forward(args).toTensor(),
+        1e-12,
+        "conv3d");
+  }
+}
+
+TEST(Jit, WhenTheLastHandleGoesTheModuleGetsItsWeightsBack) {
+  auto module = load_model("mlp", "traced");
+  const auto x = torch::randn({3, 6});
+  const torch::NoGradGuard no_grad;
+  const auto plain = module.forward({x}).toTensor();
+  torch::Tensor merged;
+  {
+    auto lora = torchlora::jit::inject_lora(
+        module, fixture_config({"0", "4"}).init(torchlora::LoRAInit::random));
+    const auto copy = lora; // a handle: the adapters are shared
+    EXPECT_EQ(copy.adapted_paths().size(), 2u);
+  }
+  // Unmerged adapters go with the handle: the base weights are back.
+  EXPECT_TRUE(torch::equal(module.forward({x}).toTensor(), plain));
+  {
+    auto lora = torchlora::jit::inject_lora(
+        module, fixture_config({"2"}).init(torchlora::LoRAInit::random));
+    lora.merge();
+    merged = module.forward({x}).toTensor();
+    EXPECT_FALSE(torch::equal(merged, plain));
+  }
+  // Merged ones stay merged.
+  EXPECT_TRUE(torch::equal(module.forward({x}).toTensor(), merged));
+  std::stringstream saved;
+  EXPECT_NO_THROW(module.save(saved));
+}
+
+TEST(Jit, TracedLayersWithoutBiasAndAnAdapterDeletedPastTheHandle) {
+  const auto inputs = reference("odd");
+  for (const auto& form : forms()) {
+    SCOPED_TRACE(form);
+    auto module = load_model("odd", form);
+    auto lora = torchlora::jit::inject_lora(
+        module,
+        torchlora::LoRAConfig(2)
+            .target_modules({"nobias"})
+            .init(torchlora::LoRAInit::random));
+    const std::vector<c10::IValue> args = {
+        inputs.at("tokens"), inputs.at("memory"), inputs.at("volume")};
+    const torch::NoGradGuard no_grad;
+    const auto adapted = lora.forward(args).toTensor();
+    lora.merge();
+    EXPECT_TRUE(torch::equal(module.forward(args).toTensor(), adapted));
+    // An unmerge past the handle leaves the module merged, never the base
+    // weights in silence.
+    torchlora::unmerge(lora.model());
+    EXPECT_TRUE(torch::equal(module.forward(args).toTensor(), adapted));
+    // With its only adapter deleted, the layer is no longer adapted.
+    torchlora::delete_adapter(lora.model(), "default");
+    EXPECT_TRUE(lora.adapted_paths().empty());
+    EXPECT_NO_THROW(module.forward(args));
+  }
+}
+
+TEST(Jit, EachAdaptedWeightsUsesItsOwnWeights) {
+  auto module = load_model("typed", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2).target_modules({"proj"}).init(
+          torchlora::LoRAInit::random));
+  const auto x = torch::randn({3, 6});
+  torchlora::jit::AdaptedWeights training(lora);
+  std::optional<torchlora::jit::AdaptedWeights> serving;
+  {
+    const torch::NoGradGuard no_grad;
+    serving.emplace(lora);
+  }
+  const auto y = training.forward({x}).toTensor();
+  EXPECT_TRUE(y.requires_grad());
+  const auto z = serving->forward({x}).toTensor();
+  EXPECT_FALSE(z.requires_grad());
+  EXPECT_TRUE(torch::allclose(y.detach(), z));
+  EXPECT_NO_THROW(y.sum().backward());
+  // From threads: each call trains or serves as its own scope says.
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        if (t == 0) {
+          torchlora::jit::AdaptedWeights step(lora);
+          wrong += step.forward({x}).toTensor().requires_grad() ? 0 : 1;
+        } else {
+          const torch::NoGradGuard no_grad;
+          wrong += lora.forward({x}).toTensor().requires_grad() ? 1 : 0;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) {
+    thread.join();
+  }
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+TEST(Jit, ConvertsThroughTheHandleAndRefusesAConversionPastIt) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module, fixture_config({"2"}).init(torchlora::LoRAInit::random));
+  lora.to(torch::kDouble);
+  const auto x = torch::randn({3, 6}, torch::kDouble);
+  const auto y = lora.forward({x}).toTensor();
+  EXPECT_EQ(y.scalar_type(), torch::kDouble);
+  for (const auto& parameter : lora.parameters()) {
+    EXPECT_EQ(parameter.scalar_type(), torch::kDouble);
+  }
+  // Merged, the module's own to() runs; the next call through the handle
+  // says what happened.
+  lora.merge();
+  module.to(torch::kFloat);
+  EXPECT_TORCHLORA_ERROR(
+      lora.unmerge(),
+      "of the TorchScript module was converted behind torchlora's back (to "
+      "float on cpu, from double on cpu: the module's own to())");
+}
+
 // ---------------------------------------------------------------- refusals
 
 TEST(JitRefusals, ForwardOutsideTorchloraIsAnError) {
@@ -845,11 +1018,29 @@ TEST(JitRefusals, ForwardOutsideTorchloraIsAnError) {
   EXPECT_NO_THROW(lora.forward({torch::randn({2, 6})}));
 }
 
+// Its own suite, so that CTest runs it in a process of its own: there the
+// first guard torchlora makes has four dimensions (the check that the
+// guards reach torchlora's fallback once ran an operator that only takes
+// matrices, and refused every convolution then).
+TEST(JitGuards, ConvolutionsAreGuardedToo) {
+  auto module = load_model("cnn", "traced");
+  auto lora = torchlora::jit::inject_lora(
+      module, torchlora::LoRAConfig(2).target_modules({"conv2", "emb"}));
+  const auto input = reference("cnn").at("input");
+  // Never the base weights in silence (a convolution may fail on the
+  // guard's missing memory before it reaches torchlora's message).
+  EXPECT_THROW(module.forward({input}), std::exception);
+  EXPECT_NO_THROW(lora.forward({input}));
+  lora.merge();
+  EXPECT_NO_THROW(module.forward({input}));
+}
+
 TEST(JitRefusals, SavingTheModuleWithUnmergedAdaptersIsAnError) {
   auto module = load_model("mlp", "traced");
   auto lora = torchlora::jit::inject_lora(module, fixture_config({"0"}));
   std::stringstream stream;
-  EXPECT_SCRIPT_ERROR(module.save(stream), "merge() it first");
+  EXPECT_SCRIPT_ERROR(
+      module.save(stream), "merge it through its ScriptLoRA first");
   lora.merge();
   std::stringstream merged;
   EXPECT_NO_THROW(module.save(merged));
@@ -912,7 +1103,17 @@ TEST(JitRefusals, SecondScriptLoRAOnAnAdaptedModule) {
   auto lora = torchlora::jit::inject_lora(module, fixture_config({"2"}));
   EXPECT_TORCHLORA_ERROR(
       torchlora::jit::inject_lora(module, fixture_config({"0"})),
-      "holds adapters of another torchlora::jit::ScriptLoRA");
+      "the TorchScript module already has a torchlora::jit::ScriptLoRA");
+  // Merged, the module holds no guards; it is still that ScriptLoRA's.
+  lora.merge();
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(module, fixture_config({"0"})),
+      "already has a torchlora::jit::ScriptLoRA");
+  // A submodule of it too.
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::ScriptLoRA(module.attr("2").toModule()),
+      "the TorchScript module already has");
+  EXPECT_NO_THROW(lora.unmerge());
 }
 
 TEST(JitRefusals, ChangesWhileAdaptedWeightsLive) {
@@ -954,6 +1155,48 @@ TEST(JitRefusals, AdapterFileWithDropout) {
       "has lora_dropout 0.05");
   EXPECT_NO_THROW(module.forward({torch::randn({2, 6})}));
   std::filesystem::remove_all(dir);
+}
+
+TEST(JitRefusals, LayersThatCannotBeAdaptedSayWhy) {
+  for (const auto& form : forms()) {
+    SCOPED_TRACE(form);
+    auto module = load_model("odd", form);
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::jit::inject_lora(
+            module, torchlora::LoRAConfig(2).target_modules({"renorm"})),
+        "Embedding with max_norm (its forward renormalizes the weight in "
+        "place)");
+  }
+  auto traced = load_model("odd", "traced");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          traced, torchlora::LoRAConfig(2).target_modules({"cross"})),
+      "MultiheadAttention with separate q/k/v weights");
+}
+
+TEST(Jit, MovesToTheGpu_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  auto module = load_model("typed", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2)
+          .target_modules({"proj", "gate"})
+          .init(torchlora::LoRAInit::random));
+  const auto x = torch::randn({4, 6});
+  torch::Tensor on_cpu;
+  {
+    const torch::NoGradGuard no_grad;
+    on_cpu = lora.forward({x}).toTensor();
+  }
+  lora.to(torch::kCUDA);
+  const auto y = lora.forward({x.cuda()}).toTensor();
+  EXPECT_TRUE(y.is_cuda());
+  EXPECT_TRUE(torch::allclose(y.cpu(), on_cpu, 1e-5, 1e-5));
+  y.sum().backward();
+  for (const auto& parameter : lora.parameters()) {
+    EXPECT_TRUE(parameter.is_cuda());
+    EXPECT_TRUE(parameter.grad().defined());
+  }
 }
 
 } // namespace

@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -39,10 +40,53 @@ inline std::string guard_message(const std::string& path, const char* name) {
       "' of this TorchScript module is its base weight plus LoRA adapters, "
       "computed only while torchlora runs the module: call it through "
       "torchlora::jit::AdaptedWeights (or ScriptLoRA::forward), not "
-      "directly. To save or run it as a plain TorchScript module, "
-      "merge() it first, or merge_and_unload() it. (Saving, copying or "
-      "moving it with to() is refused until then; ScriptLoRA::to moves it)";
+      "directly. To save or run it as a plain TorchScript module, merge "
+      "it through its ScriptLoRA first (lora.merge() or "
+      "lora.merge_and_unload()). Saving, copying or moving it with to() "
+      "fails until then; ScriptLoRA::to moves it";
 }
+
+/// The TorchScript objects (a module and its submodules) that a
+/// `ScriptLoRA` holds now.
+struct ScriptOwners {
+  std::mutex mutex;
+  std::map<const c10::ivalue::Object*, const void*> owner;
+
+  static ScriptOwners& get() {
+    static ScriptOwners owners;
+    return owners;
+  }
+
+  /// Records `module` and its submodules as held by `state`, or refuses
+  /// (changing nothing) when another holds one of them.
+  void claim(const torch::jit::Module& module, const void* state) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    std::vector<std::pair<std::string, const c10::ivalue::Object*>> objects;
+    for (const auto& item : module.named_modules()) {
+      objects.emplace_back(item.name, item.value._ivalue().get());
+    }
+    for (const auto& [path, object] : objects) {
+      const auto found = owner.find(object);
+      TORCHLORA_CHECK(
+          found == owner.end() || found->second == state,
+          "jit::inject_lora: the TorchScript module",
+          path.empty() ? std::string() : " '" + path + "'",
+          " already has a torchlora::jit::ScriptLoRA: add adapters through "
+          "that one (ScriptLoRA::inject), or let its last copy go first "
+          "(the module then gets its weights back).");
+    }
+    for (const auto& [path, object] : objects) {
+      owner[object] = state;
+    }
+  }
+
+  void release(const void* state) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = owner.begin(); it != owner.end();) {
+      it = it->second == state ? owner.erase(it) : std::next(it);
+    }
+  }
+};
 
 /// The weight the base layer of a bound LoRA layer reads through its member:
 /// what `torchlora::AdaptedWeights` computed for it.
@@ -77,15 +121,34 @@ struct ScriptTarget {
   /// What the attribute holds outside `AdaptedWeights` calls when the layer
   /// is not merged.
   torch::Tensor guard;
-  /// What torchlora last put into the attribute: anything else there was
-  /// put by someone else, and is refused.
+  /// What torchlora last put into the attribute, and its dtype and device
+  /// then: anything else there was put by someone else (or converted by the
+  /// module's own `to()`), and is refused.
   torch::Tensor installed;
+  caffe2::TypeMeta installed_dtype;
+  torch::Device installed_device = torch::kCPU;
 };
 
 /// What a `ScriptLoRA` shares with its copies and its `AdaptedWeights`.
 struct ScriptState {
-  explicit ScriptState(torch::jit::Module script)
-      : module(script), mirror(std::move(script)) {}
+  explicit ScriptState(const torch::jit::Module& script)
+      : module(claimed(script, this)), mirror(released_on_error(script)) {}
+
+  ScriptState(const ScriptState&) = delete;
+  ScriptState& operator=(const ScriptState&) = delete;
+
+  /// The last `ScriptLoRA` copy is gone: the module gets real weights back
+  /// (the merged ones where merged; its adapters go with the mirror).
+  ~ScriptState() {
+    for (auto& target : targets) {
+      try {
+        install(target, mirror_tensor(target.path, target.attribute));
+      } catch (...) {
+        // Nothing to give back: the module keeps what it holds.
+      }
+    }
+    ScriptOwners::get().release(this);
+  }
 
   torch::jit::Module module;
   ScriptMirror mirror;
@@ -94,7 +157,28 @@ struct ScriptState {
   std::mutex calls;
   /// `AdaptedWeights` alive now.
   int scopes = 0;
+  /// True while `ScriptLoRA::to` converts the weights.
+  bool moving = false;
 
+ private:
+  static const torch::jit::Module& claimed(
+      const torch::jit::Module& script,
+      const void* state) {
+    ScriptOwners::get().claim(script, state);
+    return script;
+  }
+
+  /// The mirror of `script`; when making it fails, the claim is undone.
+  ScriptMirror released_on_error(const torch::jit::Module& script) {
+    try {
+      return ScriptMirror(script);
+    } catch (...) {
+      ScriptOwners::get().release(this);
+      throw;
+    }
+  }
+
+ public:
   /// The mirror's tensor `attribute` of the layer at `path` (the base
   /// weight, merged when merged).
   torch::Tensor mirror_tensor(const std::string& path, const std::string& name)
@@ -116,12 +200,15 @@ struct ScriptState {
 
   /// Refuses when `target`'s attribute holds something torchlora did not
   /// put there (a `setattr` or `to()` behind its back).
-  static void check_untouched(const ScriptTarget& target) {
+  void check_untouched(const ScriptTarget& target) const {
     const auto held = target.owner.attr(target.attribute);
     TORCHLORA_CHECK(
         held.isTensor() &&
             held.toTensor().unsafeGetTensorImpl() ==
-                target.installed.unsafeGetTensorImpl(),
+                target.installed.unsafeGetTensorImpl() &&
+            (moving ||
+             (held.toTensor().dtype() == target.installed_dtype &&
+              held.toTensor().device() == target.installed_device)),
         "'",
         target.path,
         ".",
@@ -135,7 +222,53 @@ struct ScriptState {
   void install(ScriptTarget& target, const torch::Tensor& tensor) {
     target.owner.setattr(target.attribute, tensor);
     target.installed = tensor;
+    target.installed_dtype = tensor.dtype();
+    target.installed_device = tensor.device();
   }
+
+  /// The dtype and device of every weight, as torchlora last saw them.
+  std::vector<std::tuple<std::string, caffe2::TypeMeta, torch::Device>> layout()
+      const {
+    std::vector<std::tuple<std::string, caffe2::TypeMeta, torch::Device>> all;
+    for (const auto& item : mirror.model().named_parameters()) {
+      all.emplace_back(item.key(), item.value().dtype(), item.value().device());
+    }
+    return all;
+  }
+
+  /// Refuses when a weight was converted past torchlora (the module's own
+  /// `to()`, which stops at the first guard and leaves the module half
+  /// converted).
+  void check_layout() const {
+    if (moving || last_layout.empty()) {
+      return;
+    }
+    const auto now = layout();
+    for (size_t i = 0; i < now.size() && i < last_layout.size(); ++i) {
+      const auto& [name, dtype, device] = now[i];
+      const auto& [before_name, before_dtype, before_device] = last_layout[i];
+      TORCHLORA_CHECK(
+          name != before_name ||
+              (dtype == before_dtype && device == before_device),
+          "'",
+          name,
+          "' of the TorchScript module was converted behind torchlora's "
+          "back (to ",
+          dtype,
+          " on ",
+          device,
+          ", from ",
+          before_dtype,
+          " on ",
+          before_device,
+          ": the module's own to()), and its adapters were not. Convert "
+          "it with ScriptLoRA::to, which converts both.");
+    }
+  }
+
+  /// What `check_layout` compares with.
+  std::vector<std::tuple<std::string, caffe2::TypeMeta, torch::Device>>
+      last_layout;
 
   /// What the attribute holds between calls: the merged weight when merged;
   /// the base weight when the model is merged and this layer has nothing to
@@ -144,9 +277,12 @@ struct ScriptState {
     const auto& layer = *target.layer;
     const bool inert =
         layer.active_adapters().empty() || !layer.adapters_enabled();
+    // The merged weight as a tensor of its own (sharing its memory), so
+    // that an unmerge made past torchlora (torchlora::unmerge(lora.model()))
+    // does not turn the module back to the base weights in silence.
     install(
         target,
-        layer.merged() || (model_merged && inert) ? layer.base_weight()
+        layer.merged() || (model_merged && inert) ? layer.base_weight().detach()
                                                   : target.guard);
   }
 
@@ -170,6 +306,7 @@ struct ScriptState {
   /// are bound and guarded, layers no longer adapted get their base weight
   /// back.
   void refresh() {
+    check_layout();
     for (const auto& target : targets) {
       check_untouched(target);
     }
@@ -184,6 +321,9 @@ struct ScriptState {
           std::find_if(targets.begin(), targets.end(), [&](const auto& old) {
             return old.path == path;
           });
+      if (layer->adapter_names().empty()) {
+        continue; // nothing to add: the base weight goes back (below)
+      }
       ScriptTarget target;
       if (found != targets.end()) {
         target = *found;
@@ -217,6 +357,7 @@ struct ScriptState {
     }
     targets = std::move(next);
     install_all_resting();
+    last_layout = layout();
   }
 
   /// Puts each target's base weight (merged when merged) back, for an
@@ -442,23 +583,44 @@ class ScriptLoRA {
   /// Moves the module and its adapters to `device` (the module's own `to()`
   /// is refused while it holds guards).
   void to(torch::Device device) {
+    convert([&](torch::jit::Module& module, torch::nn::Module& model) {
+      module.to(device);
+      model.to(device);
+    });
+  }
+
+  /// Converts the module's floating-point weights and its adapters to
+  /// `dtype`.
+  void to(torch::Dtype dtype) {
+    convert([&](torch::jit::Module& module, torch::nn::Module& model) {
+      module.to(dtype);
+      model.to(dtype);
+    });
+  }
+
+ private:
+  friend class AdaptedWeights;
+
+  /// Gives the module its real weights, runs `conversion` on the module
+  /// and the mirror, and guards the new weights.
+  template <typename Conversion>
+  void convert(Conversion conversion) {
     auto& state = *state_;
     const std::lock_guard<std::mutex> lock(state.calls);
     state.check_no_scope("jit::ScriptLoRA::to");
     state.refresh();
     state.install_tensors();
+    state.moving = true;
     try {
-      state.module.to(device);
-      state.mirror.model().to(device);
+      conversion(state.module, state.mirror.model());
+      state.refresh();
     } catch (...) {
       state.refresh();
+      state.moving = false;
       throw;
     }
-    state.refresh();
+    state.moving = false;
   }
-
- private:
-  friend class AdaptedWeights;
 
   template <typename Operation>
   void run_on_mirror(const char* name, Operation operation) {
@@ -493,8 +655,13 @@ class AdaptedWeights {
   explicit AdaptedWeights(ScriptLoRA& lora) : state_(lora.state_) {
     const std::lock_guard<std::mutex> lock(state_->calls);
     state_->refresh();
-    weights_ =
+    holds_ =
         std::make_unique<torchlora::AdaptedWeights>(state_->mirror.model());
+    // This scope's weights, which its calls use whatever other scopes
+    // (another thread's, an inner one) compute meanwhile.
+    for (const auto& target : state_->targets) {
+      weights_.push_back(detail::bound_member(*target.layer));
+    }
     ++state_->scopes;
   }
 
@@ -504,7 +671,7 @@ class AdaptedWeights {
   ~AdaptedWeights() {
     const std::lock_guard<std::mutex> lock(state_->calls);
     --state_->scopes;
-    weights_.reset();
+    holds_.reset();
   }
 
   /// The module's forward with the adapted weights.
@@ -525,10 +692,13 @@ class AdaptedWeights {
         name,
         "\"");
     for (auto& target : state.targets) {
-      detail::ScriptState::check_untouched(target);
+      state.check_untouched(target);
     }
-    for (auto& target : state.targets) {
-      state.install(target, detail::bound_member(*target.layer));
+    TORCHLORA_INTERNAL_ASSERT(
+        weights_.size() == state.targets.size(),
+        "the adapted layers changed while an AdaptedWeights lived");
+    for (size_t i = 0; i < weights_.size(); ++i) {
+      state.install(state.targets[i], weights_[i]);
     }
     try {
       auto result = (*method)(std::move(inputs));
@@ -542,7 +712,8 @@ class AdaptedWeights {
 
  private:
   std::shared_ptr<detail::ScriptState> state_;
-  std::unique_ptr<torchlora::AdaptedWeights> weights_;
+  std::unique_ptr<torchlora::AdaptedWeights> holds_;
+  std::vector<torch::Tensor> weights_;
 };
 
 inline c10::IValue ScriptLoRA::forward(std::vector<c10::IValue> inputs) {

@@ -93,6 +93,14 @@ inline std::optional<c10::IValue> setting_of(
   return std::nullopt;
 }
 
+/// True when `module` has a tensor attribute `name` (a traced layer without
+/// a bias has no `bias` attribute at all; a scripted one holds None).
+inline bool has_tensor(
+    const torch::jit::Module& module,
+    const std::string& name) {
+  return module.hasattr(name) && module.attr(name).isTensor();
+}
+
 /// The constant argument `index` of the first node of `module`'s forward
 /// whose kind is one of `kinds` (what a traced layer keeps of its settings).
 inline std::optional<c10::IValue> graph_constant(
@@ -314,9 +322,16 @@ class ScriptMirror {
     }
     if (kind == ScriptKind::conv1d || kind == ScriptKind::conv2d ||
         kind == ScriptKind::conv3d) {
-      if (!conv_groups(module)) {
+      const auto groups = conv_groups(module);
+      if (!groups) {
         return " whose groups cannot be read (a traced layer without a "
                "convolution in its code)";
+      }
+      if (*groups != 1) {
+        return " with groups = " + std::to_string(*groups) +
+            " (a LoRA adapter joins channels across groups, which a grouped "
+            "weight cannot hold, and a TorchScript module's layers are "
+            "adapted through their weights)";
       }
     }
     return std::string();
@@ -349,8 +364,8 @@ class ScriptMirror {
       const std::string& path) {
     switch (kind) {
       case ScriptKind::linear: {
-        torch::nn::Linear linear(torch::nn::LinearOptions(1, 1).bias(
-            module.attr("bias").isTensor()));
+        torch::nn::Linear linear(
+            torch::nn::LinearOptions(1, 1).bias(has_tensor(module, "bias")));
         adopt_linear(module, *linear, path);
         return linear.ptr();
       }
@@ -393,7 +408,7 @@ class ScriptMirror {
         " dimensions, expected 2");
     linear.options.in_features(weight.size(1)).out_features(weight.size(0));
     share(module, "weight", linear.weight);
-    if (module.attr("bias").isTensor()) {
+    if (has_tensor(module, "bias")) {
       share(module, "bias", linear.bias);
     }
   }
@@ -436,7 +451,7 @@ class ScriptMirror {
     const auto groups = *conv_groups(module);
     Conv conv(torch::nn::ConvOptions<D>(groups, groups, 1)
                   .groups(groups)
-                  .bias(module.attr("bias").isTensor()));
+                  .bias(has_tensor(module, "bias")));
     torch::ExpandingArray<D> kernel(1);
     for (size_t i = 0; i < D; ++i) {
       (*kernel)[i] = weight.size(static_cast<int64_t>(i) + 2);
@@ -445,7 +460,7 @@ class ScriptMirror {
         .out_channels(weight.size(0))
         .kernel_size(kernel);
     share(module, "weight", conv->weight);
-    if (module.attr("bias").isTensor()) {
+    if (has_tensor(module, "bias")) {
       share(module, "bias", conv->bias);
     }
     return conv.ptr();
@@ -463,9 +478,7 @@ class ScriptMirror {
         "' has shape ",
         weight.sizes(),
         ", expected [3 * embed_dim, embed_dim]");
-    const auto has = [&](const char* name) {
-      return module.hasattr(name) && module.attr(name).isTensor();
-    };
+    const auto has = [&](const char* name) { return has_tensor(module, name); };
     const auto heads = setting_of(module, "num_heads");
     const int64_t num_heads = heads && heads->isInt() ? heads->toInt() : 1;
     TORCHLORA_CHECK(
