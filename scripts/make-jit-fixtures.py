@@ -94,6 +94,86 @@ def odd_inputs():
             torch.randn(1, 2, 4, 4, 4))
 
 
+# TorchScript twins of the models of the peft interop check
+# (tests/interop/peft_interop.py), whose files real peft wrote are in
+# tests/data/peft-<version>/: the C++ test loads those adapters into these.
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 4)
+        self.attn = nn.MultiheadAttention(16, 2)
+
+    def forward(self, x, tokens, image):
+        sequence = x.unsqueeze(0)
+        attended = self.attn(sequence, sequence, sequence)[0].squeeze(0)
+        hidden = self.q_proj(x) + self.v_proj(x) + self.embed(tokens) + attended
+        return self.head(self.mlp(hidden)) + self.conv(image).mean(dim=(2, 3))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(x))))
+
+
+class ConvNet1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, signal):
+        return self.head(self.conv(signal).mean(2))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0)
+
+    def forward(self, x, memory):
+        return self.layer(x, memory)
+
+
+class Stack(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(8, 8), nn.ReLU(),
+                         nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+
+
+def peft_twins():
+    """name: (model, example inputs for tracing)."""
+    torch.manual_seed(4)
+    return {
+        "tinynet": (TinyNet(), (torch.randn(5, 16), torch.randint(0, 10, (5,)),
+                                torch.randn(5, 3, 6, 6))),
+        "mlp12": (Mlp(), (torch.randn(6, 12),)),
+        "convnet1d": (ConvNet1d(), (torch.randn(4, 3, 9),)),
+        "encoder16": (Encoder(), (torch.randn(4, 3, 16),)),
+        "decoder16": (Decoder(), (torch.randn(4, 3, 16), torch.randn(5, 3, 16))),
+        "stack": (Stack(), (torch.randn(5, 8),)),
+    }
+
+
 def models():
     torch.manual_seed(0)
     mlp = nn.Sequential(
@@ -182,6 +262,11 @@ def main():
     torch.jit.script(Holder({"tokens": inputs[0], "memory": inputs[1],
                              "volume": inputs[2]})).save(
         os.path.join(out, "odd_reference.pt"))
+    for name, (model, example) in peft_twins().items():
+        model.eval()
+        torch.jit.script(model).save(os.path.join(out, "peft_" + name + "_scripted.pt"))
+        torch.jit.trace(model, example, check_trace=False).save(
+            os.path.join(out, "peft_" + name + "_traced.pt"))
     print("wrote the fixtures to", os.path.abspath(out))
 
 

@@ -1005,6 +1005,102 @@ TEST(Jit, ConvertsThroughTheHandleAndRefusesAConversionPastIt) {
       "float on cpu, from double on cpu: the module's own to())");
 }
 
+/// The adapters real peft wrote for the models of the interop check
+/// (tests/data/peft-<version>/<case>), loaded into TorchScript twins of
+/// those models (scripts/make-jit-fixtures.py) given the same base weights:
+/// the outputs are peft's, and what torchlora saves again has peft's keys.
+TEST(JitPeftFiles, AdaptersPeftMadeLoadIntoTorchScriptTwins) {
+  struct PeftCase {
+    std::string name;
+    std::string model;
+    std::vector<std::string> inputs;
+    std::vector<std::string> adapters;
+  };
+  const std::vector<PeftCase> cases = {
+      {"mixed", "tinynet", {"x", "tokens", "image"}, {"default"}},
+      {"regex_targets", "mlp12", {"x"}, {"default"}},
+      {"bias_lora_only", "mlp12", {"x"}, {"default"}},
+      {"two_adapters", "mlp12", {"x"}, {"default", "fr"}},
+      {"conv1d", "convnet1d", {"signal"}, {"default"}},
+      {"encoder_layer", "encoder16", {"x"}, {"default"}},
+      {"decoder_layer", "decoder16", {"x", "memory"}, {"default"}},
+      {"paths_and_anchored_patterns", "stack", {"x"}, {"default"}},
+  };
+  int checked = 0;
+  for (const auto& test : cases) {
+    const auto folder =
+        std::string(TORCHLORA_TEST_DATA_DIR) + "/peft-0.15.2/" + test.name;
+    const auto base =
+        torchlora::safetensors::load(folder + "/base.safetensors");
+    const auto inputs =
+        torchlora::safetensors::load(folder + "/input.safetensors");
+    const auto peft =
+        torchlora::safetensors::load(folder + "/peft_output.safetensors");
+    std::vector<c10::IValue> args;
+    for (const auto& name : test.inputs) {
+      args.emplace_back(inputs[name]);
+    }
+    const auto twin = [&](const std::string& form) {
+      auto module = load_model("peft_" + test.model, form);
+      module.to(torch::kDouble);
+      const torch::NoGradGuard no_grad;
+      for (const auto& parameter : module.named_parameters()) {
+        parameter.value.copy_(base[parameter.name]);
+      }
+      return module;
+    };
+    for (const auto& form : forms()) {
+      SCOPED_TRACE(test.name + " " + form);
+      ::testing::internal::CaptureStderr(); // bias_lora_only warns
+      auto module = twin(form);
+      auto lora = torchlora::jit::load_adapter(
+          module, folder + "/peft_adapter", test.adapters.front());
+      for (size_t i = 1; i < test.adapters.size(); ++i) {
+        lora.load_adapter(folder + "/peft_adapter", test.adapters[i]);
+      }
+      ::testing::internal::GetCapturedStderr();
+      const auto dir = std::filesystem::temp_directory_path() /
+          ("torchlora_jit_peft_" + std::to_string(::getpid()));
+      for (const auto& adapter : test.adapters) {
+        torchlora::set_adapter(lora.model(), adapter);
+        const torch::NoGradGuard no_grad;
+        const auto y = lora.forward(args).toTensor();
+        expect_close(y, peft["y_" + adapter], 1e-12, adapter);
+        ++checked;
+        // Saved again: peft's keys, and the same outputs once reloaded.
+        ::testing::internal::CaptureStderr();
+        lora.save_adapter(
+            dir.string(),
+            torchlora::SaveAdapterOptions().adapter_name(adapter));
+        auto again =
+            torchlora::jit::load_adapter(twin(form), dir.string(), adapter);
+        ::testing::internal::GetCapturedStderr();
+        const auto sub = adapter == "default" ? std::string() : "/" + adapter;
+        const auto theirs = torchlora::safetensors::load(
+            folder + "/peft_adapter" + sub + "/adapter_model.safetensors");
+        const auto ours = torchlora::safetensors::load(
+            dir.string() + sub + "/adapter_model.safetensors");
+        const auto sorted = [](std::vector<std::string> keys) {
+          std::sort(keys.begin(), keys.end());
+          return keys;
+        };
+        EXPECT_EQ(sorted(ours.keys()), sorted(theirs.keys()));
+        expect_close(again.forward(args).toTensor(), y, 1e-12, "saved again");
+        std::filesystem::remove_all(dir);
+      }
+    }
+  }
+  EXPECT_EQ(checked, 18);
+  // The one case a TorchScript module cannot take.
+  auto module = load_model("peft_mlp12", "scripted");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::load_adapter(
+          module,
+          std::string(TORCHLORA_TEST_DATA_DIR) +
+              "/peft-0.15.2/rslora_bias_all_modules_to_save/peft_adapter"),
+      "has modules_to_save (1), which a TorchScript module cannot use");
+}
+
 // ---------------------------------------------------------------- refusals
 
 TEST(JitRefusals, ForwardOutsideTorchloraIsAnError) {

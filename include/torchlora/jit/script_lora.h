@@ -53,8 +53,10 @@ struct ScriptOwners {
   std::map<const c10::ivalue::Object*, const void*> owner;
 
   static ScriptOwners& get() {
-    static ScriptOwners owners;
-    return owners;
+    // Never destroyed: ScriptLoRA handles in static objects release their
+    // modules at exit, after function-local statics may be gone.
+    static auto* owners = new ScriptOwners();
+    return *owners;
   }
 
   /// Records `module` and its submodules as held by `state`, or refuses
@@ -469,9 +471,17 @@ class ScriptLoRA {
         torchlora::detail::adapter_files_folder(dir, adapter_name);
     const auto config_path = folder + "/adapter_config.json";
     if (std::filesystem::exists(config_path)) {
-      const auto dropout =
-          torchlora::detail::read_peft_config(config_path, adapter_name)
-              .config.dropout();
+      const auto config =
+          torchlora::detail::read_peft_config(config_path, adapter_name).config;
+      TORCHLORA_CHECK(
+          config.modules_to_save().empty(),
+          "jit::load_adapter: the adapter in '",
+          dir,
+          "' has modules_to_save (",
+          config.modules_to_save().size(),
+          "), which a TorchScript module cannot use: its code cannot call a "
+          "trainable copy of a module." TORCHLORA_NOTHING_CHANGED);
+      const auto dropout = config.dropout();
       TORCHLORA_CHECK(
           dropout == 0,
           "jit::load_adapter: the adapter in '",
