@@ -58,8 +58,9 @@ class CNN(nn.Module):
 
 class Odd(nn.Module):
     """Layers torchlora refuses or reads specially: an Embedding with
-    max_norm, a grouped Conv1d, a Conv3d and a Linear without a bias (which
-    a traced module keeps no attribute for)."""
+    max_norm, a grouped Conv1d, a Conv3d, a Linear without a bias (which a
+    traced module keeps no attribute for), a second name of it that the code
+    never calls, and a Linear whose weight is a buffer."""
 
     def __init__(self):
         super().__init__()
@@ -67,9 +68,17 @@ class Odd(nn.Module):
         self.grouped = nn.Conv1d(4, 6, 3, groups=2)
         self.volume = nn.Conv3d(2, 3, 2)
         self.nobias = nn.Linear(4, 4, bias=False)
+        # A second name for nobias, which the code never uses (saving makes
+        # it a module of its own, with the same weight).
+        self.alias = self.nobias
+        # A Linear whose weight is a buffer, not a parameter.
+        self.buffered = nn.Linear(4, 4)
+        weight = self.buffered.weight.detach().clone()
+        del self.buffered.weight
+        self.buffered.register_buffer("weight", weight)
 
     def forward(self, tokens, memory, volume):
-        h = self.nobias(self.renorm(tokens))
+        h = self.buffered(self.nobias(self.renorm(tokens)))
         return self.grouped(h.transpose(1, 2)).sum() + self.volume(volume).sum()
 
 
@@ -83,7 +92,7 @@ class OddAttention(Odd):
         self.cross = nn.MultiheadAttention(4, 2, kdim=6, vdim=6, batch_first=True)
 
     def forward(self, tokens, memory, volume):
-        h = self.nobias(self.renorm(tokens))
+        h = self.buffered(self.nobias(self.renorm(tokens)))
         h = h + self.cross(h, memory, memory)[0]
         return self.grouped(h.transpose(1, 2)).sum() + self.volume(volume).sum()
 

@@ -1263,6 +1263,40 @@ TEST(JitRefusals, LayersThatCannotBeAdaptedSayWhy) {
         "Embedding with max_norm (its forward renormalizes the weight in "
         "place)");
   }
+  for (const auto& form : forms()) {
+    SCOPED_TRACE(form);
+    auto module = load_model("odd", form);
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::jit::inject_lora(
+            module, torchlora::LoRAConfig(2).target_modules({"buffered"})),
+        "'buffered', a torch.nn.modules.linear.Linear whose weight is not a "
+        "parameter");
+    // A second name the code never calls: an adapter there would be
+    // trained in vain.
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::jit::inject_lora(
+            module, torchlora::LoRAConfig(2).target_modules({"alias"})),
+        "jit::inject_lora: the TorchScript module's code never runs 'alias'");
+    const auto dir = std::filesystem::temp_directory_path() /
+        ("torchlora_jit_alias_" + std::to_string(::getpid()));
+    {
+      torch::nn::Sequential plain;
+      plain->push_back("alias", torch::nn::Linear(4, 4));
+      torchlora::inject_lora(
+          *plain, torchlora::LoRAConfig(2).target_modules({"alias"}));
+      torchlora::save_adapter(*plain, dir.string());
+    }
+    EXPECT_TORCHLORA_ERROR(
+        torchlora::jit::load_adapter(module, dir.string()),
+        "jit::load_adapter: the TorchScript module's code never runs 'alias'");
+    std::filesystem::remove_all(dir);
+    // The name it calls takes the adapter.
+    EXPECT_EQ(
+        torchlora::jit::inject_lora(
+            module, torchlora::LoRAConfig(2).target_modules({"nobias"}))
+            .adapted_paths(),
+        std::vector<std::string>{"nobias"});
+  }
   auto traced = load_model("odd", "traced");
   EXPECT_TORCHLORA_ERROR(
       torchlora::jit::inject_lora(

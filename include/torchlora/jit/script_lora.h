@@ -23,6 +23,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -371,6 +373,29 @@ struct ScriptState {
     }
   }
 
+  /// Refuses layers at `paths` that the module's code never runs: an
+  /// adapter there would change nothing.
+  void check_reached(
+      const std::vector<std::string>& paths,
+      const char* operation) {
+    if (!reached) {
+      reached = reachable_paths(module);
+    }
+    for (const auto& path : paths) {
+      TORCHLORA_CHECK(
+          reached->count(path) > 0,
+          operation,
+          ": the TorchScript module's code never runs '",
+          path,
+          "' (a second name of a module that a traced model recorded under "
+          "another, or a layer nothing calls), so an adapter there would "
+          "change nothing. Target the name the code uses." TORCHLORA_NOTHING_CHANGED);
+    }
+  }
+
+  /// The paths the module's code reaches, found on first use.
+  std::optional<std::set<std::string>> reached;
+
   void check_no_scope(const char* operation) const {
     TORCHLORA_CHECK(
         scopes == 0,
@@ -454,6 +479,17 @@ class ScriptLoRA {
         ") cannot be used with a TorchScript module, whose code cannot call "
         "a trainable copy of a module." TORCHLORA_NOTHING_CHANGED);
     state.refresh();
+    {
+      // Every layer it would adapt must be run by the module's code.
+      const TargetMatcher matcher(config);
+      const torchlora::detail::ModelIndex index(state.mirror.model());
+      std::vector<std::string> planned;
+      for (const auto& layer :
+           torchlora::detail::plan_injection(index, matcher)) {
+        planned.push_back(layer.entry->paths.front());
+      }
+      state.check_reached(planned, "jit::inject_lora");
+    }
     auto paths = torchlora::inject_lora(state.mirror.model(), config);
     state.refresh();
     return paths;
@@ -495,6 +531,20 @@ class ScriptLoRA {
     }
     state.refresh();
     torchlora::load_adapter(state.mirror.model(), dir, adapter_name);
+    try {
+      std::vector<std::string> paths;
+      const torchlora::detail::ModelIndex index(state.mirror.model());
+      for (const auto& [entry, layer] : index.lora_layers()) {
+        if (layer->has_adapter(adapter_name)) {
+          paths.push_back(entry->paths.front());
+        }
+      }
+      state.check_reached(paths, "jit::load_adapter");
+    } catch (...) {
+      torchlora::delete_adapter(state.mirror.model(), adapter_name);
+      state.refresh();
+      throw;
+    }
     state.refresh();
   }
 

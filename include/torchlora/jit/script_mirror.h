@@ -27,6 +27,7 @@
 #include <memory>
 #include <optional>
 #include <regex>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -134,6 +135,60 @@ inline bool graph_calls(const torch::jit::Module& module, const char* op) {
     }
   }
   return false;
+}
+
+/// The paths of the submodules that `module`'s code reaches (through
+/// `self.a.b`, in any of its methods or in those of the submodules it
+/// reaches). A module not among them is never run: a second name of a
+/// module that a traced model recorded under its first (saving makes each
+/// name a module of its own), or a layer nothing calls.
+inline std::set<std::string> reachable_paths(const torch::jit::Module& module) {
+  std::set<std::string> reached = {""};
+  std::vector<std::pair<std::string, torch::jit::Module>> pending = {
+      {"", module}};
+  while (!pending.empty()) {
+    const auto [path, current] = pending.back();
+    pending.pop_back();
+    for (const auto& method : current.get_methods()) {
+      const auto graph = method.graph();
+      // The module each value of the graph is, by path.
+      std::map<
+          const torch::jit::Value*,
+          std::pair<std::string, torch::jit::Module>>
+          modules = {{graph->inputs().at(0), {path, current}}};
+      std::vector<const torch::jit::Block*> blocks = {graph->block()};
+      while (!blocks.empty()) {
+        const auto* block = blocks.back();
+        blocks.pop_back();
+        for (const auto* node : block->nodes()) {
+          for (const auto* inner : node->blocks()) {
+            blocks.push_back(inner);
+          }
+          if (node->kind() != c10::prim::GetAttr) {
+            continue;
+          }
+          const auto owner = modules.find(node->input(0));
+          if (owner == modules.end()) {
+            continue;
+          }
+          const auto name = node->s(c10::attr::name);
+          const auto& [owner_path, owner_module] = owner->second;
+          if (!owner_module.hasattr(name) ||
+              !owner_module.attr(name).isModule()) {
+            continue;
+          }
+          const auto child = owner_module.attr(name).toModule();
+          const auto child_path =
+              owner_path.empty() ? name : owner_path + "." + name;
+          modules[node->output()] = {child_path, child};
+          if (reached.insert(child_path).second) {
+            pending.emplace_back(child_path, child);
+          }
+        }
+      }
+    }
+  }
+  return reached;
 }
 
 /// Makes `target` (a freshly made, tiny tensor of a LibTorch layer) the
