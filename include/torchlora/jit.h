@@ -17,5 +17,4 @@
 #include <torch/script.h>
 
 #include <torchlora/jit/script_lora.h>
-#include <torchlora/jit/script_mirror.h>
 #include <torchlora/torchlora.h>
