@@ -5,14 +5,7 @@
 # Variables: PYTHON, SOURCE_DIR, PROGRAM (torchlora_tests), WORK_DIR.
 cmake_minimum_required(VERSION 3.18)
 file(REMOVE_RECURSE "${WORK_DIR}")
-function(run_step what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out
-                  ERROR_VARIABLE out)
-  message(STATUS "${out}")
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${what} failed (${rc})")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/RunSteps.cmake")
 run_step("make-jit-fixtures.py" "${PYTHON}"
          "${SOURCE_DIR}/scripts/make-jit-fixtures.py" "${WORK_DIR}/fixtures")
 run_step("the fixture tests" "${CMAKE_COMMAND}" -E env

@@ -7,15 +7,7 @@
 # Variables: PYTHON, SCRIPT (train.py), PROGRAM, OUT.
 cmake_minimum_required(VERSION 3.18)
 file(REMOVE_RECURSE "${OUT}")
-function(run_step what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out
-                  ERROR_VARIABLE out)
-  message(STATUS "${out}")
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${what} failed (${rc})")
-  endif()
-  set(step_output "${out}" PARENT_SCOPE)
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/RunSteps.cmake")
 run_step("train.py --quick" "${PYTHON}" "${SCRIPT}" --out "${OUT}" --quick)
 run_step("torchscript_finetune --quick" "${PROGRAM}" --model "${OUT}/base.pt"
          --out "${OUT}" --quick)

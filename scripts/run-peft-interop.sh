@@ -103,7 +103,8 @@ if [ ! -x "$build/tests/torchlora_interop" ]; then
 fi
 program="$build/tests/torchlora_interop"
 
-cp "$source_dir/tests/interop/peft_interop.py" "$work/"
+cp "$source_dir/tests/interop/peft_interop.py" \
+  "$source_dir/tests/interop/interop_models.py" "$work/"
 chroot_mount bind "$work" "$work"
 status=0
 for tarball in "${tarballs[@]}"; do

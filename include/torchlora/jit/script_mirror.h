@@ -295,18 +295,30 @@ class ScriptMirror {
     owner.setattr(name, tensor);
   }
 
+  /// The layer's `weight`, checked to have `dims` dimensions.
+  static torch::Tensor weight_of(
+      const torch::jit::Module& module,
+      const std::string& path,
+      int64_t dims) {
+    const auto weight = module.attr("weight").toTensor();
+    TORCHLORA_CHECK(
+        weight.dim() == dims,
+        "jit::inject_lora: the weight of the ",
+        script_type_name(module),
+        " '",
+        path,
+        "' has ",
+        weight.dim(),
+        " dimensions, expected ",
+        dims);
+    return weight;
+  }
+
   static void adopt_linear(
       const torch::jit::Module& module,
       torch::nn::LinearImpl& linear,
       const std::string& path) {
-    const auto weight = module.attr("weight").toTensor();
-    TORCHLORA_CHECK(
-        weight.dim() == 2,
-        "jit::inject_lora: the weight of the Linear '",
-        path,
-        "' has ",
-        weight.dim(),
-        " dimensions, expected 2");
+    const auto weight = weight_of(module, path, 2);
     linear.options.in_features(weight.size(1)).out_features(weight.size(0));
     share(module, "weight", linear.weight);
     if (has_tensor(module, "bias")) {
@@ -317,14 +329,7 @@ class ScriptMirror {
   std::shared_ptr<torch::nn::Module> make_embedding(
       const torch::jit::Module& module,
       const std::string& path) {
-    const auto weight = module.attr("weight").toTensor();
-    TORCHLORA_CHECK(
-        weight.dim() == 2,
-        "jit::inject_lora: the weight of the Embedding '",
-        path,
-        "' has ",
-        weight.dim(),
-        " dimensions, expected 2");
+    const auto weight = weight_of(module, path, 2);
     torch::nn::Embedding embedding(torch::nn::EmbeddingOptions(1, 1));
     embedding->options.num_embeddings(weight.size(0))
         .embedding_dim(weight.size(1));
@@ -340,15 +345,7 @@ class ScriptMirror {
   std::shared_ptr<torch::nn::Module> make_conv(
       const torch::jit::Module& module,
       const std::string& path) {
-    const auto weight = module.attr("weight").toTensor();
-    TORCHLORA_CHECK(
-        weight.dim() == static_cast<int64_t>(D) + 2,
-        "jit::inject_lora: the weight of the convolution '",
-        path,
-        "' has ",
-        weight.dim(),
-        " dimensions, expected ",
-        D + 2);
+    const auto weight = weight_of(module, path, static_cast<int64_t>(D) + 2);
     const auto groups = *conv_groups(module);
     Conv conv(torch::nn::ConvOptions<D>(groups, groups, 1)
                   .groups(groups)
