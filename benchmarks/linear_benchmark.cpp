@@ -25,6 +25,8 @@
 #include "report.h"
 
 #include <torchlora/jit.h>
+
+#include <torch/csrc/jit/passes/tensorexpr_fuser.h>
 #include <torchlora/torchlora.h>
 
 #include <benchmark/benchmark.h>
@@ -558,6 +560,9 @@ void register_all() {
 } // namespace
 
 int main(int argc, char** argv) {
+  // TorchScript's CPU fuser off (docs/torchscript.md): Debian 13's LibTorch
+  // 2.6 hangs compiling the fused backward of the script_* rows.
+  torch::jit::setTensorExprFuserEnabled(false);
   // Large blocks from the heap, not fresh mmaps: every variant allocates
   // its output the same way, without page faults that would favour
   // whichever runs later.

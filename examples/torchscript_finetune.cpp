@@ -18,6 +18,8 @@
 
 #include <torchlora/jit.h>
 
+#include <torch/csrc/jit/passes/tensorexpr_fuser.h>
+
 #include <CLI/CLI.hpp>
 
 #include <chrono>
@@ -198,6 +200,10 @@ int run(const Settings& settings) {
 } // namespace
 
 int main(int argc, char** argv) {
+  // TorchScript's CPU fuser compiles the fused backward of a trained module
+  // with LLVM; Debian 13's LibTorch 2.6 hangs there at the third step (any
+  // TorchScript module, with or without LoRA). Training runs as fast without.
+  torch::jit::setTensorExprFuserEnabled(false);
   Settings settings;
   CLI::App app{"Fine-tunes a TorchScript model from Python with LoRA"};
   app.add_option("--model", settings.model, "the scripted model (train.py)");

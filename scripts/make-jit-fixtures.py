@@ -13,6 +13,8 @@ LibTorch 1.13 and 2.x load. Seeds are fixed; outputs are float32.
 import os
 import sys
 
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,6 +97,54 @@ class OddAttention(Odd):
         h = self.buffered(self.nobias(self.renorm(tokens)))
         h = h + self.cross(h, memory, memory)[0]
         return self.grouped(h.transpose(1, 2)).sum() + self.volume(volume).sum()
+
+
+@torch.jit.interface
+class LayerInterface(nn.Module):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        pass
+
+
+class Hooked(nn.Module):
+    """Runs `inner` only from a forward pre-hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.register_forward_pre_hook(hooked_pre)
+
+    def forward(self, x):
+        return x
+
+
+def hooked_pre(self: Hooked, inputs: Tuple[torch.Tensor]) -> Tuple[torch.Tensor]:
+    return (self.inner(inputs[0]),)
+
+
+class Dynamic(nn.Module):
+    """Layers reached in ways a GetAttr chain does not show: a ModuleList
+    element chosen by an argument, a layer run by a hook (scripted only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.hooked = Hooked()
+
+    def forward(self, x, i: int):
+        layer: LayerInterface = self.layers[i]
+        return self.hooked(layer.forward(x))
+
+
+class SamePadding(nn.Module):
+    """A convolution with padding "same", which a trace records as
+    aten::_convolution_mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding="same")
+
+    def forward(self, x):
+        return self.conv(x)
 
 
 def odd_inputs():
@@ -210,6 +260,10 @@ def main():
     torch.jit.script(Odd().eval()).save(os.path.join(out, "odd_scripted.pt"))
     torch.jit.trace(OddAttention().eval(), inputs, check_trace=False).save(
         os.path.join(out, "odd_traced.pt"))
+    torch.manual_seed(5)
+    torch.jit.script(Dynamic().eval()).save(os.path.join(out, "dynamic_scripted.pt"))
+    torch.jit.trace(SamePadding().eval(), (torch.randn(2, 4, 7),)).save(
+        os.path.join(out, "same_traced.pt"))
     torch.jit.script(Holder({"tokens": inputs[0], "memory": inputs[1],
                              "volume": inputs[2]})).save(
         os.path.join(out, "odd_reference.pt"))

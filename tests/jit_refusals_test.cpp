@@ -221,4 +221,60 @@ TEST(JitRefusals, LayersThatCannotBeAdaptedSayWhy) {
       "MultiheadAttention with separate q/k/v weights");
 }
 
+TEST(JitRefusals, LayersReachedOtherwiseThanByNameAreNotRefused) {
+  // A ModuleList element chosen by an argument, a layer only a forward
+  // pre-hook runs.
+  auto module = load_model("dynamic", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2)
+          .target_modules({"layers.1", "hooked.inner"})
+          .init(torchlora::LoRAInit::random));
+  const auto x = torch::randn({3, 4});
+  const torch::NoGradGuard no_grad;
+  const auto adapted = lora.forward({x, int64_t{1}}).toTensor();
+  lora.unload();
+  EXPECT_FALSE(
+      torch::allclose(module.forward({x, int64_t{1}}).toTensor(), adapted));
+  // A traced convolution with padding "same" keeps its groups elsewhere.
+  auto same = load_model("same", "traced");
+  EXPECT_NO_THROW(torchlora::jit::inject_lora(
+      same, torchlora::LoRAConfig(2).target_modules({"conv"})));
+}
+
+TEST(JitRefusals, AScopeMadeWhileDisabledRefusesOnceReEnabled) {
+  auto module = load_model("typed", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module,
+      torchlora::LoRAConfig(2).target_modules({"proj"}).init(
+          torchlora::LoRAInit::random));
+  std::optional<torchlora::jit::AdaptedWeights> adapted;
+  {
+    torchlora::DisableAdapters off(lora.model());
+    adapted.emplace(lora);
+  }
+  EXPECT_TORCHLORA_ERROR(
+      adapted->forward({torch::randn({2, 6})}),
+      "the adapters of 'proj' were enabled (torchlora::DisableAdapters) since "
+      "this torchlora::jit::AdaptedWeights computed its weights");
+}
+
+TEST(JitRefusals, AHalfConvertedModuleIsConvertedTheRestOfTheWay) {
+  auto module = load_model("mlp", "scripted");
+  auto lora = torchlora::jit::inject_lora(
+      module, fixture_config({"2"}).init(torchlora::LoRAInit::random));
+  // The module's own to() stops at the guard of "2.weight", after "0.*".
+  EXPECT_ANY_THROW(module.to(torch::kDouble));
+  EXPECT_TORCHLORA_ERROR(
+      lora.forward({torch::randn({2, 6})}),
+      "'0.weight' of the TorchScript module was converted behind torchlora's "
+      "back");
+  lora.to(torch::kDouble);
+  EXPECT_EQ(
+      lora.forward({torch::randn({2, 6}, torch::kDouble)})
+          .toTensor()
+          .scalar_type(),
+      torch::kDouble);
+}
+
 } // namespace

@@ -5,6 +5,8 @@
 
 #include <torchlora/jit.h>
 
+#include <torch/csrc/jit/passes/tensorexpr_fuser.h>
+
 #include "test_support.h"
 
 #include <cstdlib>
@@ -14,6 +16,14 @@
 #include <vector>
 
 namespace jit_test {
+
+/// TorchScript's CPU fuser off for the tests, as docs/torchscript.md asks:
+/// Debian 13's LibTorch 2.6 hangs compiling (with LLVM) the fused backward
+/// of a module trained for three calls, with or without torchlora.
+inline const bool kCpuFuserOff = [] {
+  torch::jit::setTensorExprFuserEnabled(false);
+  return true;
+}();
 
 /// Expects `statement` to throw an error (TorchScript's interpreter wraps
 /// the errors of the operators it runs) whose text holds a torchlora:

@@ -4,6 +4,7 @@
 // submodule (the layer kinds it adapts), the settings scripting and tracing
 // keep, and which submodules the module's code runs. Not part of the API.
 
+#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
@@ -121,54 +122,78 @@ inline bool graph_calls(const torch::jit::Module& module, const char* op) {
   return false;
 }
 
-/// The paths of the submodules that `module`'s code reaches (through
-/// `self.a.b`, in any of its methods or in those of the submodules it
-/// reaches). A module not among them is never run: a second name of a
-/// module that a traced model recorded under its first (saving makes each
-/// name a module of its own), or a layer nothing calls.
+/// The paths of the submodules that `module`'s code reaches: through
+/// `self.a.b` chains in any of its methods and forward hooks, or in those of
+/// the submodules it reaches; every element of a ModuleList or ModuleDict
+/// indexed by a variable. A module not among them is never run: a second
+/// name of a module that a traced model recorded under its first (saving
+/// makes each name a module of its own), or a layer nothing calls. (It can
+/// count too much, never too little: a submodule's method that nothing
+/// calls counts.)
 inline std::set<std::string> reachable_paths(const torch::jit::Module& module) {
+  using Found = std::pair<std::string, torch::jit::Module>;
   std::set<std::string> reached = {""};
-  std::vector<std::pair<std::string, torch::jit::Module>> pending = {
-      {"", module}};
-  while (!pending.empty()) {
-    const auto [path, current] = pending.back();
-    pending.pop_back();
-    for (const auto& method : current.get_methods()) {
-      const auto graph = method.graph();
-      // The module each value of the graph is, by path.
-      std::map<
-          const torch::jit::Value*,
-          std::pair<std::string, torch::jit::Module>>
-          modules = {{graph->inputs().at(0), {path, current}}};
-      std::vector<const torch::jit::Block*> blocks = {graph->block()};
-      while (!blocks.empty()) {
-        const auto* block = blocks.back();
-        blocks.pop_back();
-        for (const auto* node : block->nodes()) {
-          for (const auto* inner : node->blocks()) {
-            blocks.push_back(inner);
-          }
-          if (node->kind() != c10::prim::GetAttr) {
-            continue;
-          }
-          const auto owner = modules.find(node->input(0));
-          if (owner == modules.end()) {
-            continue;
-          }
-          const auto name = node->s(c10::attr::name);
-          const auto& [owner_path, owner_module] = owner->second;
-          if (!owner_module.hasattr(name) ||
-              !owner_module.attr(name).isModule()) {
-            continue;
-          }
-          const auto child = owner_module.attr(name).toModule();
-          const auto child_path =
-              owner_path.empty() ? name : owner_path + "." + name;
-          modules[node->output()] = {child_path, child};
-          if (reached.insert(child_path).second) {
-            pending.emplace_back(child_path, child);
-          }
+  std::vector<Found> pending = {{"", module}};
+  const auto reach = [&](const std::string& path,
+                         const torch::jit::Module& child) {
+    if (reached.insert(path).second) {
+      pending.emplace_back(path, child);
+    }
+  };
+  const auto join = [](const std::string& path, const std::string& name) {
+    return path.empty() ? name : path + "." + name;
+  };
+  const auto visit = [&](const torch::jit::Graph& graph, const Found& self) {
+    // The module each value of the graph is, by path.
+    std::map<const torch::jit::Value*, Found> modules = {
+        {graph.inputs().at(0), self}};
+    std::vector<const torch::jit::Block*> blocks = {graph.block()};
+    while (!blocks.empty()) {
+      const auto* block = blocks.back();
+      blocks.pop_back();
+      for (const auto* node : block->nodes()) {
+        for (const auto* inner : node->blocks()) {
+          blocks.push_back(inner);
         }
+        const auto owner = node->inputs().empty()
+            ? modules.end()
+            : modules.find(node->input(0));
+        if (owner == modules.end()) {
+          continue;
+        }
+        const auto& [owner_path, owner_module] = owner->second;
+        if (node->kind() == c10::prim::ModuleContainerIndex) {
+          for (const auto& child : owner_module.named_children()) {
+            reach(join(owner_path, child.name), child.value);
+          }
+          continue;
+        }
+        if (node->kind() != c10::prim::GetAttr) {
+          continue;
+        }
+        const auto name = node->s(c10::attr::name);
+        if (!owner_module.hasattr(name) ||
+            !owner_module.attr(name).isModule()) {
+          continue;
+        }
+        const Found child = {
+            join(owner_path, name), owner_module.attr(name).toModule()};
+        modules[node->output()] = child;
+        reach(child.first, child.second);
+      }
+    }
+  };
+  while (!pending.empty()) {
+    const auto current = pending.back();
+    pending.pop_back();
+    for (const auto& method : current.second.get_methods()) {
+      visit(*method.graph(), current);
+    }
+    const auto type = current.second.type();
+    for (auto* hooks :
+         {&type->getForwardHooks(), &type->getForwardPreHooks()}) {
+      for (auto* hook : *hooks) {
+        visit(*torch::jit::toGraphFunction(*hook).graph(), current);
       }
     }
   }

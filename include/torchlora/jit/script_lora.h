@@ -172,17 +172,20 @@ class ScriptLoRA {
   void save_adapter(
       const std::string& dir,
       const SaveAdapterOptions& options = {}) const {
+    const std::lock_guard<std::mutex> lock(state_->calls);
     torchlora::save_adapter(state_->mirror.model(), dir, options);
   }
 
   /// `save_adapter` with the settings of the config the adapter was
   /// injected with (see `torchlora::save_adapter`).
   void save_adapter(const std::string& dir, const LoRAConfig& config) const {
+    const std::lock_guard<std::mutex> lock(state_->calls);
     torchlora::save_adapter(state_->mirror.model(), dir, config);
   }
 
   /// The tensors to train: the adapters' A and B (of the active adapters).
   std::vector<torch::Tensor> parameters() const {
+    const std::lock_guard<std::mutex> lock(state_->calls);
     std::vector<torch::Tensor> trainable;
     for (const auto& parameter : state_->mirror.model().parameters()) {
       if (parameter.requires_grad()) {
@@ -287,10 +290,12 @@ class ScriptLoRA {
     auto& state = *state_;
     const std::lock_guard<std::mutex> lock(state.calls);
     state.check_no_scope("jit::ScriptLoRA::to");
-    state.refresh();
-    state.install_tensors();
+    // A module half converted by its own to() is converted the rest of the
+    // way (or back).
     state.moving = true;
     try {
+      state.refresh();
+      state.install_tensors();
       conversion(state.module, state.mirror.model());
       state.refresh();
     } catch (...) {
@@ -340,6 +345,7 @@ class AdaptedWeights {
     // (another thread's, an inner one) compute meanwhile.
     for (const auto& target : state_->targets) {
       weights_.push_back(detail::bound_member(*target.layer));
+      enabled_.push_back(target.layer->adapters_enabled());
     }
     ++state_->scopes;
   }
@@ -377,6 +383,17 @@ class AdaptedWeights {
         weights_.size() == state.targets.size(),
         "the adapted layers changed while an AdaptedWeights lived");
     for (size_t i = 0; i < weights_.size(); ++i) {
+      TORCHLORA_CHECK(
+          state.targets[i].layer->adapters_enabled() == enabled_[i],
+          "the adapters of '",
+          state.targets[i].path,
+          "' were ",
+          enabled_[i] ? "disabled" : "enabled",
+          " (torchlora::DisableAdapters) since this "
+          "torchlora::jit::AdaptedWeights computed its weights; make a new "
+          "one.");
+    }
+    for (size_t i = 0; i < weights_.size(); ++i) {
       state.install(state.targets[i], weights_[i]);
     }
     try {
@@ -393,6 +410,9 @@ class AdaptedWeights {
   std::shared_ptr<detail::ScriptState> state_;
   std::unique_ptr<torchlora::AdaptedWeights> holds_;
   std::vector<torch::Tensor> weights_;
+  /// Whether each layer's adapters were enabled when the weights were
+  /// computed.
+  std::vector<bool> enabled_;
 };
 
 inline c10::IValue ScriptLoRA::forward(std::vector<c10::IValue> inputs) {

@@ -246,12 +246,19 @@ class ScriptMirror {
       return setting->toInt();
     }
     // aten::_convolution(input, weight, bias, stride, padding, dilation,
-    // transposed, output_padding, groups, ...); aten::conv<n>d(input,
-    // weight, bias, stride, padding, dilation, groups).
+    // transposed, output_padding, groups, ...); aten::conv<n>d and
+    // aten::_convolution_mode(input, weight, bias, stride, padding,
+    // dilation, groups).
     auto groups = graph_constant(module, {"aten::_convolution"}, 8);
     if (!groups) {
       groups = graph_constant(
-          module, {"aten::conv1d", "aten::conv2d", "aten::conv3d"}, 6);
+          module,
+          {"aten::conv1d",
+           "aten::conv2d",
+           "aten::conv3d",
+           // padding given as a string ("same"), traced
+           "aten::_convolution_mode"},
+          6);
     }
     if (groups && groups->isInt()) {
       return groups->toInt();
