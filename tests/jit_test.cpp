@@ -21,47 +21,55 @@ using torchlora_test::message_of;
 
 // ---------------------------------------------------------------- fixtures
 
-TEST(JitFixtures, FreshAdaptersKeepPythonsOutput) {
+/// Calls `check(model, form, tensors, module, lora)` for every fixture
+/// model in both forms: its reference tensors, the loaded module and a
+/// ScriptLoRA with the reference file's config (adapters fresh).
+template <typename Check>
+void for_each_fixture(Check check) {
   for (const auto& model : fixture_models()) {
     const auto tensors = reference(model.name);
     for (const auto& form : forms()) {
+      SCOPED_TRACE(model.name + " " + form);
       auto module = load_model(model.name, form);
       auto lora =
           torchlora::jit::inject_lora(module, fixture_config(model.targets));
-      auto paths = lora.adapted_paths();
-      for (const auto& target : model.targets) {
-        EXPECT_NE(std::find(paths.begin(), paths.end(), target), paths.end())
-            << model.name << " " << form << " " << target;
-      }
-      const torch::NoGradGuard no_grad;
-      const auto y = lora.forward({tensors.at("input")}).toTensor();
-      expect_close(y, tensors.at("output"), 1e-5, model.name + " " + form);
+      check(model, form, tensors, module, lora);
     }
   }
 }
 
-TEST(JitFixtures, AdaptedOutputEqualsPythonsChangedWeights) {
-  for (const auto& model : fixture_models()) {
-    const auto tensors = reference(model.name);
-    for (const auto& form : forms()) {
-      auto module = load_model(model.name, form);
-      auto lora =
-          torchlora::jit::inject_lora(module, fixture_config(model.targets));
-      set_reference_adapters(lora, model, tensors);
-      const auto y = lora.forward({tensors.at("input")}).toTensor();
-      expect_close(
-          y, tensors.at("adapted_output"), 1e-5, model.name + " " + form);
-      // Merged, the module runs by itself and gives the same.
-      lora.merge();
-      const torch::NoGradGuard no_grad;
-      const auto merged = module.forward({tensors.at("input")}).toTensor();
-      expect_close(
-          merged,
-          tensors.at("adapted_output"),
-          1e-5,
-          model.name + " " + form + " merged");
+TEST(JitFixtures, FreshAdaptersKeepPythonsOutput) {
+  for_each_fixture([](const auto& model,
+                      const auto&,
+                      const auto& tensors,
+                      auto&,
+                      auto& lora) {
+    auto paths = lora.adapted_paths();
+    for (const auto& target : model.targets) {
+      EXPECT_NE(std::find(paths.begin(), paths.end(), target), paths.end())
+          << target;
     }
-  }
+    const torch::NoGradGuard no_grad;
+    const auto y = lora.forward({tensors.at("input")}).toTensor();
+    expect_close(y, tensors.at("output"), 1e-5, "fresh");
+  });
+}
+
+TEST(JitFixtures, AdaptedOutputEqualsPythonsChangedWeights) {
+  for_each_fixture([](const auto& model,
+                      const auto&,
+                      const auto& tensors,
+                      auto& module,
+                      auto& lora) {
+    set_reference_adapters(lora, model, tensors);
+    const auto y = lora.forward({tensors.at("input")}).toTensor();
+    expect_close(y, tensors.at("adapted_output"), 1e-5, "adapted");
+    // Merged, the module runs by itself and gives the same.
+    lora.merge();
+    const torch::NoGradGuard no_grad;
+    const auto merged = module.forward({tensors.at("input")}).toTensor();
+    expect_close(merged, tensors.at("adapted_output"), 1e-5, "merged");
+  });
 }
 
 // Run by cmake/CheckJitPython.cmake, which sets TORCHLORA_JIT_MERGED: the
@@ -73,17 +81,15 @@ TEST(JitFixtures, WritesMergedModulesForPython_Optional) {
     GTEST_SKIP() << "run by cmake/CheckJitPython.cmake only";
   }
   std::filesystem::create_directories(out);
-  for (const auto& model : fixture_models()) {
-    const auto tensors = reference(model.name);
-    for (const auto& form : forms()) {
-      auto module = load_model(model.name, form);
-      auto lora =
-          torchlora::jit::inject_lora(module, fixture_config(model.targets));
-      set_reference_adapters(lora, model, tensors);
-      lora.merge_and_unload().save(
-          std::string(out) + "/" + model.name + "_" + form + ".pt");
-    }
-  }
+  for_each_fixture([&](const auto& model,
+                       const auto& form,
+                       const auto& tensors,
+                       auto&,
+                       auto& lora) {
+    set_reference_adapters(lora, model, tensors);
+    lora.merge_and_unload().save(
+        std::string(out) + "/" + model.name + "_" + form + ".pt");
+  });
 }
 
 // ---------------------------------------------------------------- float64
