@@ -186,19 +186,7 @@ struct ScriptState {
   /// weight, merged when merged).
   torch::Tensor mirror_tensor(const std::string& path, const std::string& name)
       const {
-    const torch::nn::Module* module = &mirror.model();
-    size_t start = 0;
-    while (start <= path.size()) {
-      const auto dot = path.find('.', start);
-      const auto part = path.substr(
-          start, dot == std::string::npos ? std::string::npos : dot - start);
-      module = module->named_children()[part].get();
-      if (dot == std::string::npos) {
-        break;
-      }
-      start = dot + 1;
-    }
-    return module->named_parameters(/*recurse=*/false)[name];
+    return mirror.model().named_parameters()[path + "." + name];
   }
 
   /// Refuses when `target`'s attribute holds something torchlora did not
