@@ -81,6 +81,15 @@ TEST(JitRefusals, LoneLayerDropoutAndModulesToSave) {
       torchlora::jit::inject_lora(
           module, fixture_config({"0"}).modules_to_save({"2"})),
       "modules_to_save (got 1)");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(module, fixture_config({"0"}).use_dora(true)),
+      "jit::inject_lora: DoRA (use_dora) is not offered for TorchScript "
+      "modules yet");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::jit::inject_lora(
+          module, fixture_config({"0"}).init(torchlora::LoRAInit::olora)),
+      "jit::inject_lora: init olora, which changes the base weights, is not "
+      "offered for TorchScript modules yet");
   // Nothing was adapted: the module runs by itself.
   EXPECT_EQ(module.named_parameters().size(), before);
   EXPECT_NO_THROW(module.forward({torch::randn({2, 6})}));

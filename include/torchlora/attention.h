@@ -61,6 +61,8 @@ class LoRAMultiheadAttentionImpl final
   using typename Base::BaseHolder;
 
   static constexpr const char* kName = "LoRAMultiheadAttention";
+  /// peft refuses DoRA on MultiheadAttention; so does torchlora.
+  static constexpr bool kTakesDora = false;
   static constexpr const char* kBaseName = "MultiheadAttention";
 
   /// Adopts `base` (sharing its tensors and its `out_proj`) with no adapter.

@@ -55,6 +55,10 @@ struct LoRAConfig {
   TORCHLORA_LORA_OPTION(LoRAInit, init)
   /// Adapter dtype; unset means each base weight's dtype.
   TORCHLORA_LORA_OPTION(std::optional<torch::Dtype>, dtype)
+  /// DoRA's magnitude rescaling (see `LoRAOptions::use_dora`).
+  TORCHLORA_LORA_OPTION(bool, use_dora)
+  /// Randomized PiSSA's iterations (see `LoRAOptions::pissa_niter`).
+  TORCHLORA_LORA_OPTION(int64_t, pissa_niter)
 
   /// Module names to adapt: a module matches when its dotted path equals an
   /// entry or ends with "." + entry. `{"all-linear"}` means every Linear but

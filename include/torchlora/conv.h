@@ -126,6 +126,9 @@ class LoRAConvImplT final
     }
     auto y = detail::convolve<D>(*this->base_, input);
     if (this->adapters_in_use()) {
+      if (this->dora_in_use()) {
+        return this->forward_with_dora(input, without_bias(y));
+      }
       this->add_adapter_outputs(input, y);
     }
     return y;
@@ -138,9 +141,35 @@ class LoRAConvImplT final
   torch::nn::ModuleDict lora_B{nullptr};
 
  private:
+  /// The channels of an output `[N, C, ...]` or `[C, ...]`.
+  static int64_t output_channel_axis(const torch::Tensor& y) {
+    return y.dim() - static_cast<int64_t>(D) - 1;
+  }
+
+  /// `y` (the base's output) less its bias.
+  torch::Tensor without_bias(const torch::Tensor& y) const {
+    if (!this->bias.defined()) {
+      return y;
+    }
+    return y - detail::along(this->bias, output_channel_axis(y), y.dim());
+  }
+
+  /// The base's output without its bias (DoRA rescales it).
+  torch::Tensor base_output(const torch::Tensor& input) const {
+    return without_bias(detail::convolve<D>(*this->base_, input));
+  }
+
   void check_adapter_options(const std::string& name, const LoRAOptions& lora)
       const {
     const auto groups = this->options.groups();
+    TORCHLORA_CHECK(
+        !lora.use_dora() || groups == 1,
+        "adapter \"",
+        name,
+        "\" asks for DoRA on a grouped convolution (groups = ",
+        groups,
+        "), whose weight cannot hold the adapted weight DoRA normalizes; "
+        "use use_dora(false)");
     TORCHLORA_CHECK(
         lora.rank() % groups == 0,
         "adapter \"",

@@ -94,6 +94,9 @@ class LoRAEmbeddingImpl final
     }
     auto y = lookup(weight, indices);
     if (this->adapters_in_use()) {
+      if (this->dora_in_use()) {
+        return this->forward_with_dora(indices, y);
+      }
       this->add_adapter_outputs(indices, y);
     }
     return y;
@@ -106,6 +109,15 @@ class LoRAEmbeddingImpl final
   torch::nn::ParameterDict lora_embedding_B{nullptr};
 
  private:
+  /// DoRA's magnitude runs along the table's columns (embedding_dim), as
+  /// in peft.
+  static constexpr int64_t kMagnitudeAxis = 1;
+
+  /// The rows of `indices`: the base's output (it has no bias).
+  torch::Tensor base_output(const torch::Tensor& indices) const {
+    return lookup(weight, indices);
+  }
+
   static torch::Tensor bias_of(const torch::nn::EmbeddingImpl&) {
     return torch::Tensor();
   }

@@ -310,6 +310,17 @@ inline std::vector<std::string> inject_planned(
   // too (removing the adapter would otherwise activate another, as in peft).
   const auto& name = config.adapter_name();
   const TrainableFlags flags(model);
+  // PiSSA/OLoRA change the base weights: kept to be put back on failure.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> weights_before;
+  const auto init = config.init();
+  if (init == LoRAInit::pissa || init == LoRAInit::olora) {
+    for (const auto& layer : planned) {
+      const auto own = layer.entry->module->named_parameters(false);
+      if (const auto* weight = own.find("weight")) {
+        weights_before.emplace_back(*weight, weight->detach().clone());
+      }
+    }
+  }
   std::vector<std::pair<LoRALayer*, std::vector<std::string>>> extended;
   std::vector<std::pair<size_t, std::shared_ptr<torch::nn::Module>>> swapped;
   try {
@@ -373,6 +384,10 @@ inline std::vector<std::string> inject_planned(
           planned[i].kind->plain_any(held[i]));
     }
     flags.restore();
+    torch::NoGradGuard no_grad;
+    for (auto& [weight, before] : weights_before) {
+      weight.detach().copy_(before);
+    }
     throw;
   }
 

@@ -127,6 +127,10 @@ class LoRALayer {
   /// stale), without changing anything.
   virtual void check_mergeable() const = 0;
 
+  /// Throws the `torchlora:` error that `merge_in_place` would throw beyond
+  /// `check_mergeable`'s, without changing anything.
+  virtual void check_in_place_mergeable() const {}
+
   /// Throws the `torchlora:` error that `unmerge` would throw (a merged
   /// weight changed in place since `merge`), without changing anything.
   virtual void check_unmergeable() const = 0;

@@ -19,6 +19,7 @@
 #include <torch/nn/init.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -185,6 +186,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
 
   void check_mergeable() const override;
 
+  /// Refuses `merge_in_place` with an active DoRA adapter: its rescaling
+  /// cannot be subtracted again; `merge` keeps the weight instead.
+  void check_in_place_mergeable() const override;
+
   void check_unmergeable() const override;
 
   void unload(bool merge_first) override;
@@ -272,6 +277,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
   /// The base layer's bias; undefined when the base has none.
   torch::Tensor bias;
 
+  /// DoRA magnitudes by adapter name (`lora_magnitude_vector.<name>.weight`,
+  /// peft's names); empty holder while no adapter uses DoRA.
+  torch::nn::ModuleDict lora_magnitude_vector{nullptr};
+
  protected:
   /// "torchlora::" and the kind's name: what `name()` returns.
   static std::string module_name() {
@@ -324,6 +333,10 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
   /// Extra checks of a new adapter's options; kinds may replace it.
   void check_adapter_options(const std::string&, const LoRAOptions&) const {}
 
+  /// Whether the kind takes DoRA and PiSSA/OLoRA; kinds may refuse them.
+  static constexpr bool kTakesDora = true;
+  static constexpr bool kTakesWeightInit = false;
+
   /// Throws when the active adapters' delta has no form of the base's
   /// weight; kinds whose delta always fits keep this one.
   void check_delta_fits() const {}
@@ -335,6 +348,28 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
       const torch::Tensor& weight,
       const detail::Adapter& adapter,
       const std::string& where) const;
+
+  /// The weight dimension a DoRA magnitude runs along (output channels;
+  /// Embedding: 1, its columns).
+  static constexpr int64_t kMagnitudeAxis = 0;
+
+  /// The dimension of an output `y` that holds the channels DoRA rescales;
+  /// kinds whose output has them elsewhere than last replace it.
+  static int64_t output_channel_axis(const torch::Tensor& y) {
+    return y.dim() - 1;
+  }
+
+  /// The forward with a DoRA adapter active: `base_out` is the base layer's
+  /// output for `x` without its bias; the kind's `base_output(input)`
+  /// (also without bias) serves an adapter whose dropout changes `x`.
+  torch::Tensor forward_with_dora(
+      const torch::Tensor& x,
+      const torch::Tensor& base_out) const;
+
+  /// True when the forward must take `forward_with_dora`.
+  bool dora_in_use() const {
+    return adapters_.has_active_dora();
+  }
 
   /// `y += s * product`, in y's dtype; kinds may fuse it.
   void add_adapter_output(
@@ -468,6 +503,33 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
 
   void freeze_base();
 
+  /// Refuses DoRA or PiSSA/OLoRA where the kind or the base cannot have them.
+  void check_variant_options(const std::string& name, const LoRAOptions& lora)
+      const;
+
+  /// `add_adapter`, initializing the new matrices (and the base weight, for
+  /// PiSSA/OLoRA) only when `initialize`: a copy takes its values after.
+  void attach_adapter(
+      const std::string& name,
+      const LoRAOptions& lora,
+      bool initialize);
+
+  /// Gives a DoRA adapter its magnitude, registered under peft's name:
+  /// the channel norms of the adapted weight when `initialize`.
+  void create_magnitude(detail::Adapter& adapter, bool initialize);
+
+  void remove_magnitude(const std::string& name);
+
+  /// The channel norms of `weight + s B A` for DoRA adapter `adapter`, no
+  /// gradient recorded, in float32 (float64 for a float64 weight).
+  torch::Tensor dora_norms(const detail::Adapter& adapter) const;
+
+  /// `magnitude / norms` as a vector, differentiable in the magnitude.
+  torch::Tensor dora_factor(const detail::Adapter& adapter) const;
+
+  /// PiSSA/OLoRA: A and B from the weight, which becomes `W - s B A`.
+  void init_from_weight(const detail::Adapter& adapter);
+
   /// Gives `to` a copy of `from`'s values and its trainable flag.
   static void copy_tensor(
       const torch::Tensor& from,
@@ -491,6 +553,7 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
 
 #include <torchlora/layer/layer_impl_adapters.h>
 #include <torchlora/layer/layer_impl_copying.h>
+#include <torchlora/layer/layer_impl_dora.h>
 #include <torchlora/layer/layer_impl_forward.h>
 #include <torchlora/layer/layer_impl_members.h>
 #include <torchlora/layer/layer_impl_merging.h>

@@ -72,6 +72,8 @@ class LoRALinearImplT final
   using typename Base::BaseOptions;
   static constexpr const char* kName = "LoRALinear";
   static constexpr const char* kBaseName = "Linear";
+  /// PiSSA and OLoRA factorize a Linear's weight.
+  static constexpr bool kTakesWeightInit = true;
 
   /// A plain, trainable Linear of `in_features -> out_features`.
   LoRALinearImplT(int64_t in_features, int64_t out_features)
@@ -130,6 +132,9 @@ class LoRALinearImplT final
       return torch::nn::functional::linear(input, weight, bias);
     }
     const auto x = input.reshape({-1, options.in_features()});
+    if (this->dora_in_use()) {
+      return this->forward_with_dora(x, base_output(x)).view(sizes);
+    }
     torch::Tensor y;
     if (const auto* adapter = fast_path_adapter(x)) {
       const auto b = bias.defined() ? bias : x.new_empty({0});
@@ -176,6 +181,11 @@ class LoRALinearImplT final
 
   void remove_matrices(const std::string& name, bool last) {
     detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
+  }
+
+  /// `x W^T`: the base's output without its bias (DoRA rescales it).
+  torch::Tensor base_output(const torch::Tensor& x) const {
+    return torch::nn::functional::linear(x, this->weight);
   }
 
   /// `(x A^T) B^T` in A's dtype.

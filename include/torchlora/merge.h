@@ -242,6 +242,20 @@ inline void merge(ModuleRef model, const MergeOptions& options = {}) {
   detail::check_mergeable(index, options.safe());
   detail::check_merge_changes_no_other_tensor(
       model.get(), index, !options.keep_original());
+  if (!options.keep_original()) {
+    for (const auto& [entry, layer] : index.lora_layers()) {
+      try {
+        layer->check_in_place_mergeable();
+      } catch (const c10::Error& error) {
+        TORCHLORA_CHECK(
+            false,
+            "cannot merge '",
+            entry->paths.front(),
+            "' in place: ",
+            detail::without_prefix(error.what_without_backtrace()));
+      }
+    }
+  }
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (options.keep_original()) {
       layer->merge(/*safe=*/false);

@@ -23,6 +23,14 @@ enum class LoRAInit {
   /// A and B both random, so the adapter changes the output from the start.
   /// Meant for tests (peft's `init_lora_weights=False`).
   random,
+  /// PiSSA: A and B from the weight's `rank` principal singular directions
+  /// (`LoRAOptions::pissa_niter` > 0: a randomized SVD), and the base weight
+  /// becomes the residual `W - s B A`, so the output is unchanged. Computed
+  /// in float32 (float64 for a float64 weight). Linear layers only.
+  pissa,
+  /// OLoRA: `Q, R = qr(W)`, B the first `rank` columns of Q, A the first
+  /// `rank` rows of R; the base weight becomes `W - s B A`. Linear only.
+  olora,
 };
 
 /// The name of an init mode, as used in messages and `pretty_print`.
@@ -34,6 +42,10 @@ inline const char* to_string(LoRAInit init) {
       return "gaussian";
     case LoRAInit::random:
       return "random";
+    case LoRAInit::pissa:
+      return "pissa";
+    case LoRAInit::olora:
+      return "olora";
   }
   return "unknown";
 }
@@ -69,6 +81,16 @@ struct LoRAOptions {
 
   /// Dtype of A and B; unset means the base weight's dtype.
   TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
+
+  /// DoRA (weight-decomposed LoRA): a trainable magnitude `m` per output
+  /// channel rescales the adapted layer, `y = (m / ||W + s B A||) (x (W + s
+  /// B A)^T) + b`, the norm taken per output channel and detached from the
+  /// gradient (as in peft and the DoRA paper, section 4.3).
+  TORCH_ARG(bool, use_dora) = false;
+
+  /// With `init(LoRAInit::pissa)`: 0 for an exact SVD, n > 0 for a
+  /// randomized SVD with n subspace iterations (peft's "pissa_niter_<n>").
+  TORCH_ARG(int64_t, pissa_niter) = 0;
 };
 
 /// The factor the adapter's product is multiplied by.
@@ -107,6 +129,16 @@ inline void check_lora_options(const LoRAOptions& options) {
       "adapter dtype must be float32, float64, float16 or "
       "bfloat16, got ",
       dtype ? c10::toString(*dtype) : "none");
+  TORCHLORA_CHECK(
+      options.pissa_niter() >= 0,
+      "pissa_niter must be >= 0 (0: an exact SVD), got ",
+      options.pissa_niter());
+  TORCHLORA_CHECK(
+      options.pissa_niter() == 0 || options.init() == LoRAInit::pissa,
+      "pissa_niter = ",
+      options.pissa_niter(),
+      " needs init(LoRAInit::pissa), got init ",
+      to_string(options.init()));
 }
 
 } // namespace detail

@@ -126,6 +126,17 @@ inline void expect_adapter_matrices(
     const auto& have = layer->adapter_options(name);
     const auto want = matcher.options_for(path);
     TORCHLORA_CHECK(
+        !matcher.is_target(path) || have.use_dora() == want.use_dora(),
+        "load_adapter: '",
+        path,
+        "' already has adapter \"",
+        name,
+        "\" with use_dora = ",
+        have.use_dora() ? "true" : "false",
+        ", but the file's config says use_dora = ",
+        want.use_dora() ? "true" : "false",
+        "; delete_adapter first, or load under another name");
+    TORCHLORA_CHECK(
         !matcher.is_target(path) ||
             (have.alpha() == want.alpha() &&
              have.use_rslora() == want.use_rslora()),
@@ -147,6 +158,11 @@ inline void expect_adapter_matrices(
     for (const char* matrix : {"A", "B"}) {
       const auto tensor = params[kind.parameter_name(matrix, name)];
       expect(path, kind, matrix, tensor, tensor.sizes().vec());
+    }
+    if (have.use_dora()) {
+      const auto magnitude = params[magnitude_parameter_name(name)];
+      load.expected[peft_magnitude_key(path)] =
+          ExpectedTensor{magnitude, magnitude.sizes().vec()};
     }
   }
   if (!inject) {
@@ -173,6 +189,11 @@ inline void expect_adapter_matrices(
           matrix,
           torch::Tensor(),
           *matrix == 'A' ? shapes.A : shapes.B);
+    }
+    if (planned.options.use_dora()) {
+      load.expected[peft_magnitude_key(path)] = ExpectedTensor{
+          torch::Tensor(),
+          magnitude_shape(*planned.entry->module, *planned.kind)};
     }
   }
 }
@@ -330,8 +351,13 @@ inline std::vector<std::string> check_file_tensors(
 /// must land on a module of the right shape and every expected key must be
 /// in the file: otherwise an error names the key and both shapes, and the
 /// model is unchanged. Configs of another `peft_type`, or that use a peft
-/// feature torchlora does not implement (DoRA, fan_in_fan_out, an init that
-/// changes the base weights, ...), are refused by name. Every layout peft
+/// feature torchlora does not implement (fan_in_fan_out, CorDA or LoftQ
+/// inits, ...), are refused by name. DoRA files load with their magnitudes
+/// (`<path>.lora_magnitude_vector`). A file whose config says
+/// `init_lora_weights` "pissa", "pissa_niter_<n>" or "olora" changes the
+/// base weights as peft's loading does: the init runs on the base (which
+/// becomes its residual) before the file's A and B are copied in, so load
+/// it onto the base model it was trained from. Every layout peft
 /// writes loads: a `bias = "lora_only"` file without the biases (peft's save
 /// leaves them out; they keep the base's values, with a warning), a module
 /// to save's `modules_to_save.`/`original_module.` copies, and an
@@ -392,6 +418,10 @@ inline void load_adapter(
         load.expected[detail::peft_matrix_key(
                           entry->paths.front(), kind, matrix, load.attentions)]
             .target = params[kind.parameter_name(matrix, adapter_name)];
+      }
+      if (layer->adapter_options(adapter_name).use_dora()) {
+        load.expected[detail::peft_magnitude_key(entry->paths.front())].target =
+            params[detail::magnitude_parameter_name(adapter_name)];
       }
     }
   }

@@ -57,8 +57,7 @@ inline LoRAConfig config_from_json(
       type,
       "; torchlora loads LORA adapters only");
   for (const char* feature :
-       {"use_dora",
-        "fan_in_fan_out",
+       {"fan_in_fan_out",
         "lora_bias",
         "layer_replication",
         "target_parameters",
@@ -77,6 +76,8 @@ inline LoRAConfig config_from_json(
         shown_value(*value),
         "), which torchlora does not support");
   }
+  LoRAInit init_mode = LoRAInit::kaiming_uniform;
+  int64_t pissa_niter = 0;
   if (const auto* init = read.find("init_lora_weights")) {
     TORCHLORA_CONFIG_CHECK(
         read,
@@ -85,7 +86,26 @@ inline LoRAConfig config_from_json(
         shown_value(*init));
     if (init->is_string()) {
       const auto name = init->get<std::string>();
-      for (const char* changes_base : {"pissa", "olora", "corda", "loftq"}) {
+      const std::string niter = "pissa_niter_";
+      if (name == "pissa") {
+        init_mode = LoRAInit::pissa;
+      } else if (name == "olora") {
+        init_mode = LoRAInit::olora;
+      } else if (name == "gaussian") {
+        init_mode = LoRAInit::gaussian;
+      } else if (name.rfind(niter, 0) == 0) {
+        const auto digits = name.substr(niter.size());
+        TORCHLORA_CONFIG_CHECK(
+            read,
+            !digits.empty() && digits.size() <= 9 &&
+                digits.find_first_not_of("0123456789") == std::string::npos,
+            "\"init_lora_weights\" is \"",
+            name,
+            "\"; peft takes \"pissa_niter_<n>\" with n a number of iterations");
+        init_mode = LoRAInit::pissa;
+        pissa_niter = std::stoll(digits);
+      }
+      for (const char* changes_base : {"corda", "loftq"}) {
         TORCHLORA_CONFIG_CHECK(
             read,
             name.rfind(changes_base, 0) != 0,
@@ -127,6 +147,9 @@ inline LoRAConfig config_from_json(
   config.alpha(alpha)
       .dropout(dropout)
       .use_rslora(read.boolean("use_rslora").value_or(false))
+      .use_dora(read.boolean("use_dora").value_or(false))
+      .init(init_mode)
+      .pissa_niter(pissa_niter)
       .adapter_name(adapter_name);
 
   const auto* targets = read.find("target_modules");

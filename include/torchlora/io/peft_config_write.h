@@ -94,6 +94,28 @@ nlohmann::ordered_json list_or_null(const std::vector<T>& values) {
                         : nlohmann::ordered_json(values);
 }
 
+/// peft's `init_lora_weights` for an adapter's init: true (Kaiming-uniform
+/// A, zero B), "gaussian", false (both random), "pissa", "pissa_niter_<n>" or
+/// "olora". peft re-runs PiSSA/OLoRA on the base when it loads such a file,
+/// as `load_adapter` does.
+inline nlohmann::ordered_json peft_init_name(const LoRAOptions& lora) {
+  switch (lora.init()) {
+    case LoRAInit::kaiming_uniform:
+      return true;
+    case LoRAInit::gaussian:
+      return "gaussian";
+    case LoRAInit::random:
+      return false;
+    case LoRAInit::pissa:
+      return lora.pissa_niter() == 0
+          ? std::string("pissa")
+          : "pissa_niter_" + std::to_string(lora.pissa_niter());
+    case LoRAInit::olora:
+      return "olora";
+  }
+  return true;
+}
+
 /// peft's adapter_config.json for `contents`, its fields in peft's order.
 /// With `as_configured`, that config's targets, ranks, alphas and patterns
 /// as given. Otherwise the most common rank and alpha as `r` and
@@ -119,6 +141,27 @@ inline nlohmann::ordered_json config_to_json(
         "save_adapter: some layers of adapter \"",
         contents.adapter_name,
         "\" use rsLoRA and some do not; peft's config holds one use_rslora");
+  }
+  for (const auto& [path, lora] : contents.layers) {
+    TORCHLORA_CHECK(
+        lora.use_dora() == first.use_dora(),
+        "save_adapter: some layers of adapter \"",
+        contents.adapter_name,
+        "\" use DoRA and some do not; peft's config holds one use_dora");
+    const auto changes_base = [](const LoRAOptions& options) {
+      return options.init() == LoRAInit::pissa ||
+          options.init() == LoRAInit::olora;
+    };
+    TORCHLORA_CHECK(
+        (!changes_base(lora) && !changes_base(first)) ||
+            peft_init_name(lora) == peft_init_name(first),
+        "save_adapter: the layers of adapter \"",
+        contents.adapter_name,
+        "\" were initialized differently, from the base weight and not (",
+        peft_init_name(lora).dump(),
+        " and ",
+        peft_init_name(first).dump(),
+        "); peft's config holds one init_lora_weights");
   }
   for (const auto& [path, lora] : contents.layers) {
     if (lora.dropout() != first.dropout()) {
@@ -202,12 +245,12 @@ inline nlohmann::ordered_json config_to_json(
       {"bias", to_string(contents.bias)},
       {"use_rslora", first.use_rslora()},
       {"modules_to_save", list_or_null(contents.modules_to_save)},
-      {"init_lora_weights", true},
+      {"init_lora_weights", peft_init_name(first)},
       {"layers_to_transform", layers_to_transform},
       {"layers_pattern", layers_pattern},
       {"rank_pattern", rank_pattern},
       {"alpha_pattern", alpha_pattern},
-      {"use_dora", false}};
+      {"use_dora", first.use_dora()}};
 }
 
 } // namespace detail

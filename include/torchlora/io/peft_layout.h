@@ -41,6 +41,33 @@ inline std::string peft_matrix_key(
   return kPeftPrefix + child_path(path, kind.file_suffix(matrix));
 }
 
+/// The in-memory name of adapter `adapter`'s DoRA magnitude.
+inline std::string magnitude_parameter_name(const std::string& adapter) {
+  return "lora_magnitude_vector." + adapter + ".weight";
+}
+
+/// peft's file key of the DoRA magnitude of the layer at `path`:
+/// `base_model.model.<path>.lora_magnitude_vector` (no adapter name, no
+/// `.weight`).
+inline std::string peft_magnitude_key(const std::string& path) {
+  return kPeftPrefix + child_path(path, "lora_magnitude_vector");
+}
+
+/// The shape of a DoRA magnitude on `layer` (plain or LoRA) of `kind`, as
+/// peft holds it: `[out]` (Linear), `[embedding_dim]` (Embedding), `[1, out,
+/// 1, ...]` (convolutions).
+inline std::vector<int64_t> magnitude_shape(
+    const torch::nn::Module& layer,
+    const LayerKind& kind) {
+  const auto weight = layer.named_parameters(/*recurse=*/false)["weight"];
+  if (weight.dim() == 2) {
+    return {weight.size(kind.matrix_has_weight ? 0 : 1)};
+  }
+  std::vector<int64_t> shape(static_cast<size_t>(weight.dim()), 1);
+  shape[1] = weight.size(0);
+  return shape;
+}
+
 /// Refuses a model that is itself a LoRA layer: adapter files name each
 /// layer by its path in a model, and the model's own layer has none.
 inline void check_not_a_lone_layer(

@@ -257,6 +257,11 @@ inline void save_adapter_as(
       tensors.insert(
           detail::peft_matrix_key(path, kind, matrix, attentions), tensor);
     }
+    if (layer->adapter_options(name).use_dora()) {
+      tensors.insert(
+          detail::peft_magnitude_key(path),
+          params[detail::magnitude_parameter_name(name)].detach());
+    }
     if (!attention_out_proj) {
       contents.layers.emplace_back(path, layer->adapter_options(name));
     } else {

@@ -91,6 +91,7 @@ class ScriptLoRA {
         config.dropout(),
         ": its layers are adapted through their weights (W + s B A), so the "
         "adapter's input cannot be dropped out." TORCHLORA_NOTHING_CHANGED);
+    check_no_variant(config, "jit::inject_lora", "");
     TORCHLORA_CHECK(
         config.modules_to_save().empty(),
         "jit::inject_lora: modules_to_save (got ",
@@ -136,6 +137,7 @@ class ScriptLoRA {
           config.modules_to_save().size(),
           "), which a TorchScript module cannot use: its code cannot call a "
           "trainable copy of a module." TORCHLORA_NOTHING_CHANGED);
+      check_no_variant(config, "jit::load_adapter", dir);
       const auto dropout = config.dropout();
       TORCHLORA_CHECK(
           dropout == 0,
@@ -281,6 +283,30 @@ class ScriptLoRA {
   }
 
  private:
+  /// Refuses DoRA and the inits that change the base (PiSSA, OLoRA), not
+  /// yet offered for TorchScript modules.
+  static void check_no_variant(
+      const LoRAConfig& config,
+      const char* operation,
+      const std::string& dir) {
+    const auto where =
+        dir.empty() ? std::string() : " (the adapter in '" + dir + "')";
+    TORCHLORA_CHECK(
+        !config.use_dora(),
+        operation,
+        ": DoRA (use_dora)",
+        where,
+        " is not offered for TorchScript modules yet; use a LibTorch "
+        "model, or use_dora = false." TORCHLORA_NOTHING_CHANGED);
+    TORCHLORA_CHECK(
+        config.init() != LoRAInit::pissa && config.init() != LoRAInit::olora,
+        operation,
+        ": init ",
+        to_string(config.init()),
+        where,
+        ", which changes the base weights, is not offered for TorchScript "
+        "modules yet; use a LibTorch model." TORCHLORA_NOTHING_CHANGED);
+  }
   friend class AdaptedWeights;
 
   /// Gives the module its real weights, runs `conversion` on the module

@@ -35,6 +35,13 @@ struct Adapter {
   double scale = 1.0;
   /// Whether the forward uses this adapter (`set_active_adapters`).
   bool active = true;
+  /// DoRA's magnitude, one per output channel (in peft's shape for the
+  /// kind); undefined for a plain LoRA adapter.
+  torch::Tensor magnitude;
+
+  bool is_dora() const {
+    return magnitude.defined();
+  }
 
   /// What the adapter's product is multiplied by: `scaling * scale`.
   double effective_scaling() const {
@@ -42,11 +49,13 @@ struct Adapter {
   }
 };
 
-/// One adapter's delta as a merge adds it: its matrices and its scale.
+/// One adapter's delta as a merge adds it: its matrices, its scale and, for
+/// DoRA, its magnitude (undefined otherwise).
 struct Delta {
   torch::Tensor A;
   torch::Tensor B;
   double s;
+  torch::Tensor magnitude = {};
 };
 
 /// What tells that a tensor changed: its version counter (bumped by
@@ -79,6 +88,12 @@ inline void init_lora_matrices(
     case LoRAInit::random:
       torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
       torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+      break;
+    case LoRAInit::pissa:
+    case LoRAInit::olora:
+      // From the weight (LoRALayerImpl::init_from_weight), never here.
+      TORCHLORA_INTERNAL_ASSERT(
+          false, "init ", to_string(init), " needs the weight");
       break;
   }
 }
@@ -197,19 +212,40 @@ class AdapterSet {
           std::find(names.begin(), names.end(), adapter.name) != names.end();
       adapter.A.set_requires_grad(adapter.active);
       adapter.B.set_requires_grad(adapter.active);
+      if (adapter.is_dora()) {
+        adapter.magnitude.set_requires_grad(adapter.active);
+      }
     }
   }
 
-  /// A and B of every adapter (`active_only`: of the active ones).
+  /// A and B (and a DoRA magnitude) of every adapter (`active_only`: of
+  /// the active ones).
   std::vector<torch::Tensor> matrices(bool active_only) const {
     std::vector<torch::Tensor> tensors;
     for (const auto& adapter : adapters_) {
       if (adapter.active || !active_only) {
         tensors.push_back(adapter.A);
         tensors.push_back(adapter.B);
+        if (adapter.is_dora()) {
+          tensors.push_back(adapter.magnitude);
+        }
       }
     }
     return tensors;
+  }
+
+  /// True when an active adapter is a DoRA adapter.
+  bool has_active_dora() const {
+    return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
+      return a.active && a.is_dora();
+    });
+  }
+
+  /// True when any adapter is a DoRA adapter.
+  bool has_dora() const {
+    return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
+      return a.is_dora();
+    });
   }
 
   /// The active adapters' deltas, their matrices as they are now (not
@@ -221,7 +257,8 @@ class AdapterSet {
         deltas.push_back(Delta{
             adapter.A.detach(),
             adapter.B.detach(),
-            adapter.effective_scaling()});
+            adapter.effective_scaling(),
+            adapter.is_dora() ? adapter.magnitude.detach() : torch::Tensor()});
       }
     }
     return deltas;
@@ -235,6 +272,10 @@ class AdapterSet {
         for (const auto* tensor : {&adapter.A, &adapter.B}) {
           stamps.push_back(Stamp{tensor->_version(), tensor->data_ptr()});
         }
+        if (adapter.is_dora()) {
+          stamps.push_back(Stamp{
+              adapter.magnitude._version(), adapter.magnitude.data_ptr()});
+        }
       }
     }
     return stamps;
@@ -246,7 +287,9 @@ class AdapterSet {
       return false;
     }
     return std::any_of(adapters_.begin(), adapters_.end(), [](const auto& a) {
-      return a.active && (a.A.requires_grad() || a.B.requires_grad());
+      return a.active &&
+          (a.A.requires_grad() || a.B.requires_grad() ||
+           (a.is_dora() && a.magnitude.requires_grad()));
     });
   }
 

@@ -53,8 +53,20 @@ void LoRALayerImpl<Derived, BaseImpl>::reset_parameters() {
   base_->reset_parameters();
   refresh_member();
   for (const auto& adapter : adapters_.all()) {
-    derived().init_matrices(
-        adapter.options.init(), adapter.options.rank(), adapter.A, adapter.B);
+    const auto init = adapter.options.init();
+    if (init == LoRAInit::pissa || init == LoRAInit::olora) {
+      init_from_weight(adapter);
+    } else {
+      derived().init_matrices(
+          init, adapter.options.rank(), adapter.A, adapter.B);
+    }
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& adapter : adapters_.all()) {
+    if (adapter.is_dora()) {
+      adapter.magnitude.copy_(
+          dora_norms(adapter).reshape(adapter.magnitude.sizes()));
+    }
   }
 }
 
@@ -62,19 +74,42 @@ template <typename Derived, typename BaseImpl>
 void LoRALayerImpl<Derived, BaseImpl>::add_adapter(
     const std::string& name,
     const LoRAOptions& lora) {
+  attach_adapter(name, lora, /*initialize=*/true);
+}
+
+template <typename Derived, typename BaseImpl>
+void LoRALayerImpl<Derived, BaseImpl>::attach_adapter(
+    const std::string& name,
+    const LoRAOptions& lora,
+    bool initialize) {
   check_not_merged("add_adapter");
   check_no_forward_running("add_adapter");
   adapters_.check_new_name(name);
   detail::check_adapter_rank(lora.rank(), "add_adapter(\"" + name + "\")");
   detail::check_lora_options(lora);
   derived().check_adapter_options(name, lora);
+  check_variant_options(name, lora);
   member_.check_options(name, lora);
 
   const auto dtype = lora.dtype().value_or(weight.scalar_type());
   auto [A, B] =
       derived().create_matrices(name, lora.rank(), weight.device(), dtype);
-  detail::Adapter adapter{name, lora, lora_scaling(lora), A, B};
-  derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
+  detail::Adapter adapter{name, lora, lora_scaling(lora), A, B, 1.0, true, {}};
+  try {
+    if (initialize) {
+      if (lora.init() == LoRAInit::pissa || lora.init() == LoRAInit::olora) {
+        init_from_weight(adapter);
+      } else {
+        derived().init_matrices(lora.init(), lora.rank(), adapter.A, adapter.B);
+      }
+    }
+    if (lora.use_dora()) {
+      create_magnitude(adapter, initialize);
+    }
+  } catch (...) {
+    derived().remove_matrices(name, /*last=*/adapters_.empty());
+    throw;
+  }
   adapters_.add(std::move(adapter));
   freeze_base();
   // The new matrices' modules take the layer's training mode.
@@ -90,6 +125,9 @@ void LoRALayerImpl<Derived, BaseImpl>::delete_adapter(const std::string& name) {
       this, "delete_adapter", std::string("this ") + Derived::kName);
   const bool was_active = adapters_.find(name).active;
   derived().remove_matrices(name, /*last=*/adapters_.size() == 1);
+  if (adapters_.find(name).is_dora()) {
+    remove_magnitude(name);
+  }
   adapters_.erase(name);
   if (was_active && !adapters_.empty() && !adapters_.has_active()) {
     set_active_adapters({adapters_.front().name});
@@ -124,6 +162,7 @@ void LoRALayerImpl<Derived, BaseImpl>::wrap_with(const LoRAOptions& lora) {
   detail::check_lora_options(lora);
   if (lora.rank() > 0) {
     derived().check_adapter_options("default", lora);
+    check_variant_options("default", lora);
   }
   freeze_base();
   if (lora.rank() > 0) {

@@ -131,6 +131,13 @@ void LoRALayerImpl<Derived, BaseImpl>::pretty_print(
     if (adapter.options.use_rslora()) {
       stream << ", use_rslora=true";
     }
+    if (adapter.options.use_dora()) {
+      stream << ", use_dora=true";
+    }
+    if (adapter.options.init() == LoRAInit::pissa ||
+        adapter.options.init() == LoRAInit::olora) {
+      stream << ", init=" << to_string(adapter.options.init());
+    }
     if (!single_default) {
       stream << ")";
     }
@@ -143,12 +150,15 @@ void LoRALayerImpl<Derived, BaseImpl>::copy_state_to(
     Derived& copy,
     const c10::optional<torch::Device>& device) const {
   for (const auto& adapter : adapters_.all()) {
-    copy.add_adapter(adapter.name, adapter.options);
+    copy.attach_adapter(adapter.name, adapter.options, /*initialize=*/false);
     auto& target = copy.adapters_.back();
     target.scale = adapter.scale;
     target.active = adapter.active;
     copy_tensor(adapter.A, target.A, device);
     copy_tensor(adapter.B, target.B, device);
+    if (adapter.is_dora()) {
+      copy_tensor(adapter.magnitude, target.magnitude, device);
+    }
   }
   copy.enabled_ = enabled_;
   copy.merge_.merged = merge_.merged;

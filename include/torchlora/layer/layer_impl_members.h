@@ -51,7 +51,18 @@ torch::Tensor LoRALayerImpl<Derived, BaseImpl>::adapted_weight() const {
   const auto where =
       member_.bound ? member_.where : std::string("this ") + Derived::kName;
   for (const auto& adapter : adapters_.all()) {
-    if (adapter.active) {
+    if (!adapter.active) {
+      continue;
+    }
+    if (adapter.is_dora()) {
+      // + g (W + s B A) - W, g differentiable in the magnitude.
+      const auto g = detail::along(
+          dora_factor(adapter).to(weight.scalar_type()),
+          Derived::kMagnitudeAxis,
+          weight.dim());
+      adapted = adapted +
+          (derived().add_recorded_delta(weight, adapter, where) * g - weight);
+    } else {
       adapted = derived().add_recorded_delta(adapted, adapter, where);
     }
   }

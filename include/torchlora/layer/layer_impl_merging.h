@@ -74,6 +74,9 @@ void LoRALayerImpl<Derived, BaseImpl>::merge_keeping_original(
     return;
   }
   check_no_forward_running(keep_original ? "merge" : "merge_in_place");
+  if (!keep_original) {
+    check_in_place_mergeable();
+  }
   torch::NoGradGuard no_grad;
   if (keep_original) {
     auto merged_weight = weight_with_adapters();
@@ -167,7 +170,11 @@ template <typename Derived, typename BaseImpl>
 torch::Tensor LoRALayerImpl<Derived, BaseImpl>::weight_with_adapters(
     double sign) const {
   return detail::weight_plus(
-      weight, adapters_.active_deltas(), sign, add_delta());
+      weight,
+      adapters_.active_deltas(),
+      sign,
+      add_delta(),
+      Derived::kMagnitudeAxis);
 }
 
 template <typename Derived, typename BaseImpl>

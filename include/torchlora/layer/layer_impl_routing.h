@@ -20,6 +20,13 @@ void LoRALayerImpl<Derived, BaseImpl>::check_routed_input(
       " is merged, so its adapters cannot be applied per row; unmerge() "
       "the model first");
   TORCHLORA_CHECK(
+      !adapters_.has_dora(),
+      "AdapterRouting: this ",
+      Derived::kName,
+      " has DoRA adapters, whose rescaling of the whole layer cannot be "
+      "applied per row (peft refuses DoRA in mixed batches too); route "
+      "rows on a model without use_dora");
+  TORCHLORA_CHECK(
       enabled_,
       "AdapterRouting: the adapters of this ",
       Derived::kName,

@@ -5,6 +5,8 @@
 // checksum of the merged weight. One concern of `LoRALayerImpl`
 // (layer_base.h). Not part of the API.
 
+#include <torchlora/detail/check.h>
+#include <torchlora/detail/dora.h>
 #include <torchlora/detail/tensor_bits.h>
 #include <torchlora/layer/adapter_set.h>
 
@@ -20,20 +22,36 @@ namespace detail {
 /// `weight` plus `sign` times each of `deltas` (`add_delta(weight, A, B, s)`
 /// adds one), computed in fp32 for fp16/bf16 weights (in the weight's dtype
 /// otherwise), returned in the weight's dtype. `weight` is not changed.
+/// A DoRA delta (sign 1 only) adds `g (W + s B A) - W`, `g` its magnitude
+/// over the channel norms of `W + s B A` along `magnitude_axis`.
 template <typename AddDelta>
 torch::Tensor weight_plus(
     const torch::Tensor& weight,
     const std::vector<Delta>& deltas,
     double sign,
-    const AddDelta& add_delta) {
+    const AddDelta& add_delta,
+    int64_t magnitude_axis = 0) {
   torch::NoGradGuard no_grad;
   const auto dtype = weight.scalar_type();
   const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
   const auto compute = half ? torch::kFloat : dtype;
-  auto result =
+  const auto base =
       weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
+  auto result = base.clone();
   for (const auto& delta : deltas) {
-    add_delta(result, delta.A.to(compute), delta.B.to(compute), sign * delta.s);
+    const auto A = delta.A.to(compute);
+    const auto B = delta.B.to(compute);
+    if (!delta.magnitude.defined()) {
+      add_delta(result, A, B, sign * delta.s);
+      continue;
+    }
+    TORCHLORA_INTERNAL_ASSERT(sign == 1.0, "a DoRA delta cannot be removed");
+    auto adapted = base.clone();
+    add_delta(adapted, A, B, delta.s);
+    const auto factor = delta.magnitude.reshape(-1).to(compute) /
+        channel_norms(adapted, magnitude_axis);
+    result.add_(adapted.mul_(along(factor, magnitude_axis, adapted.dim())))
+        .sub_(base);
   }
   return result.to(dtype);
 }
@@ -98,7 +116,12 @@ struct MergeState {
   void remember(const AdapterSet& adapters, const torch::Tensor& weight) {
     deltas.clear();
     for (const auto& delta : adapters.active_deltas()) {
-      deltas.push_back(Delta{delta.A.clone(), delta.B.clone(), delta.s});
+      deltas.push_back(Delta{
+          delta.A.clone(),
+          delta.B.clone(),
+          delta.s,
+          delta.magnitude.defined() ? delta.magnitude.clone()
+                                    : torch::Tensor()});
     }
     stamps = adapters.active_stamps();
     weight_version = weight._version();
@@ -138,7 +161,10 @@ struct MergeState {
       }
       const auto& then = deltas[i++];
       if (adapter.effective_scaling() != then.s ||
-          !same_bits(adapter.A, then.A) || !same_bits(adapter.B, then.B)) {
+          !same_bits(adapter.A, then.A) || !same_bits(adapter.B, then.B) ||
+          adapter.is_dora() != then.magnitude.defined() ||
+          (adapter.is_dora() &&
+           !same_bits(adapter.magnitude, then.magnitude))) {
         return true;
       }
     }
@@ -172,6 +198,10 @@ struct MergeState {
         auto& then = deltas[i];
         then.A = then.A.to(now[i].A.device(), now[i].A.scalar_type());
         then.B = then.B.to(now[i].B.device(), now[i].B.scalar_type());
+        if (then.magnitude.defined()) {
+          then.magnitude = then.magnitude.to(
+              now[i].magnitude.device(), now[i].magnitude.scalar_type());
+        }
       }
     }
   }
