@@ -136,12 +136,14 @@ Layer make_layer(const std::string& variant, const Case& c) {
         },
         {A, B}};
   }
+  const bool dora = variant.rfind("dora", 0) == 0;
   torchlora::LoRALinear layer(
       base_linear(c, false),
       torchlora::LoRAOptions(c.rank)
           .alpha(2.0 * static_cast<double>(c.rank))
+          .use_dora(dora)
           .init(torchlora::LoRAInit::random));
-  if (variant == "merged") {
+  if (variant == "merged" || variant == "dora_merged") {
     // Serving: nothing trains, the backward reaches the input only.
     layer->merge();
     return {[layer](const torch::Tensor& x) mutable { return layer(x); }, {}};

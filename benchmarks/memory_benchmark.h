@@ -24,7 +24,11 @@ inline int64_t bytes_of(const torch::Tensor& tensor) {
       : 0;
 }
 
-inline MemoryRow train_and_measure(torch::Device device, bool lora) {
+/// What `train_and_measure` trains: every weight, or LoRA/DoRA adapters.
+enum class Method { full, lora, dora };
+
+inline MemoryRow train_and_measure(torch::Device device, Method method) {
+  const bool lora = method != Method::full;
   torch::manual_seed(0);
   torch::nn::Sequential model;
   for (int i = 0; i < 8; ++i) {
@@ -35,7 +39,10 @@ inline MemoryRow train_and_measure(torch::Device device, bool lora) {
   if (lora) {
     torchlora::inject_lora(
         model,
-        torchlora::LoRAConfig(8).alpha(16).target_modules({"all-linear"}));
+        torchlora::LoRAConfig(8)
+            .alpha(16)
+            .use_dora(method == Method::dora)
+            .target_modules({"all-linear"}));
   }
   std::vector<torch::Tensor> trainable;
   for (const auto& parameter : model->parameters()) {
@@ -59,7 +66,9 @@ inline MemoryRow train_and_measure(torch::Device device, bool lora) {
   }
   MemoryRow row;
   row.device = device.is_cuda() ? "cuda" : "cpu";
-  row.method = lora ? "LoRA r=8" : "full fine-tune";
+  row.method = method == Method::dora ? "DoRA r=8"
+      : lora                          ? "LoRA r=8"
+                                      : "full fine-tune";
   for (const auto& parameter : model->parameters()) {
     row.parameter_bytes += bytes_of(parameter);
     row.gradient_bytes += bytes_of(parameter.grad());
@@ -81,7 +90,7 @@ inline MemoryRow train_and_measure(torch::Device device, bool lora) {
   return row;
 }
 
-/// LoRA and full fine-tuning on the CPU, and on CUDA when present.
+/// Full fine-tuning, LoRA and DoRA on the CPU, and on CUDA when present.
 inline std::vector<MemoryRow> memory_rows() {
   std::vector<MemoryRow> rows;
   std::vector<torch::Device> devices = {torch::kCPU};
@@ -89,8 +98,9 @@ inline std::vector<MemoryRow> memory_rows() {
     devices.emplace_back(torch::kCUDA);
   }
   for (const auto& device : devices) {
-    rows.push_back(train_and_measure(device, false));
-    rows.push_back(train_and_measure(device, true));
+    rows.push_back(train_and_measure(device, Method::full));
+    rows.push_back(train_and_measure(device, Method::lora));
+    rows.push_back(train_and_measure(device, Method::dora));
   }
   return rows;
 }

@@ -43,6 +43,8 @@ constexpr const char* kVariants[] = {
     "unfused",
     "torchlora",
     "merged",
+    "dora",
+    "dora_merged",
     "script_full_ft",
     "script_lora"};
 
@@ -440,6 +442,8 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       {"unfused", "#ff7f0e"},
       {"torchlora", "#d62728"},
       {"merged", "#2ca02c"},
+      {"dora", "#e377c2"},
+      {"dora_merged", "#17becf"},
       {"script_full_ft", "#8c564b"},
       {"script_lora", "#9467bd"}};
   for (size_t i = 0; i < bars.size(); ++i) {

@@ -448,10 +448,14 @@ struct Placement {
   int64_t rank;
   double alpha;
   std::string folder; // of the saved adapter, under --out
+  bool dora = false; // DoRA's magnitudes on top
+  torchlora::LoRAInit init = torchlora::LoRAInit::kaiming_uniform;
 };
 
-/// The default comparison: the original LoRA paper's q and v, then every
-/// Linear but the output layer (QLoRA's and peft's advice); for LibTorch's
+/// The default comparison: the original LoRA paper's q and v, every Linear
+/// but the output layer (QLoRA's and peft's advice) with DoRA and with PiSSA
+/// at the same rank, then with plain LoRA (last: the one merged); for
+/// LibTorch's
 /// encoder, its attention (q/k/v and out_proj), then that and its
 /// feed-forward layers. Or the one placement that --targets names.
 std::vector<Placement> placements_for(const Settings& settings) {
@@ -482,6 +486,8 @@ std::vector<Placement> placements_for(const Settings& settings) {
          2.0 * static_cast<double>(settings.all_linear_rank),
          "adapter_attn_ffn"}};
   }
+  const double all_linear_alpha =
+      2.0 * static_cast<double>(settings.all_linear_rank);
   return {
       {"lora_q_v",
        "LoRA q,v",
@@ -490,6 +496,23 @@ std::vector<Placement> placements_for(const Settings& settings) {
        settings.rank,
        settings.alpha,
        "adapter_q_v"},
+      {"dora_all_linear",
+       "DoRA all-linear",
+       "dora",
+       "all-linear",
+       settings.all_linear_rank,
+       all_linear_alpha,
+       "adapter_dora_all_linear",
+       /*dora=*/true},
+      {"pissa_all_linear",
+       "PiSSA all-linear",
+       "pissa",
+       "all-linear",
+       settings.all_linear_rank,
+       all_linear_alpha,
+       "adapter_pissa_all_linear",
+       /*dora=*/false,
+       torchlora::LoRAInit::pissa},
       {"lora_all_linear",
        "LoRA all-linear",
        "all-lin",
@@ -637,6 +660,8 @@ int run(const Settings& settings) {
     const auto config =
         torchlora::LoRAConfig(placement.rank)
             .alpha(placement.alpha)
+            .use_dora(placement.dora)
+            .init(placement.init)
             .target_modules(split_targets(placement.targets))
             .modules_to_save(split_targets(settings.modules_to_save));
     const auto paths = torchlora::inject_lora(lora_model, config);
@@ -736,7 +761,8 @@ int run(const Settings& settings) {
       }
     }
   }
-  const std::array<const char*, 3> colors = {"#d62728", "#2ca02c", "#ff7f0e"};
+  const std::array<const char*, 4> colors = {
+      "#d62728", "#9467bd", "#8c564b", "#2ca02c"};
   std::vector<words::Curve> curves;
   for (size_t i = 0; i < runs.size(); ++i) {
     auto& result = runs[i];

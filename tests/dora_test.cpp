@@ -503,6 +503,40 @@ TEST(DoraReference, TypedMembersThroughAdaptedWeights) {
   }
 }
 
+// Gradient accumulation: several backwards through one AdaptedWeights scope
+// add up; a backward after the magnitude changed (an optimizer step inside
+// the scope) is refused.
+TEST(DoraReference, AdaptedWeightsAccumulateAndRefuseAStaleMagnitude) {
+  torch::manual_seed(19);
+  torch::nn::TransformerEncoderLayer model(
+      torch::nn::TransformerEncoderLayerOptions(8, 2)
+          .dim_feedforward(12)
+          .dropout(0));
+  torchlora::inject_lora(
+      *model,
+      torchlora::LoRAConfig(2)
+          .use_dora(true)
+          .init(LoRAInit::random)
+          .target_modules({"linear1"}));
+  const auto m =
+      model->named_parameters()["linear1.lora_magnitude_vector.default.weight"];
+  const auto x = torch::randn({3, 2, 8});
+  torchlora::AdaptedWeights adapted(*model);
+  model->forward(x).sum().backward();
+  const auto once = m.grad().clone();
+  model->forward(x).sum().backward();
+  EXPECT_TRUE(torch::allclose(m.grad(), 2 * once, 1e-5, 1e-6));
+  const auto y = model->forward(x).sum();
+  {
+    torch::NoGradGuard no_grad;
+    m.add_(0.1);
+  }
+  EXPECT_TORCHLORA_ERROR(
+      y.backward(),
+      "was computed by a torchlora::AdaptedWeights before its DoRA magnitude "
+      "changed");
+}
+
 // inject_lora with use_dora: peft's in-memory keys, a fresh adapter changes
 // nothing and its magnitude is the weight's row norms; clone, torch::save,
 // printing and delete_adapter keep or drop the magnitude with the adapter.
@@ -1061,6 +1095,109 @@ TEST(WeightInits, ResetParametersStartsAgainFromTheNewWeight) {
   const auto x = torch::randn({4, 7}, torch::kDouble);
   expect_close(
       layer(x).detach(), F::linear(x, full, layer->bias.detach()), "fresh");
+}
+
+// save_adapter with initial_adapter_dir: the trained PiSSA/OLoRA adapter as
+// a plain LoRA adapter of the untouched base (rank and alpha doubled, alpha
+// times sqrt(2) with rsLoRA, per-layer ranks too), which loads onto the
+// original model with the trained outputs and without running any init.
+TEST(WeightInits, ConvertedFilesApplyToTheOriginalBase) {
+  const auto root = std::filesystem::temp_directory_path() /
+      ("torchlora_convert_" + std::to_string(::getpid()));
+  for (const auto& [init, rslora] : std::vector<std::pair<LoRAInit, bool>>{
+           {LoRAInit::pissa, false},
+           {LoRAInit::olora, false},
+           {LoRAInit::pissa, true}}) {
+    torch::manual_seed(18);
+    std::filesystem::remove_all(root);
+    torch::nn::Sequential original(
+        torch::nn::Linear(6, 5),
+        torch::nn::Functional(torch::relu),
+        torch::nn::Linear(5, 4));
+    auto model =
+        std::dynamic_pointer_cast<torch::nn::SequentialImpl>(original->clone());
+    torchlora::inject_lora(
+        *model,
+        torchlora::LoRAConfig(2)
+            .alpha(4)
+            .use_rslora(rslora)
+            .init(init)
+            .rank_pattern({{"2", 3}})
+            .target_modules({"0", "2"}));
+    torchlora::save_adapter(*model, (root / "initial").string());
+    const auto x = torch::randn({3, 6});
+    torch::optim::SGD sgd(trainable(*model), 0.1);
+    for (int step = 0; step < 2; ++step) {
+      sgd.zero_grad();
+      model->forward(x).pow(2).sum().backward();
+      sgd.step();
+    }
+    const auto trained = model->forward(x).detach();
+    torchlora::save_adapter(
+        *model,
+        (root / "converted").string(),
+        torchlora::SaveAdapterOptions().initial_adapter_dir(
+            (root / "initial").string()));
+    std::ifstream read(root / "converted" / "adapter_config.json");
+    const auto config = nlohmann::json::parse(read);
+    EXPECT_EQ(config["init_lora_weights"], true);
+    EXPECT_EQ(config["r"].get<int64_t>() + config["rank_pattern"].size(), 5u)
+        << config.dump();
+    const double alpha = 4 * (rslora ? std::sqrt(2.0) : 2.0);
+    EXPECT_NEAR(config["lora_alpha"].get<double>(), alpha, 1e-12);
+    const auto tensors = torchlora::safetensors::load(
+        (root / "converted" / "adapter_model.safetensors").string());
+    EXPECT_EQ(
+        tensors["base_model.model.2.lora_A.weight"].sizes(),
+        (c10::IntArrayRef{6, 5}));
+    auto fresh =
+        std::dynamic_pointer_cast<torch::nn::SequentialImpl>(original->clone());
+    torchlora::load_adapter(*fresh, (root / "converted").string());
+    // No init ran: the base is the original's.
+    EXPECT_TRUE(torch::equal(
+        fresh->named_parameters()["0.weight"],
+        original->named_parameters()["0.weight"]));
+    EXPECT_TRUE(torch::allclose(fresh->forward(x), trained, 1e-5, 1e-5))
+        << torchlora::to_string(init) << " rslora " << rslora;
+  }
+  // Refusals: no initial files, another adapter's, and DoRA.
+  torch::nn::Sequential dora(torch::nn::Linear(4, 3));
+  torchlora::inject_lora(
+      dora,
+      torchlora::LoRAConfig(2)
+          .use_dora(true)
+          .init(LoRAInit::pissa)
+          .target_modules({"0"}));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *dora,
+          (root / "x").string(),
+          torchlora::SaveAdapterOptions().initial_adapter_dir(
+              (root / "none").string())),
+      "no adapter_model.safetensors in the initial adapter's folder");
+  torchlora::save_adapter(*dora, (root / "dora").string());
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *dora,
+          (root / "x").string(),
+          torchlora::SaveAdapterOptions().initial_adapter_dir(
+              (root / "dora").string())),
+      "a DoRA adapter ('base_model.model.0.lora_magnitude_vector') cannot be "
+      "converted");
+  torch::nn::Sequential other(torch::nn::Linear(4, 3));
+  torchlora::inject_lora(
+      other,
+      torchlora::LoRAConfig(3).init(LoRAInit::olora).target_modules({"0"}));
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *other,
+          (root / "x").string(),
+          torchlora::SaveAdapterOptions().initial_adapter_dir(
+              (root / "initial").string())),
+      "has no tensor \"base_model.model.0.lora_A.weight\" of shape [3, 4] (it "
+      "has shape [2, 6])");
+  EXPECT_FALSE(std::filesystem::exists(root / "x"));
+  std::filesystem::remove_all(root);
 }
 
 } // namespace torchlora_dora_test

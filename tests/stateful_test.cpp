@@ -265,6 +265,23 @@ struct AdapterState {
   bool active = true;
   torch::Tensor A, B; // float64
   torch::Tensor grad_A, grad_B; // undefined: no gradient
+  bool dora = false;
+  torch::Tensor m, grad_m; // DoRA's magnitude, in peft's shape
+
+  /// The adapter's trainable tensors: 'A', 'B' and DoRA's magnitude 'M'.
+  std::vector<char> matrices() const {
+    return dora ? std::vector<char>{'A', 'B', 'M'}
+                : std::vector<char>{'A', 'B'};
+  }
+  torch::Tensor& value(char matrix) {
+    return matrix == 'A' ? A : matrix == 'B' ? B : m;
+  }
+  const torch::Tensor& value(char matrix) const {
+    return matrix == 'A' ? A : matrix == 'B' ? B : m;
+  }
+  torch::Tensor& grad(char matrix) {
+    return matrix == 'A' ? grad_A : matrix == 'B' ? grad_B : grad_m;
+  }
 
   double s() const {
     return (rslora ? alpha / std::sqrt(static_cast<double>(rank))
@@ -281,8 +298,13 @@ struct LayerState {
   bool enabled = true;
   int merged = 0; // 0: no, 1: keeping the original, 2: in place
   std::vector<AdapterState> adapters;
-  /// The active adapters (name, A, B, s) when merged.
-  std::vector<std::tuple<std::string, torch::Tensor, torch::Tensor, double>>
+  /// The active adapters (name, A, B, s, DoRA magnitude) when merged.
+  std::vector<std::tuple<
+      std::string,
+      torch::Tensor,
+      torch::Tensor,
+      double,
+      torch::Tensor>>
       merged_from;
 
   AdapterState* find(const std::string& name) {
@@ -301,16 +323,43 @@ struct LayerState {
     }
     return false;
   }
-  std::vector<std::tuple<std::string, torch::Tensor, torch::Tensor, double>>
+  std::vector<std::tuple<
+      std::string,
+      torch::Tensor,
+      torch::Tensor,
+      double,
+      torch::Tensor>>
   active_now() const {
-    std::vector<std::tuple<std::string, torch::Tensor, torch::Tensor, double>>
+    std::vector<std::tuple<
+        std::string,
+        torch::Tensor,
+        torch::Tensor,
+        double,
+        torch::Tensor>>
         now;
     for (const auto& adapter : adapters) {
       if (adapter.active) {
-        now.emplace_back(adapter.name, adapter.A, adapter.B, adapter.s());
+        now.emplace_back(
+            adapter.name, adapter.A, adapter.B, adapter.s(), adapter.m);
       }
     }
     return now;
+  }
+  bool has_active_dora() const {
+    for (const auto& adapter : adapters) {
+      if (adapter.active && adapter.dora) {
+        return true;
+      }
+    }
+    return false;
+  }
+  bool has_dora() const {
+    for (const auto& adapter : adapters) {
+      if (adapter.dora) {
+        return true;
+      }
+    }
+    return false;
   }
   /// Merged, and the active adapters differ from what merge added.
   bool stale() const {
@@ -322,10 +371,11 @@ struct LayerState {
       return true;
     }
     for (size_t i = 0; i < now.size(); ++i) {
-      const auto& [n1, A1, B1, s1] = now[i];
-      const auto& [n2, A2, B2, s2] = merged_from[i];
+      const auto& [n1, A1, B1, s1, m1] = now[i];
+      const auto& [n2, A2, B2, s2, m2] = merged_from[i];
       if (n1 != n2 || s1 != s2 || !torch::equal(A1, A2) ||
-          !torch::equal(B1, B2)) {
+          !torch::equal(B1, B2) || m1.defined() != m2.defined() ||
+          (m1.defined() && !torch::equal(m1, m2))) {
         return true;
       }
     }
@@ -445,6 +495,32 @@ torch::Tensor as_f32_values(const torch::Tensor& t) {
   return t.defined() ? t.to(torch::kFloat32).to(torch::kFloat64) : t;
 }
 
+/// What an adapter adds to the weight `W`: `s dW`, or for DoRA `g (W + s
+/// dW) - W` with `g = m / ||W + s dW||` per output channel (the norm
+/// detached; an Embedding's channels are its columns).
+torch::Tensor contribution(
+    Kind kind,
+    const torch::Tensor& W,
+    const torch::Tensor& A,
+    const torch::Tensor& B,
+    double s,
+    const torch::Tensor& m) {
+  const auto change = s * delta_of(kind, W, A, B);
+  if (!m.defined()) {
+    return change;
+  }
+  const auto full = W + change;
+  const int64_t axis = kind == Kind::embedding ? 1 : 0;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < W.dim(); ++d) {
+    if (d != axis) {
+      dims.push_back(d);
+    }
+  }
+  const auto norm = full.detach().pow(2).sum(dims, /*keepdim=*/true).sqrt();
+  return m.reshape(norm.sizes()) / norm * full - W;
+}
+
 /// The weight layer `spec` computes with now, for a row routed to
 /// `row_adapter` (empty: no routing).
 torch::Tensor effective_weight(
@@ -461,12 +537,13 @@ torch::Tensor effective_weight(
   if (row_adapter != nullptr) {
     for (const auto& adapter : layer.adapters) {
       if (adapter.name == *row_adapter) {
-        auto A = adapter.A, B = adapter.B;
+        auto A = adapter.A, B = adapter.B, m = adapter.m;
         if (leaves && adapter.active) {
           A = adapter.grad_A;
           B = adapter.grad_B;
+          m = adapter.grad_m;
         }
-        weight = weight + adapter.s() * delta_of(spec.kind, W, A, B);
+        weight = weight + contribution(spec.kind, W, A, B, adapter.s(), m);
       }
     }
     return weight;
@@ -475,8 +552,8 @@ torch::Tensor effective_weight(
     return weight;
   }
   if (layer.merged != 0) {
-    for (const auto& [name, A, B, s] : layer.merged_from) {
-      weight = weight + s * delta_of(spec.kind, W, A, B);
+    for (const auto& [name, A, B, s, m] : layer.merged_from) {
+      weight = weight + contribution(spec.kind, W, A, B, s, m);
     }
     return weight;
   }
@@ -484,7 +561,8 @@ torch::Tensor effective_weight(
     if (adapter.active) {
       const auto& A = leaves ? adapter.grad_A : adapter.A;
       const auto& B = leaves ? adapter.grad_B : adapter.B;
-      weight = weight + adapter.s() * delta_of(spec.kind, W, A, B);
+      const auto& m = leaves ? adapter.grad_m : adapter.m;
+      weight = weight + contribution(spec.kind, W, A, B, adapter.s(), m);
     }
   }
   return weight;
@@ -522,6 +600,7 @@ struct Op {
   int64_t rank = 1;
   double alpha = 1;
   bool rslora = false;
+  bool dora = false;
   double dropout = 0;
   double value = 1; // scale, learning rate
   int variant = 0; // merge kind, optimizer, dtype, raw/version writes
@@ -542,8 +621,8 @@ std::string describe(const Op& op) {
     case Op::inject:
       text << "inject_lora(\"" << op.name << "\", layers mask " << op.layer_mask
            << ", r=" << op.rank << ", alpha=" << op.alpha
-           << (op.rslora ? ", rslora" : "") << ", dropout=" << op.dropout
-           << ")";
+           << (op.rslora ? ", rslora" : "") << (op.dora ? ", dora" : "")
+           << ", dropout=" << op.dropout << ")";
       break;
     case Op::randomize:
       text << "randomize adapters " << (op.name.empty() ? "(all)" : op.name)
@@ -672,6 +751,7 @@ std::vector<Op> generate(const Family& family, std::mt19937_64& rng) {
     op.rank = 1 + pick(3);
     op.alpha = std::round(uniform(0.5, 6) * 4) / 4;
     op.rslora = pick(4) == 0;
+    op.dora = pick(3) == 0;
     op.dropout = pick(5) == 0 ? 0.3 : 0.0;
     op.flag = pick(3) != 0;
     switch (op.type) {
@@ -885,7 +965,9 @@ class Runner {
       const LayerSpec& spec,
       const std::string& name,
       char matrix) const {
-    const std::string prefix = spec.kind == Kind::embedding
+    const std::string prefix = matrix == 'M'
+        ? "lora_magnitude_vector." + name + ".weight"
+        : spec.kind == Kind::embedding
         ? std::string("lora_embedding_") + matrix + "." + name
         : std::string("lora_") + matrix + "." + name + ".weight";
     const auto params = model_->named_parameters();
@@ -915,6 +997,7 @@ class Runner {
       for (auto& adapter : layer.adapters) {
         adapter.grad_A = torch::Tensor();
         adapter.grad_B = torch::Tensor();
+        adapter.grad_m = torch::Tensor();
       }
     }
   }
@@ -941,6 +1024,9 @@ class Runner {
       if (world_.router_of(spec.path) != nullptr &&
           (layer.merged != 0 || !layer.enabled)) {
         return "a routed layer is merged or disabled";
+      }
+      if (world_.router_of(spec.path) != nullptr && layer.has_dora()) {
+        return "a routed layer has a DoRA adapter";
       }
       if (layer.merged != 0 && layer.stale()) {
         return "a merged layer's adapters changed";
@@ -1005,6 +1091,10 @@ class Runner {
             adapter.A.detach().clone().set_requires_grad(adapter.active);
         adapter.grad_B =
             adapter.B.detach().clone().set_requires_grad(adapter.active);
+        if (adapter.dora) {
+          adapter.grad_m =
+              adapter.m.detach().clone().set_requires_grad(adapter.active);
+        }
       }
     }
     // An AdaptedWeights' weights are functions of the parameters: their
@@ -1015,6 +1105,7 @@ class Runner {
           if (auto* current = world_.layers.at(path).find(adapter.name)) {
             adapter.grad_A = current->grad_A;
             adapter.grad_B = current->grad_B;
+            adapter.grad_m = current->grad_m;
           }
         }
       }
@@ -1061,7 +1152,7 @@ class Runner {
         if (!lora->has_adapter(adapter.name)) {
           fail(spec.path + " lacks adapter " + adapter.name);
         }
-        for (const char matrix : {'A', 'B'}) {
+        for (const char matrix : adapter.matrices()) {
           const auto p = parameter(spec, adapter.name, matrix);
           if (p.requires_grad() != adapter.active) {
             fail(
@@ -1072,7 +1163,7 @@ class Runner {
           }
           expect_close(
               p.detach(),
-              matrix == 'A' ? adapter.A : adapter.B,
+              adapter.value(matrix),
               spec.path + " adapter " + adapter.name + " " + matrix);
         }
         if (lora->scale(adapter.name) != adapter.scale) {
@@ -1240,9 +1331,15 @@ class Runner {
     for (const auto* spec : targets) {
       paths.push_back(spec->path);
     }
+    for (const auto* spec : layers) {
+      if (op.dora && spec->kind == Kind::attention) {
+        why = "MultiheadAttention takes no DoRA";
+      }
+    }
     const auto config = LoRAConfig(op.rank)
                             .alpha(op.alpha)
                             .use_rslora(op.rslora)
+                            .use_dora(op.dora)
                             .dropout(op.dropout)
                             .adapter_name(op.name)
                             .target_modules(paths);
@@ -1267,6 +1364,11 @@ class Runner {
           parameter(*spec, op.name, 'A').detach().to(torch::kFloat64).clone();
       adapter.B =
           parameter(*spec, op.name, 'B').detach().to(torch::kFloat64).clone();
+      adapter.dora = op.dora;
+      if (op.dora) {
+        adapter.m =
+            parameter(*spec, op.name, 'M').detach().to(torch::kFloat64).clone();
+      }
       // A fresh adapter changes nothing: B is zero (A for an Embedding, as
       // in peft).
       const auto& zero = spec->kind == Kind::embedding ? adapter.A : adapter.B;
@@ -1285,9 +1387,12 @@ class Runner {
         if (!op.name.empty() && adapter.name != op.name) {
           continue;
         }
-        for (const char matrix : {'A', 'B'}) {
+        for (const char matrix : adapter.matrices()) {
           auto p = parameter(spec, adapter.name, matrix);
-          auto values = torch::randn(p.sizes(), torch::kFloat64) * 0.4;
+          // Magnitudes stay positive, near the weights' norms.
+          auto values = matrix == 'M'
+              ? adapter.m * (torch::rand(p.sizes(), torch::kFloat64) + 0.5)
+              : torch::randn(p.sizes(), torch::kFloat64) * 0.4;
           if (world_.f32) {
             values = as_f32_values(values);
           }
@@ -1297,7 +1402,7 @@ class Runner {
           } else {
             p.copy_(values);
           }
-          (matrix == 'A' ? adapter.A : adapter.B) = values;
+          adapter.value(matrix) = values;
         }
       }
     }
@@ -1416,8 +1521,10 @@ class Runner {
       if (family_.tied && layer.merged == 0 && layer.has_active()) {
         return "the layer's weight is tied";
       }
+      if (in_place && layer.merged == 0 && layer.has_active_dora()) {
+        return "merge_in_place with an active DoRA adapter";
+      }
     }
-    (void)in_place;
     return "";
   }
 
@@ -1666,10 +1773,10 @@ class Runner {
     for (auto& [path, layer] : world_.layers) {
       for (auto& adapter : layer.adapters) {
         if (adapter.active) {
-          leaves.push_back(adapter.grad_A);
-          leaves.push_back(adapter.grad_B);
-          where.emplace_back(&adapter, 'A');
-          where.emplace_back(&adapter, 'B');
+          for (const char matrix : adapter.matrices()) {
+            leaves.push_back(adapter.grad(matrix));
+            where.emplace_back(&adapter, matrix);
+          }
         }
       }
     }
@@ -1685,18 +1792,18 @@ class Runner {
       for (auto& adapter : layer.adapters) {
         adapter.grad_A = torch::Tensor();
         adapter.grad_B = torch::Tensor();
+        adapter.grad_m = torch::Tensor();
       }
     }
     for (size_t i = 0; i < where.size(); ++i) {
       auto& [adapter, matrix] = where[i];
-      (matrix == 'A' ? adapter->grad_A : adapter->grad_B) = grads[i];
+      adapter->grad(matrix) = grads[i];
     }
     for (const auto& spec : family_.layers) {
       for (auto& adapter : world_.layers.at(spec.path).adapters) {
-        for (const char matrix : {'A', 'B'}) {
+        for (const char matrix : adapter.matrices()) {
           const auto p = parameter(spec, adapter.name, matrix);
-          const auto& want_grad =
-              matrix == 'A' ? adapter.grad_A : adapter.grad_B;
+          const auto& want_grad = adapter.grad(matrix);
           const auto what = spec.path + " " + adapter.name + " grad " + matrix;
           if (p.grad().defined() != want_grad.defined()) {
             fail(
@@ -1711,7 +1818,7 @@ class Runner {
           }
           if (!deterministic && want_grad.defined()) {
             // Values differ with the dropout masks: keep the model's.
-            (matrix == 'A' ? adapter.grad_A : adapter.grad_B) =
+            adapter.grad(matrix) =
                 p.grad().detach().to(torch::kFloat64).clone();
           }
         }
@@ -1736,11 +1843,9 @@ class Runner {
         if (!adapter.active) {
           continue;
         }
-        for (const char matrix : {'A', 'B'}) {
-          auto leaf = (matrix == 'A' ? adapter.A : adapter.B)
-                          .clone()
-                          .set_requires_grad(true);
-          const auto& grad = matrix == 'A' ? adapter.grad_A : adapter.grad_B;
+        for (const char matrix : adapter.matrices()) {
+          auto leaf = adapter.value(matrix).clone().set_requires_grad(true);
+          const auto& grad = adapter.grad(matrix);
           if (grad.defined()) {
             leaf.mutable_grad() = grad.clone();
           }
@@ -1757,14 +1862,14 @@ class Runner {
           if (!adapter.active) {
             continue;
           }
-          for (const char matrix : {'A', 'B'}) {
+          for (const char matrix : adapter.matrices()) {
             auto p = parameter(spec, adapter.name, matrix);
             auto change = torch::randn(p.sizes(), torch::kFloat64) * op.value;
             if (world_.f32) {
               change = as_f32_values(change);
             }
             p.data().add_(change.to(p.scalar_type()));
-            auto& value = matrix == 'A' ? adapter.A : adapter.B;
+            auto& value = adapter.value(matrix);
             value = value + change;
             if (world_.f32) {
               value = as_f32_values(value);
@@ -1800,8 +1905,7 @@ class Runner {
     for (size_t i = 0; i < where.size(); ++i) {
       auto& [adapter, matrix] = where[i];
       auto value = leaves[i].detach().clone();
-      (matrix == 'A' ? adapter->A : adapter->B) =
-          world_.f32 ? as_f32_values(value) : value;
+      adapter->value(matrix) = world_.f32 ? as_f32_values(value) : value;
     }
     last_outcome_ = "done";
   }
@@ -1837,6 +1941,7 @@ class Runner {
     // peft's config holds one use_rslora for the layers it lists (an
     // attention's out_proj comes with its attention, unlisted).
     std::set<bool> rslora;
+    std::set<bool> dora; // and one use_dora
     for (const auto& spec : family_.layers) {
       auto& layer = world_.layers.at(spec.path);
       const auto* adapter = layer.find(op.name);
@@ -1853,6 +1958,7 @@ class Runner {
       if (!with_attention) {
         rslora.insert(adapter->rslora);
       }
+      dora.insert(adapter->dora);
     }
     // peft adapts an attention's out_proj with the attention's options.
     bool companion_differs = false;
@@ -1871,6 +1977,7 @@ class Runner {
     }
     const std::string save_refusal = !exists ? "no layer has the adapter"
         : rslora.size() > 1                  ? "its layers disagree on rsLoRA"
+        : dora.size() > 1                    ? "its layers disagree on DoRA"
         : companion_differs ? "an attention's out_proj has other options"
                             : "";
     if (!attempt(save_refusal.empty() ? 1 : 0, save_refusal, [&] {
@@ -1939,6 +2046,7 @@ class Runner {
       adapter.active = true;
       adapter.grad_A = torch::Tensor();
       adapter.grad_B = torch::Tensor();
+      adapter.grad_m = torch::Tensor();
       layer.adapters.push_back(adapter);
     }
     // The file keeps one dropout; the values stay as they were.
@@ -2030,10 +2138,12 @@ class Runner {
         for (auto& adapter : layer.adapters) {
           adapter.A = as_f32_values(adapter.A);
           adapter.B = as_f32_values(adapter.B);
+          adapter.m = as_f32_values(adapter.m);
         }
-        for (auto& [name, A, B, s] : layer.merged_from) {
+        for (auto& [name, A, B, s, m] : layer.merged_from) {
           A = as_f32_values(A);
           B = as_f32_values(B);
+          m = as_f32_values(m);
         }
       };
       for (auto& [path, layer] : world_.layers) {

@@ -4,7 +4,10 @@
 // weight per output channel, and a per-channel vector laid along one
 // dimension of a weight or an output. Not part of the API.
 
-#include <torch/linalg.h>
+#include <torchlora/detail/check.h>
+#include <torchlora/detail/tensor_bits.h>
+
+#include <torch/autograd.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -12,6 +15,7 @@
 
 #include <cstdint>
 #include <ostream>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -43,6 +47,65 @@ inline torch::Tensor channel_norms(const torch::Tensor& weight, int64_t axis) {
 inline torch::Dtype factorization_dtype(torch::Dtype weight) {
   return weight == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
+
+/// `(magnitude / norms) * adapted` along `axis`: DoRA's rescaling of an
+/// adapted weight `W + s B A`, the norms constant. Differentiable in both
+/// inputs to any order; like `AdaptedWeightFunction`, its backward can run
+/// more than once (gradient accumulation in one `AdaptedWeights` scope) and
+/// refuses, naming `where`, when the magnitude changed since.
+struct DoraScaleFunction : torch::autograd::Function<DoraScaleFunction> {
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const torch::Tensor& adapted,
+      const torch::Tensor& magnitude,
+      const torch::Tensor& norms,
+      int64_t axis,
+      const std::string& where) {
+    // Values, not saved variables: a second backward works.
+    ctx->saved_data["adapted"] = adapted;
+    ctx->saved_data["magnitude"] = magnitude;
+    ctx->saved_data["magnitude_values"] = magnitude.detach().clone();
+    ctx->saved_data["norms"] = norms;
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["where"] = where;
+    return adapted *
+        along(magnitude.reshape(-1) / norms, axis, adapted.dim())
+            .to(adapted.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grads) {
+    const auto adapted = ctx->saved_data["adapted"].toTensor();
+    const auto magnitude = ctx->saved_data["magnitude"].toTensor();
+    const auto norms = ctx->saved_data["norms"].toTensor();
+    const auto axis = ctx->saved_data["axis"].toInt();
+    TORCHLORA_CHECK(
+        same_bits(
+            magnitude.detach(), ctx->saved_data["magnitude_values"].toTensor()),
+        "the weight of ",
+        ctx->saved_data["where"].toStringRef(),
+        " was computed by a torchlora::AdaptedWeights before its DoRA "
+        "magnitude changed (an optimizer step), so this gradient belongs to "
+        "the old magnitude. Make a new AdaptedWeights after every optimizer "
+        "step: one per training step, inside the loop");
+    const auto& g = grads[0];
+    const auto scale = along(magnitude.reshape(-1) / norms, axis, adapted.dim())
+                           .to(adapted.scalar_type());
+    const auto per_channel = (g * adapted)
+                                 .transpose(0, axis)
+                                 .reshape({adapted.size(axis), -1})
+                                 .sum(1)
+                                 .to(magnitude.scalar_type());
+    return {
+        g * scale,
+        (per_channel / norms.to(magnitude.scalar_type()))
+            .reshape(magnitude.sizes()),
+        torch::Tensor(),
+        torch::Tensor(),
+        torch::Tensor()};
+  }
+};
 
 /// A randomized SVD of the matrix `W` of rank `rank` (Halko et al.: a
 /// Gaussian sketch, `iterations` subspace iterations, each re-orthonormalized,

@@ -65,21 +65,6 @@ struct AdapterLoad {
   std::set<std::string> attentions;
 };
 
-/// The folder of adapter `adapter_name` under `dir`: `dir/<name>` where it
-/// holds an adapter_config.json (as save_adapter writes a named adapter),
-/// else `dir`.
-inline std::string adapter_files_folder(
-    const std::string& dir,
-    const std::string& adapter_name) {
-  namespace fs = std::filesystem;
-  const auto named = adapter_folder(dir, adapter_name);
-  if (adapter_name != "default" &&
-      fs::exists(fs::path(named) / "adapter_config.json")) {
-    return named;
-  }
-  return dir;
-}
-
 /// Plans what the file must hold for adapter `name`: the A and B of every
 /// layer that has it, or else of every layer the config's injection will
 /// give it; records the layers that carry any adapter (`adapted`) and this

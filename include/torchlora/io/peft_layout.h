@@ -169,6 +169,21 @@ inline std::string adapter_folder(
   return name == "default" ? dir : (std::filesystem::path(dir) / name).string();
 }
 
+/// The folder of adapter `adapter_name` under `dir`: `dir/<name>` where it
+/// holds an adapter_config.json (as save_adapter writes a named adapter),
+/// else `dir`.
+inline std::string adapter_files_folder(
+    const std::string& dir,
+    const std::string& adapter_name) {
+  namespace fs = std::filesystem;
+  const auto named = adapter_folder(dir, adapter_name);
+  if (adapter_name != "default" &&
+      fs::exists(fs::path(named) / "adapter_config.json")) {
+    return named;
+  }
+  return dir;
+}
+
 /// The parameters and buffers (as peft saves a module's state dict) of the
 /// modules `names` selects (peft's rule: the path ends with a name), by
 /// their paths in the model; `paths`, if given, receives the selected

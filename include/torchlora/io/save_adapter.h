@@ -7,6 +7,7 @@
 #include <torchlora/detail/atomic_file.h>
 #include <torchlora/detail/check.h>
 #include <torchlora/inject.h>
+#include <torchlora/io/initial_conversion.h>
 #include <torchlora/io/peft_config_read.h>
 #include <torchlora/io/peft_config_write.h>
 #include <torchlora/io/peft_layout.h>
@@ -58,6 +59,14 @@ struct SaveAdapterOptions {
 
   /// peft's `task_type` (e.g. "CAUSAL_LM"); empty writes null.
   TORCH_ARG(std::string, task_type) = "";
+
+  /// For an adapter whose init changed the base (PiSSA, OLoRA): the folder
+  /// where it was saved right after `inject_lora`. The adapter is then
+  /// written as a plain LoRA adapter of the base from before its init
+  /// (peft's `path_initial_model_for_weight_conversion`): rank and alpha
+  /// doubled (alpha times sqrt(2) with rsLoRA), `A' = [A; A0]`, `B' = [B,
+  /// -B0]`. Empty (the default): saved as trained, for the changed base.
+  TORCH_ARG(std::string, initial_adapter_dir) = "";
 };
 
 namespace detail {
@@ -350,6 +359,12 @@ inline void save_adapter_as(
   if (injected_with != nullptr) {
     contents.as_configured =
         config_if_it_selects(index, *injected_with, name, attentions);
+  }
+  if (!options.initial_adapter_dir().empty()) {
+    detail::convert_to_initial_base(
+        tensors,
+        contents,
+        detail::adapter_files_folder(options.initial_adapter_dir(), name));
   }
   contents.task_type = options.task_type();
   contents.base_model_name_or_path = options.base_model_name_or_path();

@@ -6,7 +6,6 @@
 #include <torchlora/detail/dora.h>
 #include <torchlora/layer_base.h>
 
-#include <torch/linalg.h>
 #include <torch/types.h>
 
 #include <algorithm>

@@ -55,13 +55,14 @@ torch::Tensor LoRALayerImpl<Derived, BaseImpl>::adapted_weight() const {
       continue;
     }
     if (adapter.is_dora()) {
-      // + g (W + s B A) - W, g differentiable in the magnitude.
-      const auto g = detail::along(
-          dora_factor(adapter).to(weight.scalar_type()),
+      // + g (W + s B A) - W, g = m / norms differentiable in m.
+      const auto scaled = detail::DoraScaleFunction::apply(
+          derived().add_recorded_delta(weight, adapter, where),
+          adapter.magnitude,
+          dora_norms(adapter).to(adapter.magnitude.scalar_type()),
           Derived::kMagnitudeAxis,
-          weight.dim());
-      adapted = adapted +
-          (derived().add_recorded_delta(weight, adapter, where) * g - weight);
+          where);
+      adapted = adapted + (scaled - weight);
     } else {
       adapted = derived().add_recorded_delta(adapted, adapter, where);
     }
