@@ -249,6 +249,22 @@ inline std::vector<Case> cases() {
        mlp_inputs,
        {LoRAConfig(2).alpha(4).target_modules({"fc1", "fc2"}),
         LoRAConfig(4).alpha(3).target_modules({"fc1"}).adapter_name("fr")}},
+      // DoRA on every kind peft takes it on (not MultiheadAttention).
+      {"dora",
+       [] { return std::make_shared<TinyNet>(); },
+       [] {
+         return tensors_of(
+             {{"x", features({5, 16})},
+              {"tokens", torch::tensor({0, 3, 9, 3, 7}, torch::kInt64)},
+              {"image", features({5, 3, 6, 6})}});
+       },
+       {LoRAConfig(4).alpha(8).use_dora(true).target_modules(
+           {"q_proj", "v_proj", "mlp.0", "head", "embed", "conv"})}},
+      {"dora_and_plain",
+       mlp,
+       mlp_inputs,
+       {LoRAConfig(2).alpha(4).use_dora(true).target_modules({"fc1", "fc2"}),
+        LoRAConfig(4).alpha(3).target_modules({"fc1"}).adapter_name("fr")}},
   };
 }
 

@@ -100,6 +100,12 @@ def main():
         "two_adapters": (Mlp, ["x"], {
             "default": dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]),
             "fr": dict(r=4, lora_alpha=3, target_modules=["fc1"])}),
+        "dora": (TinyNet, ["x", "tokens", "image"], {"default": dict(
+            r=4, lora_alpha=8, use_dora=True,
+            target_modules=["q_proj", "v_proj", "mlp.0", "head", "embed", "conv"])}),
+        "dora_and_plain": (Mlp, ["x"], {
+            "default": dict(r=2, lora_alpha=4, use_dora=True, target_modules=["fc1", "fc2"]),
+            "fr": dict(r=4, lora_alpha=3, target_modules=["fc1"])}),
     }
 
     work = args.dir or tempfile.mkdtemp(prefix="torchlora_interop_")
@@ -139,18 +145,31 @@ def main():
                 rank = a.shape[0]
                 alpha = pattern_value(config.get("alpha_pattern"), owner, config["lora_alpha"])
                 scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+                magnitude = tensors.get(prefix + path + ".lora_magnitude_vector")
                 if owner != path:  # an attention's out_proj: peft adds it twice
                     state[owner + ".out_proj.weight"] += 2 * scale * (b @ a)
                 elif path + ".in_proj_weight" in state:
                     state[path + ".in_proj_weight"] += scale * (b @ a)
-                elif embedding:
-                    state[path + ".weight"] += scale * (b @ a).T
                 else:
                     weight = state[path + ".weight"]
-                    delta = b.flatten(1) @ a.flatten(1)
-                    state[path + ".weight"] = weight + scale * delta.view(weight.shape)
+                    if embedding:
+                        full = weight + scale * (b @ a).T
+                    else:
+                        delta = b.flatten(1) @ a.flatten(1)
+                        full = weight + scale * delta.view(weight.shape)
+                    if magnitude is None:
+                        state[path + ".weight"] = full
+                    else:
+                        # DoRA: the magnitude over the norm per output
+                        # channel (an Embedding's columns), the norm of the
+                        # adapted weight.
+                        dims = (0,) if embedding else tuple(range(1, full.dim()))
+                        norm = full.pow(2).sum(dim=dims, keepdim=True).sqrt()
+                        state[path + ".weight"] = magnitude.double().reshape(norm.shape) / norm * full
             elif re.search(r"\.lora_(embedding_)?B(\.weight)?$", key):
                 continue
+            elif key.endswith(".lora_magnitude_vector"):
+                continue  # applied with its layer's A
             elif ".original_module." in key:
                 continue  # the base's own copy of a module to save
             else:
