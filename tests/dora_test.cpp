@@ -1196,6 +1196,14 @@ TEST(WeightInits, ConvertedFilesApplyToTheOriginalBase) {
               (root / "initial").string())),
       "has no tensor \"base_model.model.0.lora_A.weight\" of shape [3, 4] (it "
       "has shape [2, 6])");
+  EXPECT_TORCHLORA_ERROR(
+      torchlora::save_adapter(
+          *dora,
+          (root / "dora").string(),
+          torchlora::SaveAdapterOptions().initial_adapter_dir(
+              (root / "dora").string())),
+      "is the folder to write; writing would replace the adapter as it was "
+      "initialized");
   EXPECT_FALSE(std::filesystem::exists(root / "x"));
   std::filesystem::remove_all(root);
 }

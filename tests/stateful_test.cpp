@@ -1368,6 +1368,14 @@ class Runner {
       if (op.dora) {
         adapter.m =
             parameter(*spec, op.name, 'M').detach().to(torch::kFloat64).clone();
+        // A fresh magnitude is the base weight's norm per output channel
+        // (an Embedding's columns).
+        const auto& W = world_.base.at(spec->path);
+        const int64_t axis = spec->kind == Kind::embedding ? 1 : 0;
+        const auto norms =
+            W.transpose(0, axis).reshape({W.size(axis), -1}).norm(2, {1});
+        expect_close(
+            adapter.m.reshape(-1), norms, spec->path + ": a fresh magnitude");
       }
       // A fresh adapter changes nothing: B is zero (A for an Embedding, as
       // in peft).

@@ -14,28 +14,11 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <string>
 
 namespace torchlora {
 namespace detail {
-
-/// True for the file key of an A or B matrix (`...lora_A.weight`,
-/// `...lora_embedding_B`); `*is_A` tells which.
-inline bool is_matrix_key(const std::string& key, bool* is_A) {
-  for (const char* suffix :
-       {"lora_A.weight",
-        "lora_B.weight",
-        "lora_embedding_A",
-        "lora_embedding_B"}) {
-    const std::string end(suffix);
-    if (key.size() >= end.size() &&
-        key.compare(key.size() - end.size(), end.size(), end) == 0) {
-      *is_A = end.find("_A") != std::string::npos;
-      return true;
-    }
-  }
-  return false;
-}
 
 /// Turns `tensors` and `contents` (an adapter as trained) into a plain LoRA
 /// adapter of the base before its init, from the adapter as initialized,
@@ -43,9 +26,12 @@ inline bool is_matrix_key(const std::string& key, bool* is_A) {
 /// (B A - B0 A0)`, with each layer's rank doubled and its alpha doubled
 /// (times sqrt(2) with rsLoRA), so that its scaling stays. The config then
 /// says `init_lora_weights` true.
+/// `matrix_keys` are the file keys of the adapter's matrices, each with
+/// whether it is an A.
 inline void convert_to_initial_base(
     safetensors::Tensors& tensors,
     PeftConfigContents& contents,
+    const std::map<std::string, bool>& matrix_keys,
     const std::string& initial_dir) {
   const auto path =
       (std::filesystem::path(initial_dir) / "adapter_model.safetensors")
@@ -65,8 +51,7 @@ inline void convert_to_initial_base(
         item.key(),
         "') cannot be converted to a plain LoRA adapter of the initial base: "
         "its rescaling is no sum of products. Save it as trained");
-    bool is_A = false;
-    if (!is_matrix_key(item.key(), &is_A)) {
+    if (matrix_keys.count(item.key()) == 0) {
       continue;
     }
     const auto* first = initial.find(item.key());
@@ -85,9 +70,10 @@ inline void convert_to_initial_base(
     ++matched;
   }
   for (const auto& item : initial) {
-    bool is_A = false;
+    const bool matrix = item.key().find(".lora_") != std::string::npos &&
+        item.key().find(".lora_magnitude_vector") == std::string::npos;
     TORCHLORA_CHECK(
-        !is_matrix_key(item.key(), &is_A) || tensors.contains(item.key()),
+        !matrix || matrix_keys.count(item.key()) > 0,
         "save_adapter: the initial adapter in '",
         initial_dir,
         "' has \"",
@@ -98,13 +84,13 @@ inline void convert_to_initial_base(
   TORCHLORA_CHECK(
       matched > 0, "save_adapter: the adapter has no matrices to convert");
   for (auto& item : tensors) {
-    bool is_A = false;
-    if (!is_matrix_key(item.key(), &is_A)) {
+    const auto found = matrix_keys.find(item.key());
+    if (found == matrix_keys.end()) {
       continue;
     }
     const auto start = initial[item.key()].to(item.value().options());
-    item.value() = is_A ? torch::cat({item.value(), start}, 0)
-                        : torch::cat({item.value(), -start}, 1);
+    item.value() = found->second ? torch::cat({item.value(), start}, 0)
+                                 : torch::cat({item.value(), -start}, 1);
   }
   for (auto& [layer_path, lora] : contents.layers) {
     const double factor = lora.use_rslora() ? std::sqrt(2.0) : 2.0;
@@ -113,9 +99,6 @@ inline void convert_to_initial_base(
         .init(LoRAInit::kaiming_uniform)
         .pissa_niter(0);
   }
-  // The config's own patterns no longer hold: the layers' doubled ranks
-  // and alphas are written instead.
-  contents.as_configured.reset();
 }
 
 } // namespace detail

@@ -66,6 +66,7 @@ struct SaveAdapterOptions {
   /// (peft's `path_initial_model_for_weight_conversion`): rank and alpha
   /// doubled (alpha times sqrt(2) with rsLoRA), `A' = [A; A0]`, `B' = [B,
   /// -B0]`. Empty (the default): saved as trained, for the changed base.
+  /// (`save_adapter(model, dir, config)` saves as trained.)
   TORCH_ARG(std::string, initial_adapter_dir) = "";
 };
 
@@ -243,6 +244,7 @@ inline void save_adapter_as(
   contents.adapter_name = name;
   std::set<std::string> adapted; // layers that carry any adapter
   std::set<std::string> with_adapter; // layers that carry this one
+  std::map<std::string, bool> matrix_keys; // the A and B keys (true: an A)
   const auto attentions = detail::adapted_attentions(index, name);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (!layer->adapter_names().empty()) {
@@ -263,8 +265,9 @@ inline void save_adapter_as(
         // makes it behave there as here (out_proj_delta_counts_twice).
         tensor = tensor / 2;
       }
-      tensors.insert(
-          detail::peft_matrix_key(path, kind, matrix, attentions), tensor);
+      const auto key = detail::peft_matrix_key(path, kind, matrix, attentions);
+      tensors.insert(key, tensor);
+      matrix_keys[key] = *matrix == 'A';
     }
     if (layer->adapter_options(name).use_dora()) {
       tensors.insert(
@@ -361,10 +364,18 @@ inline void save_adapter_as(
         config_if_it_selects(index, *injected_with, name, attentions);
   }
   if (!options.initial_adapter_dir().empty()) {
-    detail::convert_to_initial_base(
-        tensors,
-        contents,
-        detail::adapter_files_folder(options.initial_adapter_dir(), name));
+    const auto initial =
+        detail::adapter_files_folder(options.initial_adapter_dir(), name);
+    std::error_code ignored;
+    TORCHLORA_CHECK(
+        std::filesystem::weakly_canonical(initial, ignored) !=
+            std::filesystem::weakly_canonical(
+                detail::adapter_folder(dir, name), ignored),
+        "save_adapter: the initial adapter's folder '",
+        initial,
+        "' is the folder to write; writing would replace the adapter as it "
+        "was initialized. Save the converted adapter elsewhere");
+    detail::convert_to_initial_base(tensors, contents, matrix_keys, initial);
   }
   contents.task_type = options.task_type();
   contents.base_model_name_or_path = options.base_model_name_or_path();
