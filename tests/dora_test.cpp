@@ -28,19 +28,11 @@ using torchlora::LoRAOptions;
 using torchlora_test::message_of;
 namespace F = torch::nn::functional;
 
+using torchlora_test::coin;
+using torchlora_test::uniform;
+using torchlora_test::uniform_real;
+
 namespace {
-
-int64_t uniform(std::mt19937& rng, int64_t low, int64_t high) {
-  return std::uniform_int_distribution<int64_t>(low, high)(rng);
-}
-
-bool coin(std::mt19937& rng, double p = 0.5) {
-  return std::bernoulli_distribution(p)(rng);
-}
-
-double uniform_real(std::mt19937& rng, double low, double high) {
-  return std::uniform_real_distribution<double>(low, high)(rng);
-}
 
 /// How a kind is checked: its layer, an input, its delta in the weight's
 /// layout, its op with a given weight, and the weight axis of its channels.
@@ -435,16 +427,21 @@ TEST(DoraReference, DropoutInTrainingFollowsPeft) {
   }
 }
 
+/// LibTorch's encoder layer, small and without dropout.
+torch::nn::TransformerEncoderLayer small_encoder() {
+  return torch::nn::TransformerEncoderLayer(
+      torch::nn::TransformerEncoderLayerOptions(8, 2)
+          .dim_feedforward(12)
+          .dropout(0));
+}
+
 // A LibTorch TransformerEncoderLayer reads linear1 and linear2 through its
 // typed members: their DoRA adapters act through AdaptedWeights (the
 // weight-space path). Its output and gradients equal those of a plain copy
 // given the reference's adapted weights.
 TEST(DoraReference, TypedMembersThroughAdaptedWeights) {
   torch::manual_seed(3);
-  torch::nn::TransformerEncoderLayer plain(
-      torch::nn::TransformerEncoderLayerOptions(8, 2)
-          .dim_feedforward(12)
-          .dropout(0));
+  auto plain = small_encoder();
   plain->to(torch::kDouble);
   auto model =
       std::dynamic_pointer_cast<torch::nn::TransformerEncoderLayerImpl>(
@@ -508,10 +505,7 @@ TEST(DoraReference, TypedMembersThroughAdaptedWeights) {
 // the scope) is refused.
 TEST(DoraReference, AdaptedWeightsAccumulateAndRefuseAStaleMagnitude) {
   torch::manual_seed(19);
-  torch::nn::TransformerEncoderLayer model(
-      torch::nn::TransformerEncoderLayerOptions(8, 2)
-          .dim_feedforward(12)
-          .dropout(0));
+  auto model = small_encoder();
   torchlora::inject_lora(
       *model,
       torchlora::LoRAConfig(2)
@@ -1160,7 +1154,17 @@ TEST(WeightInits, ConvertedFilesApplyToTheOriginalBase) {
     EXPECT_TRUE(torch::allclose(fresh->forward(x), trained, 1e-5, 1e-5))
         << torchlora::to_string(init) << " rslora " << rslora;
   }
-  // Refusals: no initial files, another adapter's, and DoRA.
+  // Refusals: no initial files, another adapter's, DoRA, and the initial
+  // folder itself as the output.
+  const auto convert = [&](torch::nn::Module& model,
+                           const std::string& out,
+                           const std::string& initial) {
+    torchlora::save_adapter(
+        model,
+        (root / out).string(),
+        torchlora::SaveAdapterOptions().initial_adapter_dir(
+            (root / initial).string()));
+  };
   torch::nn::Sequential dora(torch::nn::Linear(4, 3));
   torchlora::inject_lora(
       dora,
@@ -1169,19 +1173,11 @@ TEST(WeightInits, ConvertedFilesApplyToTheOriginalBase) {
           .init(LoRAInit::pissa)
           .target_modules({"0"}));
   EXPECT_TORCHLORA_ERROR(
-      torchlora::save_adapter(
-          *dora,
-          (root / "x").string(),
-          torchlora::SaveAdapterOptions().initial_adapter_dir(
-              (root / "none").string())),
+      convert(*dora, "x", "none"),
       "no adapter_model.safetensors in the initial adapter's folder");
   torchlora::save_adapter(*dora, (root / "dora").string());
   EXPECT_TORCHLORA_ERROR(
-      torchlora::save_adapter(
-          *dora,
-          (root / "x").string(),
-          torchlora::SaveAdapterOptions().initial_adapter_dir(
-              (root / "dora").string())),
+      convert(*dora, "x", "dora"),
       "a DoRA adapter ('base_model.model.0.lora_magnitude_vector') cannot be "
       "converted");
   torch::nn::Sequential other(torch::nn::Linear(4, 3));
@@ -1189,19 +1185,11 @@ TEST(WeightInits, ConvertedFilesApplyToTheOriginalBase) {
       other,
       torchlora::LoRAConfig(3).init(LoRAInit::olora).target_modules({"0"}));
   EXPECT_TORCHLORA_ERROR(
-      torchlora::save_adapter(
-          *other,
-          (root / "x").string(),
-          torchlora::SaveAdapterOptions().initial_adapter_dir(
-              (root / "initial").string())),
+      convert(*other, "x", "initial"),
       "has no tensor \"base_model.model.0.lora_A.weight\" of shape [3, 4] (it "
       "has shape [2, 6])");
   EXPECT_TORCHLORA_ERROR(
-      torchlora::save_adapter(
-          *dora,
-          (root / "dora").string(),
-          torchlora::SaveAdapterOptions().initial_adapter_dir(
-              (root / "dora").string())),
+      convert(*dora, "dora", "dora"),
       "is the folder to write; writing would replace the adapter as it was "
       "initialized");
   EXPECT_FALSE(std::filesystem::exists(root / "x"));

@@ -23,19 +23,11 @@ namespace torchlora_layer_kinds_reference_test {
 using torchlora::LoRAInit;
 using torchlora::LoRAOptions;
 
+using torchlora_test::coin;
+using torchlora_test::uniform;
+using torchlora_test::uniform_real;
+
 namespace {
-
-int64_t uniform(std::mt19937& rng, int64_t low, int64_t high) {
-  return std::uniform_int_distribution<int64_t>(low, high)(rng);
-}
-
-bool coin(std::mt19937& rng, double p = 0.5) {
-  return std::bernoulli_distribution(p)(rng);
-}
-
-double uniform_real(std::mt19937& rng, double low, double high) {
-  return std::uniform_real_distribution<double>(low, high)(rng);
-}
 
 std::string adapter_name(size_t i) {
   return "adapter" + std::to_string(i);

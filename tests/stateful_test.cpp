@@ -20,6 +20,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -298,14 +299,11 @@ struct LayerState {
   bool enabled = true;
   int merged = 0; // 0: no, 1: keeping the original, 2: in place
   std::vector<AdapterState> adapters;
-  /// The active adapters (name, A, B, s, DoRA magnitude) when merged.
-  std::vector<std::tuple<
-      std::string,
-      torch::Tensor,
-      torch::Tensor,
-      double,
-      torch::Tensor>>
-      merged_from;
+  /// An active adapter as merged: name, A, B, s, DoRA magnitude.
+  using MergedAdapter = std::
+      tuple<std::string, torch::Tensor, torch::Tensor, double, torch::Tensor>;
+  /// The active adapters when merged.
+  std::vector<MergedAdapter> merged_from;
 
   AdapterState* find(const std::string& name) {
     for (auto& adapter : adapters) {
@@ -315,28 +313,16 @@ struct LayerState {
     }
     return nullptr;
   }
-  bool has_active() const {
-    for (const auto& adapter : adapters) {
-      if (adapter.active) {
-        return true;
-      }
-    }
-    return false;
+  /// True when an adapter satisfies `test`.
+  template <typename Test>
+  bool any(const Test& test) const {
+    return std::any_of(adapters.begin(), adapters.end(), test);
   }
-  std::vector<std::tuple<
-      std::string,
-      torch::Tensor,
-      torch::Tensor,
-      double,
-      torch::Tensor>>
-  active_now() const {
-    std::vector<std::tuple<
-        std::string,
-        torch::Tensor,
-        torch::Tensor,
-        double,
-        torch::Tensor>>
-        now;
+  bool has_active() const {
+    return any([](const AdapterState& a) { return a.active; });
+  }
+  std::vector<MergedAdapter> active_now() const {
+    std::vector<MergedAdapter> now;
     for (const auto& adapter : adapters) {
       if (adapter.active) {
         now.emplace_back(
@@ -346,20 +332,10 @@ struct LayerState {
     return now;
   }
   bool has_active_dora() const {
-    for (const auto& adapter : adapters) {
-      if (adapter.active && adapter.dora) {
-        return true;
-      }
-    }
-    return false;
+    return any([](const AdapterState& a) { return a.active && a.dora; });
   }
   bool has_dora() const {
-    for (const auto& adapter : adapters) {
-      if (adapter.dora) {
-        return true;
-      }
-    }
-    return false;
+    return any([](const AdapterState& a) { return a.dora; });
   }
   /// Merged, and the active adapters differ from what merge added.
   bool stale() const {

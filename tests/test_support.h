@@ -6,10 +6,26 @@
 #include <torch/torch.h>
 
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
 namespace torchlora_test {
+
+/// An integer drawn uniformly from [low, high].
+inline int64_t uniform(std::mt19937& rng, int64_t low, int64_t high) {
+  return std::uniform_int_distribution<int64_t>(low, high)(rng);
+}
+
+/// True with probability `p`.
+inline bool coin(std::mt19937& rng, double p = 0.5) {
+  return std::bernoulli_distribution(p)(rng);
+}
+
+/// A real number drawn uniformly from [low, high).
+inline double uniform_real(std::mt19937& rng, double low, double high) {
+  return std::uniform_real_distribution<double>(low, high)(rng);
+}
 
 /// Every test starts from the same random state.
 class Seeded : public ::testing::Test {
