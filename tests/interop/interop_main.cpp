@@ -62,6 +62,86 @@ std::string folder_of(const std::string& dir, const Case& test) {
   return (std::filesystem::path(dir) / test.name).string();
 }
 
+/// The inits that factorize the base weight (PiSSA, OLoRA), on the Mlp in
+/// float32: peft runs them in float32 only. In DIR/<name>, as for the
+/// other cases.
+std::vector<std::pair<std::string, torchlora::LoRAConfig>> weight_init_cases() {
+  const auto config = [](torchlora::LoRAInit init) {
+    return torchlora::LoRAConfig(2).alpha(4).init(init).target_modules(
+        {"fc1", "fc2"});
+  };
+  return {
+      {"init_pissa", config(torchlora::LoRAInit::pissa)},
+      {"init_olora", config(torchlora::LoRAInit::olora)}};
+}
+
+void export_weight_inits(const std::string& dir) {
+  for (const auto& [name, config] : weight_init_cases()) {
+    const auto folder = (std::filesystem::path(dir) / name).string();
+    std::filesystem::create_directories(folder);
+    torch::manual_seed(0);
+    Mlp model;
+    Tensors base;
+    for (const auto& item : model.named_parameters()) {
+      base.insert(item.key(), item.value().detach().clone());
+    }
+    save_tensors(folder + "/base.safetensors", base);
+    const auto inputs = tensors_of({{"x", torch::randn({6, 12})}});
+    save_tensors(folder + "/input.safetensors", inputs);
+    torchlora::inject_lora(model, config);
+    model.run(inputs).square().mean().backward();
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& parameter : model.parameters()) {
+        if (parameter.grad().defined()) {
+          const auto& grad = parameter.grad();
+          parameter.sub_(0.05 * grad / (1 + grad.abs().max()));
+        }
+      }
+    }
+    torchlora::save_adapter(model, folder + "/cpp_adapter", config);
+    torch::NoGradGuard no_grad;
+    save_tensors(
+        folder + "/cpp_output.safetensors",
+        tensors_of({{"y_default", model.run(inputs)}}));
+  }
+}
+
+/// Loads the adapter peft initialized and trained into the untouched base
+/// (load_adapter runs the init on it, as peft's loading does) and compares
+/// the outputs, in float32.
+int check_weight_inits(const std::string& dir, int& compared) {
+  int failures = 0;
+  for (const auto& [name, config] : weight_init_cases()) {
+    const auto folder = (std::filesystem::path(dir) / name).string();
+    Mlp model;
+    const auto base =
+        torchlora::safetensors::load(folder + "/base.safetensors");
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& item : model.named_parameters()) {
+        item.value().copy_(base[item.key()]);
+      }
+    }
+    torchlora::load_adapter(model, folder + "/peft_adapter");
+    const auto inputs =
+        torchlora::safetensors::load(folder + "/input.safetensors");
+    torch::NoGradGuard no_grad;
+    const auto got = model.run(inputs);
+    const auto peft =
+        torchlora::safetensors::load(folder + "/peft_output.safetensors");
+    const double difference = largest_difference(got, peft["y_default"]);
+    // float32, and two SVD (QR) implementations: LibTorch's and PyTorch's.
+    const bool ok = difference <= 1e-5;
+    failures += ok ? 0 : 1;
+    ++compared;
+    std::cout << "torchlora_interop: peft -> torchlora " << name
+              << " y_default: largest difference to peft " << difference
+              << " (float32)" << (ok ? "" : "  FAILED") << "\n";
+  }
+  return failures;
+}
+
 int export_files(const std::string& dir) {
   for (const auto& test : cases()) {
     const auto folder = folder_of(dir, test);
@@ -94,8 +174,9 @@ int export_files(const std::string& dir) {
     save_tensors(
         folder + "/cpp_output.safetensors", outputs_of(*model, test, inputs));
   }
-  std::cout << "torchlora_interop: exported " << cases().size() << " cases to "
-            << dir << "\n";
+  export_weight_inits(dir);
+  std::cout << "torchlora_interop: exported " << cases().size() << " cases and "
+            << weight_init_cases().size() << " inits to " << dir << "\n";
   return 0;
 }
 
@@ -125,6 +206,7 @@ int check_files(const std::string& dir, double tolerance) {
                 << (ok ? "" : "  FAILED") << "\n";
     }
   }
+  failures += check_weight_inits(dir, compared);
   std::cout << "torchlora_interop: " << compared
             << " outputs of peft's adapters compared, " << failures
             << " failed\n";
@@ -139,6 +221,9 @@ int main(int argc, char** argv) {
     if (command == "cases") {
       for (const auto& test : cases()) {
         std::cout << test.name << "\n";
+      }
+      for (const auto& init : weight_init_cases()) {
+        std::cout << init.first << "\n";
       }
       return 0;
     }

@@ -337,6 +337,41 @@ def main():
                                    adapter_folder(peft_root, name)):
                 failures += 1
 
+    # PiSSA and OLoRA, which peft runs in float32 only: each side initializes
+    # the Mlp's fc1 and fc2 from the base weights, trains one step and saves
+    # the adapter as trained; the other loads it into the untouched base,
+    # running the init on it first, and must give the same outputs.
+    for case, init in (("init_pissa", "pissa"), ("init_olora", "olora")):
+        folder = os.path.join(work, case)
+        base_state = load_file(os.path.join(folder, "base.safetensors"))
+        inputs = [load_file(os.path.join(folder, "input.safetensors"))["x"]]
+        model = Mlp()
+        model.load_state_dict(base_state, strict=True)
+        model = PeftModel.from_pretrained(model, os.path.join(folder, "cpp_adapter"))
+        gap = difference(run(model, inputs),
+                         load_file(os.path.join(folder, "cpp_output.safetensors"))["y_default"])
+        ok = gap <= 1e-5
+        failures += 0 if ok else 1
+        outputs_compared += 1
+        print(f"torchlora -> peft {case} y_default: largest difference to torchlora {gap:.3g} "
+              f"(float32){'' if ok else '  FAILED'}")
+        torch.manual_seed(1)
+        model = Mlp()
+        model.load_state_dict(base_state, strict=True)
+        model = get_peft_model(model, LoraConfig(
+            init_lora_weights=init, r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+        model.train()
+        model(*inputs).square().mean().backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    grad = parameter.grad
+                    parameter -= 0.05 * grad / (1 + grad.abs().max())
+                    parameter.grad = None
+        model.save_pretrained(os.path.join(folder, "peft_adapter"))
+        save_file({"y_default": run(model, inputs).contiguous()},
+                  os.path.join(folder, "peft_output.safetensors"))
+
     if args.phase == "all":
         if subprocess.run([args.cpp, "check", work, str(args.tolerance)]).returncode != 0:
             failures += 1
@@ -344,7 +379,7 @@ def main():
           + ", ".join(sorted(not_written)))
     print("largest torchlora -> peft difference per case: " +
           ", ".join(f"{case} {value:.3g}" for case, value in largest.items()))
-    print(f"peft interop check, peft {peft.__version__}: {len(cases)} cases, "
+    print(f"peft interop check, peft {peft.__version__}: {len(cases)} cases and 2 inits, "
           f"{outputs_compared} outputs each way, {configs_compared} configs: " +
           ("passed" if failures == 0 else f"FAILED ({failures})"))
     return 0 if failures == 0 else 1
