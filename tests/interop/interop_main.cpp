@@ -36,9 +36,21 @@ void save_tensors(const std::string& path, const Tensors& tensors) {
   torchlora::safetensors::save(path, tensors);
 }
 
-/// One small gradient step (scaled to its largest entry) on everything
-/// trainable, for each adapter in turn, so that biases and modules to save
-/// differ from the base as after training.
+/// One small gradient step (scaled to its largest entry) on every tensor
+/// that has a gradient, which it clears.
+void step_on_gradients(InteropModel& model) {
+  torch::NoGradGuard no_grad;
+  for (auto& parameter : model.parameters()) {
+    if (parameter.grad().defined()) {
+      const auto& grad = parameter.grad();
+      parameter.sub_(0.05 * grad / (1 + grad.abs().max()));
+      parameter.mutable_grad().reset();
+    }
+  }
+}
+
+/// That step on everything trainable, for each adapter in turn, so that
+/// biases and modules to save differ from the base as after training.
 void train_one_step(InteropModel& model, const Case& test, const Tensors& in) {
   model.train();
   for (const auto& config : test.adapters) {
@@ -47,14 +59,7 @@ void train_one_step(InteropModel& model, const Case& test, const Tensors& in) {
       torchlora::AdaptedWeights adapted(model);
       model.run(in).square().mean().backward();
     }
-    torch::NoGradGuard no_grad;
-    for (auto& parameter : model.parameters()) {
-      if (parameter.grad().defined()) {
-        const auto& grad = parameter.grad();
-        parameter.sub_(0.05 * grad / (1 + grad.abs().max()));
-        parameter.mutable_grad().reset();
-      }
-    }
+    step_on_gradients(model);
   }
 }
 
@@ -90,15 +95,7 @@ void export_weight_inits(const std::string& dir) {
     save_tensors(folder + "/input.safetensors", inputs);
     torchlora::inject_lora(model, config);
     model.run(inputs).square().mean().backward();
-    {
-      torch::NoGradGuard no_grad;
-      for (auto& parameter : model.parameters()) {
-        if (parameter.grad().defined()) {
-          const auto& grad = parameter.grad();
-          parameter.sub_(0.05 * grad / (1 + grad.abs().max()));
-        }
-      }
-    }
+    step_on_gradients(model);
     torchlora::save_adapter(model, folder + "/cpp_adapter", config);
     torch::NoGradGuard no_grad;
     save_tensors(

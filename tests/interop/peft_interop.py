@@ -187,6 +187,18 @@ def main():
         with torch.no_grad():
             return model(*inputs)
 
+    def train_one_step(model, inputs):
+        """One small gradient step (scaled to its largest entry) on everything
+        trainable, as torchlora_interop export takes."""
+        model.train()
+        model(*inputs).square().mean().backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    grad = parameter.grad
+                    parameter -= 0.05 * grad / (1 + grad.abs().max())
+                    parameter.grad = None
+
     def adapter_keys_of(model, adapter):
         return {key for key in model.state_dict()
                 if f".{adapter}." in key + "." and ("lora_" in key or ".modules_to_save." in key)}
@@ -305,14 +317,7 @@ def main():
         model = model.double()
         for name in names:  # one small step, as export takes
             model.set_adapter(name)
-            model.train()
-            model(*inputs).square().mean().backward()
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    if parameter.grad is not None:
-                        grad = parameter.grad
-                        parameter -= 0.05 * grad / (1 + grad.abs().max())
-                        parameter.grad = None
+            train_one_step(model, inputs)
         in_memory = outputs_with_each(model, adapters, inputs)
         peft_root = os.path.join(folder, "peft_adapter")
         model.save_pretrained(peft_root)
@@ -360,14 +365,7 @@ def main():
         model.load_state_dict(base_state, strict=True)
         model = get_peft_model(model, LoraConfig(
             init_lora_weights=init, r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
-        model.train()
-        model(*inputs).square().mean().backward()
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    grad = parameter.grad
-                    parameter -= 0.05 * grad / (1 + grad.abs().max())
-                    parameter.grad = None
+        train_one_step(model, inputs)
         model.save_pretrained(os.path.join(folder, "peft_adapter"))
         save_file({"y_default": run(model, inputs).contiguous()},
                   os.path.join(folder, "peft_output.safetensors"))

@@ -35,9 +35,10 @@ torch::Tensor weight_plus(
   const auto dtype = weight.scalar_type();
   const bool half = dtype == torch::kHalf || dtype == torch::kBFloat16;
   const auto compute = half ? torch::kFloat : dtype;
-  const auto base =
+  auto result =
       weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
-  auto result = base.clone();
+  // The weight before any delta, copied only where a DoRA delta needs it.
+  torch::Tensor base;
   for (const auto& delta : deltas) {
     const auto A = delta.A.to(compute);
     const auto B = delta.B.to(compute);
@@ -46,6 +47,9 @@ torch::Tensor weight_plus(
       continue;
     }
     TORCHLORA_INTERNAL_ASSERT(sign == 1.0, "a DoRA delta cannot be removed");
+    if (!base.defined()) {
+      base = weight.detach().to(compute, /*non_blocking=*/false, /*copy=*/true);
+    }
     auto adapted = base.clone();
     add_delta(adapted, A, B, delta.s);
     const auto factor = delta.magnitude.reshape(-1).to(compute) /
