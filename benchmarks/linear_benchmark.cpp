@@ -137,8 +137,18 @@ Layer make_layer(const std::string& variant, const Case& c) {
         {A, B}};
   }
   const bool dora = variant.rfind("dora", 0) == 0;
+  torch::nn::Linear base = base_linear(c, false);
+  if (variant == "int8_lora" || variant == "nf4_lora") {
+    // LoRA over a quantized base: the weight dequantized in each forward
+    // and again for the input's gradient.
+    base = torchlora::QuantizedLinear(
+        base,
+        torchlora::QuantizedLinearOptions().format(
+            variant == "int8_lora" ? torchlora::QuantizedFormat::int8
+                                   : torchlora::QuantizedFormat::nf4));
+  }
   torchlora::LoRALinear layer(
-      base_linear(c, false),
+      base,
       torchlora::LoRAOptions(c.rank)
           .alpha(2.0 * static_cast<double>(c.rank))
           .use_dora(dora)

@@ -24,8 +24,18 @@ inline int64_t bytes_of(const torch::Tensor& tensor) {
       : 0;
 }
 
-/// What `train_and_measure` trains: every weight, or LoRA/DoRA adapters.
-enum class Method { full, lora, dora };
+/// What `train_and_measure` trains: every weight, or LoRA/DoRA adapters;
+/// LoRA also over a bf16 model and over int8 and NF4 (plain and
+/// double-quantized) bases (`torchlora::quantize`).
+enum class Method {
+  full,
+  lora,
+  dora,
+  lora_bf16,
+  lora_int8,
+  lora_nf4,
+  lora_nf4_dq
+};
 
 inline MemoryRow train_and_measure(torch::Device device, Method method) {
   const bool lora = method != Method::full;
@@ -36,6 +46,21 @@ inline MemoryRow train_and_measure(torch::Device device, Method method) {
     model->push_back(torch::nn::ReLU());
   }
   model->to(device);
+  const auto dtype =
+      method == Method::lora_bf16 ? torch::kBFloat16 : torch::kFloat32;
+  model->to(dtype);
+  if (method == Method::lora_int8 || method == Method::lora_nf4 ||
+      method == Method::lora_nf4_dq) {
+    torchlora::quantize(
+        model,
+        torchlora::QuantizeOptions().quantization(
+            torchlora::QuantizedLinearOptions()
+                .format(
+                    method == Method::lora_int8
+                        ? torchlora::QuantizedFormat::int8
+                        : torchlora::QuantizedFormat::nf4)
+                .double_quant(method == Method::lora_nf4_dq)));
+  }
   if (lora) {
     torchlora::inject_lora(
         model,
@@ -57,8 +82,8 @@ inline MemoryRow train_and_measure(torch::Device device, Method method) {
   }
 #endif
   torch::optim::Adam optimizer(trainable, torch::optim::AdamOptions(1e-4));
-  const auto x =
-      torch::randn({256, 1024}, torch::TensorOptions().device(device));
+  const auto x = torch::randn(
+      {256, 1024}, torch::TensorOptions().device(device).dtype(dtype));
   for (int step = 0; step < 3; ++step) {
     optimizer.zero_grad();
     model->forward(x).pow(2).mean().backward();
@@ -67,6 +92,10 @@ inline MemoryRow train_and_measure(torch::Device device, Method method) {
   MemoryRow row;
   row.device = device.is_cuda() ? "cuda" : "cpu";
   row.method = method == Method::dora ? "DoRA r=8"
+      : method == Method::lora_bf16   ? "LoRA r=8, bf16 model"
+      : method == Method::lora_int8   ? "LoRA r=8, int8 base"
+      : method == Method::lora_nf4    ? "LoRA r=8, NF4 base"
+      : method == Method::lora_nf4_dq ? "LoRA r=8, NF4 base, double quant"
       : lora                          ? "LoRA r=8"
                                       : "full fine-tune";
   for (const auto& parameter : model->parameters()) {
@@ -101,6 +130,13 @@ inline std::vector<MemoryRow> memory_rows() {
     rows.push_back(train_and_measure(device, Method::full));
     rows.push_back(train_and_measure(device, Method::lora));
     rows.push_back(train_and_measure(device, Method::dora));
+    for (const auto method :
+         {Method::lora_bf16,
+          Method::lora_int8,
+          Method::lora_nf4,
+          Method::lora_nf4_dq}) {
+      rows.push_back(train_and_measure(device, method));
+    }
   }
   return rows;
 }

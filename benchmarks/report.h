@@ -45,6 +45,8 @@ constexpr const char* kVariants[] = {
     "merged",
     "dora",
     "dora_merged",
+    "int8_lora",
+    "nf4_lora",
     "script_full_ft",
     "script_lora"};
 
@@ -444,6 +446,8 @@ inline void write_svg(const std::string& path, const std::vector<Row>& rows) {
       {"merged", "#2ca02c"},
       {"dora", "#e377c2"},
       {"dora_merged", "#17becf"},
+      {"int8_lora", "#bcbd22"},
+      {"nf4_lora", "#7f7f7f"},
       {"script_full_ft", "#8c564b"},
       {"script_lora", "#9467bd"}};
   for (size_t i = 0; i < bars.size(); ++i) {

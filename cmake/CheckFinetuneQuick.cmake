@@ -25,12 +25,13 @@ if(MODEL STREQUAL "torch-encoder")
   set(folders adapter_attn adapter_attn_ffn)
   set(models base "LoRA self_attn" "LoRA attn+ffn" "full fine-tune")
 else()
-  set(placements lora_q_v dora_all_linear pissa_all_linear lora_all_linear)
-  set(thresholds 3.890 3.681 3.623 3.680)
+  set(placements lora_q_v dora_all_linear pissa_all_linear nf4_all_linear
+      lora_all_linear)
+  set(thresholds 3.890 3.681 3.623 3.700 3.680)
   set(folders adapter_q_v adapter_dora_all_linear adapter_pissa_all_linear
-      adapter_all_linear)
-  set(models base "LoRA q,v" "DoRA all-linear" "PiSSA all-linear" "LoRA all-linear"
-      "full fine-tune")
+      adapter_nf4_all_linear adapter_all_linear)
+  set(models base "LoRA q,v" "DoRA all-linear" "PiSSA all-linear"
+      "NF4 base + LoRA all-linear" "LoRA all-linear" "full fine-tune")
 endif()
 include("${CMAKE_CURRENT_LIST_DIR}/RunQuickExample.cmake")
 set(out "${quick_output}")

@@ -439,6 +439,25 @@ void print_bits_by_kind(
   }
 }
 
+/// The bytes of the weights (codes and scales for quantized ones) of the
+/// model's Linear layers but the output head: what NF4 shrinks.
+int64_t linear_weight_bytes(torch::nn::Module& model) {
+  int64_t bytes = 0;
+  for (const auto& item : model.named_parameters()) {
+    const auto& key = item.key();
+    if (key.rfind("head.", 0) == 0 || key.find("lora_") != std::string::npos ||
+        key.find("embed") != std::string::npos ||
+        key.find("position") != std::string::npos ||
+        key.find("norm") != std::string::npos ||
+        key.find("bias") != std::string::npos) {
+      continue;
+    }
+    bytes += item.value().numel() *
+        static_cast<int64_t>(item.value().element_size());
+  }
+  return bytes;
+}
+
 /// A LoRA run of the comparison: where the adapters go and their size.
 struct Placement {
   std::string key; // in metrics.csv
@@ -450,6 +469,7 @@ struct Placement {
   std::string folder; // of the saved adapter, under --out
   bool dora = false; // DoRA's magnitudes on top
   torchlora::LoRAInit init = torchlora::LoRAInit::kaiming_uniform;
+  bool nf4 = false; // the base's Linear layers quantized to NF4 first
 };
 
 /// The default comparison: the original LoRA paper's q and v, every Linear
@@ -513,6 +533,16 @@ std::vector<Placement> placements_for(const Settings& settings) {
        "adapter_pissa_all_linear",
        /*dora=*/false,
        torchlora::LoRAInit::pissa},
+      {"nf4_all_linear",
+       "NF4 base + LoRA all-linear",
+       "nf4",
+       "all-linear",
+       settings.all_linear_rank,
+       all_linear_alpha,
+       "adapter_nf4_all_linear",
+       /*dora=*/false,
+       torchlora::LoRAInit::kaiming_uniform,
+       /*nf4=*/true},
       {"lora_all_linear",
        "LoRA all-linear",
        "all-lin",
@@ -657,6 +687,16 @@ int run(const Settings& settings) {
     CharTransformer lora_model(plan.model);
     lora_model->to(device);
     load_base(lora_model);
+    if (placement.nf4) {
+      // QLoRA's recipe: the frozen Linear layers (but the output head) in
+      // NF4, then LoRA over them.
+      const auto float_bytes = linear_weight_bytes(*lora_model);
+      const auto quantized = torchlora::quantize(lora_model);
+      std::cout << "NF4 base: " << quantized.size()
+                << " Linear layers quantized, their weights "
+                << linear_weight_bytes(*lora_model) / 1024
+                << " KiB (float32: " << float_bytes / 1024 << " KiB)\n";
+    }
     const auto config =
         torchlora::LoRAConfig(placement.rank)
             .alpha(placement.alpha)
@@ -881,6 +921,9 @@ int run(const Settings& settings) {
     CharTransformer reloaded(plan.model);
     reloaded->to(device);
     torch::load(reloaded, checkpoint, device);
+    if (placements[i].nf4) {
+      torchlora::quantize(reloaded); // the same codes as in training
+    }
     torchlora::load_adapter(*reloaded, (out / placements[i].folder).string());
     check(
         placements[i].folder + " loaded into the base",

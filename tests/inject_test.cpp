@@ -752,8 +752,8 @@ TEST_F(InjectTest, LinearForwardRefusesOtherModules) {
   torch::nn::ReLU relu;
   EXPECT_TORCHLORA_ERROR(
       torchlora::linear_forward(*relu, torch::randn({2})),
-      "linear_forward needs a torch::nn::Linear or a torchlora::LoRALinear, got a "
-      "torch::nn::ReLUImpl");
+      "linear_forward needs a torch::nn::Linear, a torchlora::LoRALinear or a "
+      "torchlora::QuantizedLinear, got a torch::nn::ReLUImpl");
 }
 
 TEST_F(InjectTest, InjectedModelRunsOnCuda_CUDA) {

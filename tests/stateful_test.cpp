@@ -389,6 +389,9 @@ struct World {
   bool ever_f32 = false;
   bool f32 = false;
   bool ever_injected = false;
+  /// The Linear layers whose base weight is quantized, with how (the
+  /// quantize operation's variant).
+  std::map<std::string, int> quantized;
 
   bool any_scope(Scope::Type type) const {
     for (const auto& scope : scopes) {
@@ -568,6 +571,8 @@ struct Op {
     adapter_file,
     clone,
     to_dtype,
+    quantize,
+    dequantize,
   };
   Type type = inject;
   std::string name;
@@ -668,6 +673,16 @@ std::string describe(const Op& op) {
     case Op::to_dtype:
       text << "to(" << (op.variant ? "float32" : "float64") << ")";
       break;
+    case Op::quantize:
+      text << "quantize(layers mask " << op.layer_mask << ", "
+           << (op.variant == 0       ? "int8"
+                   : op.variant == 1 ? "nf4"
+                                     : "nf4 double_quant")
+           << ")";
+      break;
+    case Op::dequantize:
+      text << "dequantize";
+      break;
   }
   return text.str();
 }
@@ -705,7 +720,9 @@ std::vector<Op> generate(const Family& family, std::mt19937_64& rng) {
       {Op::save_load, 2},
       {Op::adapter_file, 2},
       {Op::clone, 2},
-      {Op::to_dtype, 2}};
+      {Op::to_dtype, 2},
+      {Op::quantize, 5},
+      {Op::dequantize, 1}};
   int total = 0;
   for (const auto& [type, weight] : weights) {
     total += weight;
@@ -769,6 +786,9 @@ std::vector<Op> generate(const Family& family, std::mt19937_64& rng) {
       case Op::to_dtype:
       case Op::adapter_file:
         op.variant = pick(2);
+        break;
+      case Op::quantize:
+        op.variant = pick(3);
         break;
       default:
         break;
@@ -1247,6 +1267,10 @@ class Runner {
         return do_clone();
       case Op::to_dtype:
         return do_to(op.variant == 1);
+      case Op::quantize:
+        return do_quantize(op);
+      case Op::dequantize:
+        return do_dequantize();
     }
   }
 
@@ -1310,6 +1334,9 @@ class Runner {
     for (const auto* spec : layers) {
       if (op.dora && spec->kind == Kind::attention) {
         why = "MultiheadAttention takes no DoRA";
+      }
+      if (op.dora && world_.quantized.count(spec->path) > 0) {
+        why = "DoRA over a quantized base";
       }
     }
     const auto config = LoRAConfig(op.rank)
@@ -1508,6 +1535,10 @@ class Runner {
       if (in_place && layer.merged == 0 && layer.has_active_dora()) {
         return "merge_in_place with an active DoRA adapter";
       }
+      if (!unload && layer.merged == 0 && layer.has_active() &&
+          world_.quantized.count(path) > 0) {
+        return "merging into a quantized base weight";
+      }
     }
     return "";
   }
@@ -1570,6 +1601,91 @@ class Runner {
       }
       layer = LayerState();
     }
+    if (merge_first) {
+      // Quantized layers become float Linear layers, adapted or not.
+      world_.quantized.clear();
+    }
+  }
+
+  /// The float64 weight the codes and scales of the quantized layer at
+  /// `spec` stand for, from their definition.
+  torch::Tensor dequantized_reference(const LayerSpec& spec) const {
+    auto module = model_->named_modules()[spec.path];
+    auto* quantized = module->as<QuantizedLinearImpl>();
+    if (quantized == nullptr) {
+      quantized = module->as<LoRALinearImpl>()->quantized_base();
+    }
+    return torchlora_test::reference_dequantized(*quantized);
+  }
+
+  void do_quantize(const Op& op) {
+    std::vector<const LayerSpec*> targets;
+    for (const auto* spec : chosen_layers(op.layer_mask)) {
+      if (spec->kind == Kind::linear) {
+        targets.push_back(spec);
+      }
+    }
+    if (targets.empty()) {
+      last_outcome_ = "no Linear layer chosen";
+      return;
+    }
+    std::string why;
+    std::vector<std::string> paths;
+    std::vector<const LayerSpec*> changed;
+    for (const auto* spec : targets) {
+      paths.push_back(spec->path);
+      const auto& layer = world_.layers.at(spec->path);
+      const auto found = world_.quantized.find(spec->path);
+      if (found != world_.quantized.end()) {
+        if (found->second != op.variant) {
+          why = "the layer is quantized already, another way";
+        }
+        continue; // left as it is
+      }
+      changed.push_back(spec);
+      if (spec->bound) {
+        why = "a LibTorch module reads the layer through its own member";
+      } else if (family_.tied) {
+        why = "the layer's weight is tied";
+      } else if (layer.lora && !layer.adapters.empty()) {
+        why = "the layer has adapters";
+      }
+    }
+    if (world_.routed()) {
+      why = "an AdapterRouting lives";
+    } else if (world_.held()) {
+      why = "an AdaptedWeights lives";
+    }
+    const auto format =
+        op.variant == 0 ? QuantizedFormat::int8 : QuantizedFormat::nf4;
+    const auto options =
+        QuantizeOptions()
+            .quantization(QuantizedLinearOptions().format(format).double_quant(
+                op.variant == 2))
+            .target_modules(paths);
+    if (!attempt(
+            why.empty() ? 1 : 0, why, [&] { quantize(*model_, options); })) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    for (const auto* spec : changed) {
+      world_.quantized[spec->path] = op.variant;
+      world_.base.at(spec->path).copy_(dequantized_reference(*spec));
+    }
+    ++tally()["~ layers quantized"];
+  }
+
+  void do_dequantize() {
+    std::string why;
+    if (world_.routed()) {
+      why = "an AdapterRouting lives";
+    } else if (world_.held()) {
+      why = "an AdaptedWeights lives";
+    }
+    if (!attempt(why.empty() ? 1 : 0, why, [&] { dequantize(*model_); })) {
+      return;
+    }
+    world_.quantized.clear();
   }
 
   void do_disable() {
@@ -1668,7 +1784,9 @@ class Runner {
         }
         layer.enabled = enabled;
         if (merged != 0 && layer.has_active()) {
-          layer.merged = merged;
+          // In place unless an adapter made active meanwhile refuses it
+          // (DoRA): then keeping the original.
+          layer.merged = merged == 2 && layer.has_active_dora() ? 1 : merged;
           layer.merged_from = layer.active_now();
         }
       }
@@ -2140,6 +2258,13 @@ class Runner {
       }
     }
     world_.f32 = f32;
+    // Quantized layers dequantize from their scales, now in `dtype`.
+    torch::NoGradGuard no_grad;
+    for (const auto& spec : family_.layers) {
+      if (world_.quantized.count(spec.path) > 0) {
+        world_.base.at(spec.path).copy_(dequantized_reference(spec));
+      }
+    }
     // AdaptedWeights compute their weights anew, from the adapters now, each
     // in the grad mode it was made in.
     for (auto& scope : world_.scopes) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <torchlora/quantized_linear.h>
 
 #include <map>
 #include <random>
@@ -93,6 +94,53 @@ inline std::map<std::string, torch::Tensor> base_tensors(
     }
   }
   return tensors;
+}
+
+/// The float64 block scales of an NF4 QuantizedLinear as its stored
+/// tensors define them: `weight_absmax` itself, or double-quantized,
+/// 2^(low + (code + 127) step) of the scale's group of 256 (0 for code
+/// -128).
+inline torch::Tensor reference_block_scales(
+    const torchlora::QuantizedLinearImpl& layer) {
+  const auto state = layer.named_state();
+  auto absmax = state[1].second.detach().to(torch::kFloat64);
+  if (state.size() == 4) {
+    const auto group = torch::arange(absmax.numel()).floor_divide(256);
+    const auto low =
+        state[2].second.detach().to(torch::kFloat64).index_select(0, group);
+    const auto step =
+        state[3].second.detach().to(torch::kFloat64).index_select(0, group);
+    const auto scale = torch::exp2(low + (absmax + 127) * step);
+    absmax = torch::where(absmax == -128, torch::zeros_like(scale), scale);
+  }
+  return absmax;
+}
+
+/// The float64 weight a QuantizedLinear's stored tensors stand for, from
+/// their definition: int8 codes times their row's scale; NF4 codes unpacked
+/// byte by byte (high nibble first), each QLoRA's table value times its
+/// block's scale.
+inline torch::Tensor reference_dequantized(
+    const torchlora::QuantizedLinearImpl& layer) {
+  const auto state = layer.named_state();
+  const auto out = layer.options.out_features();
+  const auto in = layer.options.in_features();
+  if (layer.quantization.format() == torchlora::QuantizedFormat::int8) {
+    return state[0].second.detach().to(torch::kFloat64) *
+        state[1].second.detach().to(torch::kFloat64).unsqueeze(1);
+  }
+  const auto bytes = state[0].second.to(torch::kLong);
+  const auto codes =
+      torch::stack({bytes.floor_divide(16), bytes.remainder(16)}, 1).view(-1);
+  const auto absmax = reference_block_scales(layer);
+  const auto& values = torchlora::detail::nf4_values();
+  const auto table =
+      torch::tensor(std::vector<double>(values.begin(), values.end()));
+  const auto block = torch::arange(codes.numel())
+                         .floor_divide(layer.quantization.block_size());
+  return (table.index_select(0, codes) * absmax.index_select(0, block))
+      .narrow(0, 0, out * in)
+      .view({out, in});
 }
 
 /// "path:type" of every module of `model`, to compare module trees.

@@ -161,12 +161,13 @@ inline void set_scale(ModuleRef model, const std::string& name, double scale) {
 /// Inside its scope `model` computes exactly its base output, bit for bit:
 /// every LoRA layer is switched off (merged layers are unmerged first). At
 /// scope exit, also on an exception, every layer gets its state back (merged
-/// layers are merged again). `modules_to_save` are trained in place, so the
-/// guard does not undo their training. While it lives, `inject_lora` is
-/// refused. Layers the model drops meanwhile (`unload`) are left as they
-/// are, and the guard does not keep them alive (it never counts as a
-/// reference held outside the model); LoRA layers that a later
-/// `inject_lora` makes in their place are not switched off.
+/// layers are merged again; in place unless a DoRA adapter made active
+/// meanwhile refuses that, then keeping the original). `modules_to_save` are
+/// trained in place, so the guard does not undo their training. While it lives,
+/// `inject_lora` is refused. Layers the model drops meanwhile (`unload`) are
+/// left as they are, and the guard does not keep them alive (it never counts as
+/// a reference held outside the model); LoRA layers that a later `inject_lora`
+/// makes in their place are not switched off.
 ///
 /// Example:
 /// ```
@@ -228,7 +229,16 @@ class DisableAdapters {
       }
       try {
         it->layer->set_adapters_enabled(it->enabled);
-        if (it->merged_in_place) {
+        bool in_place = it->merged_in_place;
+        if (in_place) {
+          try {
+            // The adapters made active meanwhile may refuse it (DoRA).
+            it->layer->check_in_place_mergeable();
+          } catch (const c10::Error&) {
+            in_place = false;
+          }
+        }
+        if (in_place) {
           it->layer->merge_in_place(/*safe=*/false);
         } else if (it->merged) {
           it->layer->merge(/*safe=*/false);

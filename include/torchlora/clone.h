@@ -7,6 +7,7 @@
 #include <torchlora/layer.h>
 #include <torchlora/layer/member_binding.h>
 #include <torchlora/model/model_walk.h>
+#include <torchlora/quantized_linear.h>
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any.h>
@@ -48,6 +49,44 @@ struct SetAside {
   std::shared_ptr<torch::nn::Module> layer;
   torch::nn::AnyModule layer_any;
 };
+
+/// Where LibTorch's `clone()` copied a `QuantizedLinear` into the plain
+/// `torch::nn::Linear` its parent's `reset()` built (keeping only the
+/// `LinearImpl` part: a Linear holding codes), puts a real copy of it: the
+/// plain quantized layers of `index` and the quantized bases of the LoRA
+/// layers set aside.
+inline void restore_quantized_layers(
+    const ModelIndex& index,
+    torch::nn::Module& copy,
+    const std::vector<SetAside>& aside,
+    const c10::optional<torch::Device>& device) {
+  std::map<std::string, const QuantizedLinearImpl*> quantized;
+  for (const auto& entry : index.entries()) {
+    if (const auto* layer = dynamic_cast<QuantizedLinearImpl*>(entry.module)) {
+      quantized[entry.paths.front()] = layer;
+    }
+  }
+  for (const auto& item : aside) {
+    const auto* lora = dynamic_cast<LoRALinearImpl*>(item.layer.get());
+    if (lora != nullptr && lora->quantized_base() != nullptr) {
+      quantized[item.entry->paths.front()] = lora->quantized_base();
+    }
+  }
+  if (quantized.empty()) {
+    return;
+  }
+  const ModelIndex copy_index(copy);
+  for (const auto& entry : copy_index.entries()) {
+    const auto found = quantized.find(entry.paths.front());
+    if (found == quantized.end() ||
+        dynamic_cast<QuantizedLinearImpl*>(entry.module) != nullptr) {
+      continue;
+    }
+    auto layer = std::dynamic_pointer_cast<QuantizedLinearImpl>(
+        found->second->clone(device));
+    replace_everywhere(entry, entry.module, layer);
+  }
+}
 
 /// LibTorch's `model.clone(device)` with LoRA layers of `index` replaced by
 /// their base layers meanwhile: those that only the model holds (one
@@ -103,6 +142,7 @@ inline std::shared_ptr<torch::nn::Module> clone_setting_aside(
     throw;
   }
   put_back();
+  restore_quantized_layers(index, *copy, aside, device);
   return copy;
 }
 

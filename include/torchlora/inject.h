@@ -13,6 +13,7 @@
 #include <torchlora/model/model_walk.h>
 #include <torchlora/module_ref.h>
 #include <torchlora/parameters.h>
+#include <torchlora/quantized_linear.h>
 #include <torchlora/targeting.h>
 
 #include <torch/nn/module.h>
@@ -227,6 +228,16 @@ inline std::vector<PlannedLayer> plan_injection(
         "\" matches no module of the model");
   }
 
+  for (const auto& entry : index.entries()) {
+    TORCHLORA_CHECK(
+        !matcher.is_module_to_save(entry.paths.front()) ||
+            !is_quantized(*entry.module),
+        "modules_to_save takes in '",
+        entry.paths.front(),
+        "', whose weight is quantized and cannot be trained; leave it out "
+        "of modules_to_save (its adapters train over it)." TORCHLORA_NOTHING_CHANGED);
+  }
+
   std::vector<PlannedLayer> planned;
   for (const auto& entry : index.entries()) {
     const auto& path = entry.paths.front();
@@ -364,7 +375,8 @@ inline std::vector<std::string> inject_planned(
     for (const auto& entry : index.entries()) {
       if (matcher.is_module_to_save(entry.paths.front())) {
         for (auto& parameter : entry.module->parameters()) {
-          parameter.set_requires_grad(true);
+          // Quantized codes take no gradient.
+          parameter.set_requires_grad(parameter.is_floating_point());
         }
       }
     }
@@ -462,11 +474,14 @@ inline torch::Tensor linear_forward(
   if (auto* lora = layer.as<LoRALinearImpl>()) {
     return lora->forward(input);
   }
+  if (auto* quantized = layer.as<QuantizedLinearImpl>()) {
+    return quantized->forward(input);
+  }
   auto* linear = layer.as<torch::nn::LinearImpl>();
   TORCHLORA_CHECK(
       linear != nullptr,
-      "linear_forward needs a torch::nn::Linear or a "
-      "torchlora::LoRALinear, got a ",
+      "linear_forward needs a torch::nn::Linear, a torchlora::LoRALinear or "
+      "a torchlora::QuantizedLinear, got a ",
       layer.name());
   return linear->forward(input);
 }

@@ -131,6 +131,11 @@ class LoRALayer {
   /// `check_mergeable`'s, without changing anything.
   virtual void check_in_place_mergeable() const {}
 
+  /// Throws the `torchlora:` error that `merge` and `merge_in_place` would
+  /// throw because the base weight cannot hold a merged weight (a quantized
+  /// base), without changing anything. `merge_and_unload` does not ask it.
+  virtual void check_weight_mergeable() const {}
+
   /// Throws the `torchlora:` error that `unmerge` would throw (a merged
   /// weight changed in place since `merge`), without changing anything.
   virtual void check_unmergeable() const = 0;

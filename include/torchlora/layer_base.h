@@ -6,6 +6,7 @@
 #include <torchlora/detail/forward_count.h>
 #include <torchlora/detail/member_sentinel.h>
 #include <torchlora/detail/module_virtual_base.h>
+#include <torchlora/detail/move_tensors.h>
 #include <torchlora/detail/row_routing.h>
 #include <torchlora/detail/tensor_bits.h>
 #include <torchlora/detail/text.h>
@@ -332,6 +333,22 @@ class LoRALayerImpl : public torch::nn::Cloneable<Derived>,
 
   /// Extra checks of a new adapter's options; kinds may replace it.
   void check_adapter_options(const std::string&, const LoRAOptions&) const {}
+
+  /// Registers the base's tensors beyond `weight` and `bias` (a quantized
+  /// base's scales); none by default.
+  void register_base_state() {}
+
+  /// The dtype new adapters take unless their options name one: the base
+  /// weight's by default.
+  torch::Dtype compute_dtype() const {
+    return weight.scalar_type();
+  }
+
+  /// The base weight as floating-point values of its shape, what merging
+  /// adds deltas to: `weight` itself by default.
+  torch::Tensor float_weight() const {
+    return weight;
+  }
 
   /// Whether the kind takes DoRA and PiSSA/OLoRA; kinds may refuse them.
   static constexpr bool kTakesDora = true;

@@ -5,6 +5,7 @@
 #include <torchlora/detail/matrix_dicts.h>
 #include <torchlora/layer_base.h>
 #include <torchlora/options.h>
+#include <torchlora/quantized_linear.h>
 
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/module.h>
@@ -55,6 +56,13 @@ inline torch::nn::Linear make_lora_matrix(
 /// torchlora::LoRALinear layer(base, torchlora::LoRAOptions(8).alpha(16));
 /// torch::Tensor y = layer(torch::randn({4, 10, 64}));  // [4, 10, 32]
 /// ```
+///
+/// The base may be a `torchlora::QuantizedLinear` (a `LinearImpl` whose
+/// weight is stored as int8 or NF4 codes): the forward then dequantizes it,
+/// `merge` is refused (the codes cannot hold a merged weight) and
+/// `merge_and_unload` gives a float Linear; `quantize_base` quantizes the
+/// base of a layer in place (what `torchlora::quantize` does to typed
+/// members).
 ///
 /// `BaseImpl` is the base layer's module type, `torch::nn::LinearImpl` for
 /// `LoRALinear`. Any type with LinearImpl's shape works: a constructor from
@@ -114,6 +122,7 @@ class LoRALinearImplT final
     const auto& bias = this->bias;
     auto sizes = input.sizes().vec();
     sizes.back() = options.out_features();
+    auto* quantized = quantized_base();
     if (const auto* routing = this->row_routing()) {
       this->check_routed_input(*routing, input, 2, "a batched input");
       const auto x = input.reshape({-1, options.in_features()});
@@ -124,9 +133,19 @@ class LoRALinearImplT final
               x,
               x.size(0) / rows,
               [&](const torch::Tensor& grouped) {
-                return torch::nn::functional::linear(grouped, weight, bias);
+                return quantized != nullptr
+                    ? quantized->forward(grouped)
+                    : torch::nn::functional::linear(grouped, weight, bias);
               })
           .view(sizes);
+    }
+    if (quantized != nullptr) {
+      auto y = quantized->forward(input.reshape({-1, options.in_features()}));
+      if (this->adapters_in_use()) {
+        this->add_adapter_outputs(
+            input.reshape({-1, options.in_features()}), y);
+      }
+      return y.view(sizes);
     }
     if (!this->adapters_in_use()) {
       return torch::nn::functional::linear(input, weight, bias);
@@ -159,6 +178,41 @@ class LoRALinearImplT final
     return y.view(sizes);
   }
 
+  /// The quantized base, or null when the base is a float Linear.
+  QuantizedLinearImpl* quantized_base() const {
+    return dynamic_cast<QuantizedLinearImpl*>(this->base_.get());
+  }
+
+  /// Quantizes the base weight in place (the layer keeps its type, so a
+  /// typed member stays valid): the base becomes a `QuantizedLinear` sharing
+  /// the bias. Refused with adapters (quantize before adding them), when
+  /// merged, bound to a LibTorch module's member, or already quantized.
+  void quantize_base(const QuantizedLinearOptions& quantization);
+
+  /// Replaces a quantized base by a float `torch::nn::Linear` holding the
+  /// dequantized weight (in the dtype the base computes in) and the same
+  /// bias; adapters stay. Nothing happens when the base is a float Linear.
+  void dequantize_base();
+
+  /// Refused when the base is quantized: merging would need a float
+  /// weight; `merge_and_unload` gives one.
+  void check_weight_mergeable() const override;
+
+  /// With a quantized base and `merge_first`, the base becomes a float
+  /// Linear holding the dequantized weight plus the active adapters'
+  /// deltas; otherwise as for any LoRA layer.
+  void unload(bool merge_first) override;
+
+  /// The base as an `AnyModule`: a quantized base runs its own forward.
+  torch::nn::AnyModule base_any_module() const override;
+
+  /// Refused with a quantized base (its weight cannot be re-initialized
+  /// from codes); otherwise re-initializes the base and every adapter.
+  void reset_parameters();
+
+  /// Refused with a quantized base: LibTorch's modules read a float weight.
+  void bind_member(const std::string& where) override;
+
   /// The A matrices by adapter name; empty holder until the first adapter.
   torch::nn::ModuleDict lora_A{nullptr};
 
@@ -178,6 +232,40 @@ class LoRALinearImplT final
     detail::add_matrix_modules(*this, lora_A, lora_B, name, A.ptr(), B.ptr());
     return {A->weight, B->weight};
   }
+
+  /// A quantized base's scales, registered under their own names.
+  void register_base_state();
+
+  /// A quantized base computes in the dtype of its scales.
+  torch::Dtype compute_dtype() const {
+    const auto* quantized = quantized_base();
+    return quantized != nullptr ? quantized->compute_dtype()
+                                : this->weight.scalar_type();
+  }
+
+  /// A quantized base's weight dequantized.
+  torch::Tensor float_weight() const {
+    const auto* quantized = quantized_base();
+    return quantized != nullptr ? quantized->dequantized_weight()
+                                : this->weight;
+  }
+
+  /// DoRA and PiSSA/OLoRA read and rewrite the float weight: refused over
+  /// a quantized base.
+  void check_adapter_options(const std::string& name, const LoRAOptions& lora)
+      const;
+
+  void check_base_replaceable(const char* operation) const;
+
+  /// A float Linear holding `weight` and this layer's bias.
+  std::shared_ptr<torch::nn::LinearImpl> float_linear(
+      const torch::Tensor& weight) const {
+    return detail::make_float_linear(weight, this->bias);
+  }
+
+  /// Makes `base` this layer's base: its tensors replace the old base's
+  /// under the same names; adapters are untouched.
+  void adopt_base(const std::shared_ptr<torch::nn::LinearImpl>& base);
 
   void remove_matrices(const std::string& name, bool last) {
     detail::remove_matrix_modules(*this, lora_A, lora_B, name, last);
@@ -261,4 +349,19 @@ using LoRALinearImpl = LoRALinearImplT<torch::nn::LinearImpl>;
 /// ```
 TORCH_MODULE(LoRALinear);
 
+namespace detail {
+
+/// True for a `QuantizedLinear`, or a `LoRALinear` over one.
+inline bool is_quantized(const torch::nn::Module& module) {
+  if (dynamic_cast<const QuantizedLinearImpl*>(&module) != nullptr) {
+    return true;
+  }
+  const auto* lora = dynamic_cast<const LoRALinearImpl*>(&module);
+  return lora != nullptr && lora->quantized_base() != nullptr;
+}
+
+} // namespace detail
+
 } // namespace torchlora
+
+#include <torchlora/layer/linear_quantized_base.h>

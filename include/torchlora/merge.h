@@ -5,6 +5,7 @@
 #include <torchlora/layer.h>
 #include <torchlora/model/model_walk.h>
 #include <torchlora/module_ref.h>
+#include <torchlora/quantize.h>
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
@@ -76,44 +77,6 @@ inline void check_mergeable(const ModelIndex& index, bool safe) {
         path,
         "' gives NaN or Inf weights; no weight was changed");
   }
-}
-
-/// Appends `layer`'s `weight` and `bias` members to `tensors` if `module`
-/// is a `Layer`; returns whether it is.
-template <typename Layer>
-bool add_weight_and_bias(
-    const torch::nn::Module& module,
-    std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
-  const auto* layer = dynamic_cast<const Layer*>(&module);
-  if (layer == nullptr) {
-    return false;
-  }
-  for (const auto& [name, tensor] :
-       {std::make_pair("weight", layer->weight),
-        std::make_pair("bias", layer->bias)}) {
-    if (tensor.defined()) {
-      tensors.emplace_back(name, tensor);
-    }
-  }
-  return true;
-}
-
-/// The tensors a plain LibTorch layer's forward reads through its own
-/// members, which may not be the ones it registered: `b->weight =
-/// a->weight` ties a weight without registering it.
-inline std::vector<std::pair<std::string, torch::Tensor>> member_tensors(
-    const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  if (const auto* embedding =
-          dynamic_cast<const torch::nn::EmbeddingImpl*>(&module)) {
-    tensors.emplace_back("weight", embedding->weight);
-  } else if (
-      !add_weight_and_bias<torch::nn::LinearImpl>(module, tensors) &&
-      !add_weight_and_bias<torch::nn::Conv1dImpl>(module, tensors) &&
-      !add_weight_and_bias<torch::nn::Conv2dImpl>(module, tensors)) {
-    add_weight_and_bias<torch::nn::Conv3dImpl>(module, tensors);
-  }
-  return tensors;
 }
 
 /// Throws, naming the layer and the other tensor, if merging the active
@@ -242,6 +205,21 @@ inline void merge(ModuleRef model, const MergeOptions& options = {}) {
   detail::check_mergeable(index, options.safe());
   detail::check_merge_changes_no_other_tensor(
       model.get(), index, !options.keep_original());
+  for (const auto& [entry, layer] : index.lora_layers()) {
+    if (layer->merged() || layer->active_adapters().empty()) {
+      continue;
+    }
+    try {
+      layer->check_weight_mergeable();
+    } catch (const c10::Error& error) {
+      TORCHLORA_CHECK(
+          false,
+          "cannot merge '",
+          entry->paths.front(),
+          "': ",
+          detail::without_prefix(error.what_without_backtrace()));
+    }
+  }
   if (!options.keep_original()) {
     for (const auto& [entry, layer] : index.lora_layers()) {
       try {
@@ -279,7 +257,10 @@ inline void unmerge(ModuleRef model) {
 /// is the plain model again, with merged weights. Containers hold their
 /// `torch::nn::Linear` layers again (the very objects that were wrapped);
 /// `LoRALinear` members stay, without adapters. The state dict has exactly
-/// the plain model's keys. Base tensors stay frozen.
+/// the plain model's keys. Base tensors stay frozen. Quantized layers
+/// (`QuantizedLinear`, a `LoRALinear` over one) become float Linear layers
+/// holding the dequantized weight plus the deltas, in the dtype they
+/// computed in (see `quantize`).
 inline void merge_and_unload(
     ModuleRef model,
     const MergeOptions& options = {}) {
@@ -289,7 +270,10 @@ inline void merge_and_unload(
   detail::check_not_routed(index, "merge_and_unload");
   detail::check_merge_changes_no_other_tensor(
       model.get(), index, /*in_place=*/false);
+  const auto quantized = detail::plan_dequantization(index);
   detail::unload_layers(index, /*merge_first=*/true);
+  // LoRA layers over quantized bases were dequantized as they unloaded.
+  detail::dequantize_planned(quantized, /*plain_only=*/true);
 }
 
 /// Removes every adapter without merging: the model computes the base

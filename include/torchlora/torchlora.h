@@ -30,6 +30,8 @@
 #include <torchlora/module_ref.h>
 #include <torchlora/options.h>
 #include <torchlora/parameters.h>
+#include <torchlora/quantize.h>
+#include <torchlora/quantized_linear.h>
 #include <torchlora/routing.h>
 #include <torchlora/safetensors.h>
 #include <torchlora/targeting.h>

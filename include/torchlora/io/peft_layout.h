@@ -218,6 +218,16 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_of_modules(
     }
     selected.push_back(path);
     for (const auto& item : entry.module->named_parameters()) {
+      // Parameters of integer dtype are a quantized layer's codes.
+      TORCHLORA_CHECK(
+          item.value().is_floating_point(),
+          operation,
+          ": modules_to_save takes in '",
+          path + "." + item.key(),
+          "', the codes of a quantized layer (",
+          c10::toString(item.value().scalar_type()),
+          "), which cannot be trained or saved as a trained module; leave "
+          "the quantized layer out of modules_to_save." TORCHLORA_NOTHING_CHANGED);
       state.emplace_back(path + "." + item.key(), item.value());
     }
     for (const auto& item : entry.module->named_buffers()) {

@@ -12,6 +12,7 @@
 #include <torchlora/embedding.h>
 #include <torchlora/layer.h>
 #include <torchlora/linear.h>
+#include <torchlora/quantized_linear.h>
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/activation.h>
@@ -101,6 +102,12 @@ torch::Tensor unary_forward(torch::nn::Module& layer, const torch::Tensor& x) {
   if (auto* lora = dynamic_cast<LoRA*>(&layer)) {
     return lora->forward(x);
   }
+  if constexpr (std::is_base_of_v<Plain, QuantizedLinearImpl>) {
+    // Its forward, not LinearImpl's, which would read the codes.
+    if (auto* quantized = dynamic_cast<QuantizedLinearImpl*>(&layer)) {
+      return quantized->forward(x);
+    }
+  }
   if (auto* plain = dynamic_cast<Plain*>(&layer)) {
     return plain->forward(x);
   }
@@ -144,6 +151,12 @@ LayerKind make_layer_kind(
             torch::nn::AnyModule(wrapped));
       },
       [](const std::shared_ptr<torch::nn::Module>& plain) {
+        if constexpr (std::is_base_of_v<Plain, QuantizedLinearImpl>) {
+          if (auto quantized =
+                  std::dynamic_pointer_cast<QuantizedLinearImpl>(plain)) {
+            return torch::nn::AnyModule(quantized);
+          }
+        }
         return torch::nn::AnyModule(std::dynamic_pointer_cast<Plain>(plain));
       },
       shapes,
@@ -162,6 +175,16 @@ inline torch::Tensor weight_of(const torch::nn::Module& layer) {
 }
 
 inline AdapterShapes linear_shapes(const torch::nn::Module& layer, int64_t r) {
+  // From the options: a quantized base's `weight` holds packed codes.
+  const torch::nn::LinearOptions* options = nullptr;
+  if (const auto* plain = dynamic_cast<const torch::nn::LinearImpl*>(&layer)) {
+    options = &plain->options;
+  } else if (const auto* lora = dynamic_cast<const LoRALinearImpl*>(&layer)) {
+    options = &lora->options;
+  }
+  if (options != nullptr) {
+    return {{r, options->in_features()}, {options->out_features(), r}};
+  }
   const auto weight = weight_of(layer); // [out, in]
   return {{r, weight.size(1)}, {weight.size(0), r}};
 }

@@ -35,6 +35,7 @@ void LoRALayerImpl<Derived, BaseImpl>::reset() {
   const auto& base_weight = Derived::member_weight(*base_);
   weight = this->register_parameter(
       Derived::kWeightName, base_weight, base_weight.requires_grad());
+  derived().register_base_state();
   const auto base_bias = Derived::bias_of(*base_);
   bias = this->register_parameter(
       Derived::kBiasName,
@@ -91,7 +92,7 @@ void LoRALayerImpl<Derived, BaseImpl>::attach_adapter(
   check_variant_options(name, lora);
   member_.check_options(name, lora);
 
-  const auto dtype = lora.dtype().value_or(weight.scalar_type());
+  const auto dtype = lora.dtype().value_or(derived().compute_dtype());
   auto [A, B] =
       derived().create_matrices(name, lora.rank(), weight.device(), dtype);
   detail::Adapter adapter{name, lora, lora_scaling(lora), A, B, 1.0, true, {}};

@@ -2,6 +2,7 @@
 
 // LoRALayerImpl (layer_base.h), copies: clone, save, load and printing.
 
+#include <torchlora/detail/archive_check.h>
 #include <torchlora/layer_base.h>
 
 #include <torch/serialize/input-archive.h>
@@ -43,6 +44,7 @@ void LoRALayerImpl<Derived, BaseImpl>::save(
 template <typename Derived, typename BaseImpl>
 void LoRALayerImpl<Derived, BaseImpl>::load(
     torch::serialize::InputArchive& archive) {
+  detail::check_archive_fits(*this, archive, Derived::kName);
   if (!merge_.merged) {
     torch::nn::Module::load(archive);
     return;
@@ -195,7 +197,10 @@ void LoRALayerImpl<Derived, BaseImpl>::to(
     torch::Device device,
     torch::Dtype dtype,
     bool non_blocking) {
-  torch::nn::Module::to(device, dtype, non_blocking);
+  for (auto& child : this->children()) {
+    child->to(device, dtype, non_blocking);
+  }
+  detail::move_own_tensors(*this, device, dtype, non_blocking);
   merge_.follow(weight, adapters_);
   refresh_member(/*recompute_held=*/true);
 }
@@ -204,7 +209,10 @@ template <typename Derived, typename BaseImpl>
 void LoRALayerImpl<Derived, BaseImpl>::to(
     torch::Dtype dtype,
     bool non_blocking) {
-  torch::nn::Module::to(dtype, non_blocking);
+  for (auto& child : this->children()) {
+    child->to(dtype, non_blocking);
+  }
+  detail::move_own_tensors(*this, c10::nullopt, dtype, non_blocking);
   merge_.follow(weight, adapters_);
   refresh_member(/*recompute_held=*/true);
 }

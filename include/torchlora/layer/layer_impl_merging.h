@@ -73,6 +73,7 @@ void LoRALayerImpl<Derived, BaseImpl>::merge_keeping_original(
   if (merge_.merged || !adapters_.has_active()) {
     return;
   }
+  this->check_weight_mergeable();
   check_no_forward_running(keep_original ? "merge" : "merge_in_place");
   if (!keep_original) {
     check_in_place_mergeable();
@@ -170,7 +171,7 @@ template <typename Derived, typename BaseImpl>
 torch::Tensor LoRALayerImpl<Derived, BaseImpl>::weight_with_adapters(
     double sign) const {
   return detail::weight_plus(
-      weight,
+      derived().float_weight(),
       adapters_.active_deltas(),
       sign,
       add_delta(),

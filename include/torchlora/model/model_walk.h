@@ -14,6 +14,9 @@
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
 #include <torch/types.h>
 
 #include <c10/util/Exception.h>
@@ -261,6 +264,44 @@ void replace_everywhere(
     const std::shared_ptr<ModuleType>& replacement) {
   replace_everywhere(
       entry, module, replacement, torch::nn::AnyModule(replacement));
+}
+
+/// Appends `layer`'s `weight` and `bias` members to `tensors` if `module`
+/// is a `Layer`; returns whether it is.
+template <typename Layer>
+bool add_weight_and_bias(
+    const torch::nn::Module& module,
+    std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+  const auto* layer = dynamic_cast<const Layer*>(&module);
+  if (layer == nullptr) {
+    return false;
+  }
+  for (const auto& [name, tensor] :
+       {std::make_pair("weight", layer->weight),
+        std::make_pair("bias", layer->bias)}) {
+    if (tensor.defined()) {
+      tensors.emplace_back(name, tensor);
+    }
+  }
+  return true;
+}
+
+/// The tensors a plain LibTorch layer's forward reads through its own
+/// members, which may not be the ones it registered: `b->weight =
+/// a->weight` ties a weight without registering it.
+inline std::vector<std::pair<std::string, torch::Tensor>> member_tensors(
+    const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  if (const auto* embedding =
+          dynamic_cast<const torch::nn::EmbeddingImpl*>(&module)) {
+    tensors.emplace_back("weight", embedding->weight);
+  } else if (
+      !add_weight_and_bias<torch::nn::LinearImpl>(module, tensors) &&
+      !add_weight_and_bias<torch::nn::Conv1dImpl>(module, tensors) &&
+      !add_weight_and_bias<torch::nn::Conv2dImpl>(module, tensors)) {
+    add_weight_and_bias<torch::nn::Conv3dImpl>(module, tensors);
+  }
+  return tensors;
 }
 
 /// The trainable flag of every parameter of `model`, to put back later.
