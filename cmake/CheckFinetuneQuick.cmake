@@ -13,8 +13,8 @@
 # SINGLE_OUT, and LAUNCHER, EXTRA_ARGS: see RunQuickExample.
 #
 # The thresholds: a real --quick run (Debian 12, OpenBLAS's OpenMP build)
-# gave q,v 3.790, DoRA all-linear 3.581, PiSSA all-linear 3.523 and LoRA
-# all-linear 3.580 bits/char (own model), self_attn
+# gave q,v 3.790, DoRA all-linear 3.581, PiSSA all-linear 3.523, NF4 base +
+# LoRA all-linear 3.571 and LoRA all-linear 3.580 bits/char (own model), self_attn
 # 3.635 and attn+ffn 3.516 (torch-encoder), from a base near 4.2; each
 # threshold is that value plus 0.1, which a run that learned little misses.
 cmake_minimum_required(VERSION 3.18)
@@ -27,7 +27,7 @@ if(MODEL STREQUAL "torch-encoder")
 else()
   set(placements lora_q_v dora_all_linear pissa_all_linear nf4_all_linear
       lora_all_linear)
-  set(thresholds 3.890 3.681 3.623 3.700 3.680)
+  set(thresholds 3.890 3.681 3.623 3.671 3.680)
   set(folders adapter_q_v adapter_dora_all_linear adapter_pissa_all_linear
       adapter_nf4_all_linear adapter_all_linear)
   set(models base "LoRA q,v" "DoRA all-linear" "PiSSA all-linear"

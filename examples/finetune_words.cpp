@@ -834,17 +834,22 @@ int run(const Settings& settings) {
 
   // The table.
   const double full_gain = base_bpc - runs.back().heldout_bpc;
+  int label_width = 18;
+  for (const auto& result : runs) {
+    label_width =
+        std::max(label_width, static_cast<int>(result.label.size()) + 2);
+  }
   std::cout << "\nheld-out French words, bits per character (lower is better)\n"
-            << std::left << std::setw(18) << "model" << std::right
+            << std::left << std::setw(label_width) << "model" << std::right
             << std::setw(10) << "bits/char" << std::setw(8) << "gain"
             << std::setw(20) << "trainable params" << std::setw(14)
             << "train state" << std::setw(9) << "time" << std::setw(12)
             << "saved size"
             << "\n";
-  std::cout << std::left << std::setw(18) << "base" << std::right << std::fixed
-            << std::setprecision(3) << std::setw(10) << base_bpc << std::setw(8)
-            << "-" << std::setw(20) << "-" << std::setw(14) << "-"
-            << std::setw(9) << "-" << std::setw(12)
+  std::cout << std::left << std::setw(label_width) << "base" << std::right
+            << std::fixed << std::setprecision(3) << std::setw(10) << base_bpc
+            << std::setw(8) << "-" << std::setw(20) << "-" << std::setw(14)
+            << "-" << std::setw(9) << "-" << std::setw(12)
             << megabytes(static_cast<int64_t>(fs::file_size(checkpoint)))
             << "\n";
   for (const auto& result : runs) {
@@ -858,12 +863,12 @@ int run(const Settings& settings) {
     std::ostringstream gain;
     gain << std::fixed << std::setprecision(0)
          << 100.0 * (base_bpc - result.heldout_bpc) / full_gain << "%";
-    std::cout << std::left << std::setw(18) << result.label << std::right
-              << std::setw(10) << std::setprecision(3) << result.heldout_bpc
-              << std::setw(8) << gain.str() << std::setw(20) << share.str()
-              << std::setw(14) << megabytes(result.state_bytes) << std::setw(9)
-              << seconds.str() << std::setw(12) << megabytes(result.saved_bytes)
-              << "\n";
+    std::cout << std::left << std::setw(label_width) << result.label
+              << std::right << std::setw(10) << std::setprecision(3)
+              << result.heldout_bpc << std::setw(8) << gain.str()
+              << std::setw(20) << share.str() << std::setw(14)
+              << megabytes(result.state_bytes) << std::setw(9) << seconds.str()
+              << std::setw(12) << megabytes(result.saved_bytes) << "\n";
   }
   std::cout << "gain: share of full fine-tuning's gain over the base (base "
                "bits - model bits)\n"

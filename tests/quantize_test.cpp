@@ -491,6 +491,11 @@ TEST_F(QuantizeTest, QuantizeConvertsTheModelAndInjectTrainsOverIt) {
   EXPECT_TRUE(torchlora::quantize(net).empty());
   torchlora_test::expect_unchanged(before, *net);
 
+  // A quantized weight counts as the weights it stands for.
+  EXPECT_EQ(torchlora::count_parameters(net).total, [] {
+    Net plain;
+    return torchlora::count_parameters(plain).total;
+  }());
   const auto y_quantized = net(x);
   torchlora::inject_lora(
       net, torchlora::LoRAConfig(4).target_modules({"all-linear"}));

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchlora/layer.h>
+#include <torchlora/quantized_linear.h>
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -25,7 +26,10 @@ struct ParameterCount {
   int64_t total = 0;
 };
 
-/// Counts the trainable and total parameter elements of `module`.
+/// Counts the trainable and total parameter elements of `module`. A
+/// quantized weight (`QuantizedLinear`, a `LoRALinear` over one) counts as
+/// the `out x in` weights it stands for: its codes and scales are how they
+/// are stored, not more or fewer parameters.
 ///
 /// Example:
 /// ```
@@ -35,6 +39,27 @@ struct ParameterCount {
 inline ParameterCount count_parameters(const torch::nn::Module& module) {
   ParameterCount counts;
   std::unordered_set<const void*> seen;
+  const auto count_quantized = [&](const torch::nn::Module& layer) {
+    const auto* quantized = dynamic_cast<const QuantizedLinearImpl*>(&layer);
+    if (const auto* lora = dynamic_cast<const LoRALayer*>(&layer)) {
+      quantized =
+          dynamic_cast<const QuantizedLinearImpl*>(lora->base_module().get());
+    }
+    if (quantized == nullptr ||
+        !seen.insert(quantized->weight.unsafeGetTensorImpl()).second) {
+      return;
+    }
+    for (const auto& [name, tensor] : quantized->named_state()) {
+      seen.insert(tensor.unsafeGetTensorImpl());
+    }
+    counts.total +=
+        quantized->options.in_features() * quantized->options.out_features();
+  };
+  // Not `modules(true)`: the module may live outside a shared_ptr.
+  count_quantized(module);
+  for (const auto& child : module.modules(/*include_self=*/false)) {
+    count_quantized(*child);
+  }
   for (const auto& parameter : module.parameters(/*recurse=*/true)) {
     if (!seen.insert(parameter.unsafeGetTensorImpl()).second) {
       continue;

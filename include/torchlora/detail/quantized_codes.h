@@ -263,8 +263,21 @@ inline torch::Tensor dequantize_nf4(
     int64_t in,
     int64_t block_size) {
   const auto pairs = nf4_pair_table(absmax.options());
-  return pairs.index_select(0, packed.to(torch::kLong))
-      .view({absmax.numel(), block_size})
+  const auto bytes = packed.to(torch::kLong);
+  // Each pair of values read as one integer of their size: a gather of
+  // single elements, about 3x faster on the CPU than of 2-element rows
+  // (float32 at 1024 x 1024: 0.24 against 0.89 ms). float64 pairs have no
+  // such integer.
+  const auto pair_bytes = 2 * pairs.element_size();
+  torch::Tensor values;
+  if (pair_bytes == 8 || pair_bytes == 4) {
+    const auto as_integers =
+        pairs.view(pair_bytes == 8 ? torch::kInt64 : torch::kInt32).view(-1);
+    values = as_integers.index_select(0, bytes).view(pairs.scalar_type());
+  } else {
+    values = pairs.index_select(0, bytes);
+  }
+  return values.view({absmax.numel(), block_size})
       .mul_(absmax.unsqueeze(1))
       .view({-1})
       .narrow(0, 0, out * in)
