@@ -140,10 +140,10 @@ class LoRALinearImplT final
           .view(sizes);
     }
     if (quantized != nullptr) {
-      auto y = quantized->forward(input.reshape({-1, options.in_features()}));
+      const auto x = input.reshape({-1, options.in_features()});
+      auto y = quantized->forward(x);
       if (this->adapters_in_use()) {
-        this->add_adapter_outputs(
-            input.reshape({-1, options.in_features()}), y);
+        this->add_adapter_outputs(x, y);
       }
       return y.view(sizes);
     }

@@ -92,18 +92,7 @@ inline void check_merge_changes_no_other_tensor(
     torch::nn::Module& model,
     const ModelIndex& index,
     bool in_place) {
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& item : model.named_buffers(/*recurse=*/true)) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& entry : index.entries()) {
-    for (const auto& [name, tensor] : member_tensors(*entry.module)) {
-      tensors.emplace_back(entry.paths.front() + "." + name, tensor);
-    }
-  }
+  const auto tensors = model_tensors(model, index);
   for (const auto& [entry, layer] : index.lora_layers()) {
     if (layer->merged() || layer->active_adapters().empty()) {
       continue;
@@ -112,14 +101,8 @@ inline void check_merge_changes_no_other_tensor(
     if (!weight.defined()) {
       continue;
     }
-    const auto owner_of = [](const std::string& key) {
-      const auto dot = key.rfind('.');
-      return dot == std::string::npos ? std::string() : key.substr(0, dot);
-    };
     for (const auto& [key, tensor] : tensors) {
-      const bool own =
-          std::find(entry->paths.begin(), entry->paths.end(), owner_of(key)) !=
-          entry->paths.end();
+      const bool own = owns_tensor(*entry, key);
       if (tensor.unsafeGetTensorImpl() == weight.unsafeGetTensorImpl()) {
         TORCHLORA_CHECK(
             own,

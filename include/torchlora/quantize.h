@@ -58,34 +58,19 @@ struct PlannedQuantization {
   LoRALinearImpl* lora;
 };
 
-/// Throws unless `weight`, the weight of the layer at `path`, belongs to it
-/// alone: quantizing a tied weight would silently untie it.
+/// Throws unless `weight`, the weight of `entry`'s layer, belongs to it
+/// alone among `tensors` (`model_tensors`): quantizing a tied weight would
+/// silently untie it.
 inline void check_weight_not_shared(
-    torch::nn::Module& model,
-    const ModelIndex& index,
+    const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
     const ModelEntry& entry,
     const torch::Tensor& weight) {
-  const auto& path = entry.paths.front();
-  // Registered tensors, and those LibTorch layers read through their own
-  // members (`b->weight = a->weight` ties without registering).
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& other : index.entries()) {
-    for (const auto& [name, tensor] : member_tensors(*other.module)) {
-      tensors.emplace_back(other.paths.front() + "." + name, tensor);
-    }
-  }
   for (const auto& [key, tensor] : tensors) {
-    const auto dot = key.rfind('.');
-    const auto owner = dot == std::string::npos ? "" : key.substr(0, dot);
-    const bool own = std::find(entry.paths.begin(), entry.paths.end(), owner) !=
-        entry.paths.end();
     TORCHLORA_CHECK(
-        own || tensor.unsafeGetTensorImpl() != weight.unsafeGetTensorImpl(),
+        owns_tensor(entry, key) ||
+            tensor.unsafeGetTensorImpl() != weight.unsafeGetTensorImpl(),
         "cannot quantize '",
-        path,
+        entry.paths.front(),
         "': its weight is also '",
         key,
         "' (tied weights), which would keep reading a float weight while "
@@ -115,6 +100,7 @@ inline std::vector<PlannedQuantization> plan_quantization(
     const ModelIndex& index,
     const TargetMatcher& matcher,
     const QuantizedLinearOptions& quantization) {
+  const auto tensors = model_tensors(model, index);
   std::vector<PlannedQuantization> planned;
   size_t quantized_already = 0;
   for (const auto& entry : index.entries()) {
@@ -175,7 +161,7 @@ inline std::vector<PlannedQuantization> plan_quantization(
           "': a LibTorch module reads its weight through a member of its "
           "own, which must stay a float weight. Exclude it." TORCHLORA_NOTHING_CHANGED);
       check_weight_for(path, lora->weight);
-      check_weight_not_shared(model, index, entry, lora->weight);
+      check_weight_not_shared(tensors, entry, lora->weight);
       planned.push_back(PlannedQuantization{&entry, nullptr, lora});
       continue;
     }
@@ -196,7 +182,7 @@ inline std::vector<PlannedQuantization> plan_quantization(
         "or exclude the layer." TORCHLORA_NOTHING_CHANGED);
     auto held = std::dynamic_pointer_cast<torch::nn::LinearImpl>(shared);
     check_weight_for(path, held->weight);
-    check_weight_not_shared(model, index, entry, held->weight);
+    check_weight_not_shared(tensors, entry, held->weight);
     planned.push_back(PlannedQuantization{&entry, held, nullptr});
   }
   TORCHLORA_CHECK(

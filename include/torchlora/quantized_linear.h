@@ -218,14 +218,11 @@ class QuantizedLinearImpl : public torch::nn::LinearImpl {
     sizes.back() = options.out_features();
     const auto x = input.reshape({-1, options.in_features()});
     const auto b = bias.defined() ? bias : x.new_empty({0});
-    torch::Tensor y;
-    if (at::GradMode::is_enabled() &&
-        (x.requires_grad() || (bias.defined() && bias.requires_grad()))) {
-      y = detail::QuantizedLinearFunction::apply(x, b, weight_ref());
-    } else {
-      const auto W = dequantized_weight();
-      y = b.numel() > 0 ? torch::addmm(b, x, W.t()) : x.mm(W.t());
-    }
+    const bool record = at::GradMode::is_enabled() &&
+        (x.requires_grad() || (bias.defined() && bias.requires_grad()));
+    const auto ref = weight_ref();
+    const auto y = record ? detail::QuantizedLinearFunction::apply(x, b, ref)
+                          : detail::QuantizedLinearFunction::compute(x, b, ref);
     return y.view(sizes);
   }
 
@@ -259,6 +256,8 @@ class QuantizedLinearImpl : public torch::nn::LinearImpl {
   /// The weight's tensors in registration order: `weight` first, then its
   /// scales (the bias is not among them).
   std::vector<std::pair<std::string, torch::Tensor>> named_state() const {
+    // Read from the registry each time: LibTorch's clone of a parent
+    // assigns a copy's registry into a typed member of this type.
     std::vector<std::pair<std::string, torch::Tensor>> state;
     for (const auto& item : named_parameters(/*recurse=*/false)) {
       if (item.key() != "bias") {

@@ -35,6 +35,15 @@ struct QuantizedLinearFunction
     ctx->saved_data["out"] = ref.out;
     ctx->saved_data["in"] = ref.in;
     ctx->saved_data["block_size"] = ref.block_size;
+    return compute(x, b, ref);
+  }
+
+  /// The forward's values, without autograd (also called directly where no
+  /// gradient is needed).
+  static torch::Tensor compute(
+      const torch::Tensor& x,
+      const torch::Tensor& b,
+      const QuantizedWeightRef& ref) {
     const auto W = dequantize(ref);
     return b.numel() > 0 ? torch::addmm(b, x, W.t()) : x.mm(W.t());
   }

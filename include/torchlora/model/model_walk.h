@@ -304,6 +304,37 @@ inline std::vector<std::pair<std::string, torch::Tensor>> member_tensors(
   return tensors;
 }
 
+/// Every tensor of `model` by its path: the registered parameters and
+/// buffers, and the tensors LibTorch layers read through their own members
+/// (`b->weight = a->weight` ties a weight without registering it).
+inline std::vector<std::pair<std::string, torch::Tensor>> model_tensors(
+    torch::nn::Module& model,
+    const ModelIndex& index) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& entry : index.entries()) {
+    for (const auto& [name, tensor] : member_tensors(*entry.module)) {
+      tensors.emplace_back(entry.paths.front() + "." + name, tensor);
+    }
+  }
+  return tensors;
+}
+
+/// True when the tensor at path `key` is one of `entry`'s own (its module
+/// is at one of `entry`'s paths).
+inline bool owns_tensor(const ModelEntry& entry, const std::string& key) {
+  const auto dot = key.rfind('.');
+  const auto owner =
+      dot == std::string::npos ? std::string() : key.substr(0, dot);
+  return std::find(entry.paths.begin(), entry.paths.end(), owner) !=
+      entry.paths.end();
+}
+
 /// The trainable flag of every parameter of `model`, to put back later.
 class TrainableFlags {
  public:
